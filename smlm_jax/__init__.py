@@ -1,0 +1,1 @@
+"""smlm_jax: deep learning on fluorescence-microscopy movies with JAX."""

@@ -1,0 +1,34 @@
+"""Small helpers shared by the command-line tools."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+
+def fail(message: str, code: int = 2):
+  """Ends a command with one clear line on stderr (no traceback for user mistakes)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes a file via a temporary file + rename: readers never see half a file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w", newline="") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def progress(iterable=None, total=None, desc=None, unit="it"):
+  """A tqdm progress bar on stderr (disabled when stderr is not a terminal in CI)."""
+  from tqdm.auto import tqdm
+  return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True,
+              disable=None, file=sys.stderr)

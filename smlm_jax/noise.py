@@ -1,0 +1,230 @@
+"""Exact, fast shot noise and camera models.
+
+Contract
+--------
+* ``poisson(key, lam)`` draws exact Poisson variates (not a Gaussian approximation)
+  for any array of non-negative means ``lam`` (float32 in, float32 counts out).
+  It is a pure function of ``key`` and ``lam``, jit/vmap-able, and works on sharded
+  arrays because it only uses ``jax.random.uniform`` and element-wise arithmetic.
+* ``apply_camera(key, expected_photons, camera)`` turns expected photons per pixel into
+  camera counts in ADU (float32): quantum efficiency, Poisson shot noise, then the
+  sCMOS or EMCCD read-out chain.
+* ``expected_adu(expected_photons, camera)`` is the noiseless mean of that chain and is
+  differentiable in every camera parameter.
+
+Why not ``jax.random.poisson``: it splits one key per element and runs a per-element
+rejection loop, which at 100-photon means made it ~20x slower than the rest of a
+simulation on CPU. Here the uniforms are drawn in bulk and two exact algorithms are
+used, each where it is efficient:
+
+* ``lam < 10``: inversion by sequential search of the CDF (Devroye 1986, X.3.3), using
+  one uniform, unrolled ``_INVERSION_STEPS`` times so that XLA fuses it into a single
+  element-wise kernel. The truncation is at a tail mass below 1e-9 (P[X > 35 | lam=10]),
+  i.e. below the 2**-24 resolution of a float32 uniform, so the result is the exact
+  inverse CDF at float32 resolution.
+* ``lam >= 10``: PTRS, the transformed rejection method with squeeze of Hormann (1993),
+  "The transformed rejection method for generating Poisson random variables",
+  Insurance: Mathematics and Economics 12, 39-45 (the algorithm numpy uses). Its
+  acceptance rate is >= 0.89, so one bulk round accepts most draws; the rejected ones
+  are compacted into a buffer four times smaller and redrawn there, recursively, until
+  every draw is accepted, so the output is exactly Poisson with no fixed-round
+  truncation, at the cost of about one bulk round plus one compaction.
+
+The camera chain (all rates per pixel per frame):
+  electrons  ~ Poisson(qe * photons)
+  sCMOS:  ADU = gain_adu_per_e * (electrons + Normal(0, read_noise_e^2)) + offset_adu
+  EMCCD:  amplified ~ Gamma(shape=electrons, scale=em_gain) (0 if electrons == 0),
+          ADU = gain_adu_per_e * (amplified + Normal(0, read_noise_e^2)) + offset_adu.
+The Gamma model of the EM register has variance 2 * em_gain^2 * qe * photons, i.e. the
+excess noise factor F = sqrt(2) of a high-gain EMCCD (Hirsch et al. 2013, PLoS ONE 8,
+e53671). ``gain_adu_per_e`` is the conversion gain of the read-out (ADU per electron
+*after* EM multiplication).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CAMERA_MODELS = ("scmos", "emccd")
+
+_PTRS_MIN_LAM = 10.0
+_INVERSION_STEPS = 36
+# log(k!) for k < 10, where Stirling's series is not accurate enough in float32.
+_LOG_FACTORIAL_TABLE = np.array([math.lgamma(k + 1.0) for k in range(10)], np.float32)
+
+
+def _poisson_inversion(u, lam):
+  """Sequential-search inversion; valid (to float32 resolution) for lam < 10."""
+  p = jnp.exp(-lam)
+  cdf = p
+  count = jnp.zeros_like(lam)
+  for k in range(1, _INVERSION_STEPS + 1):
+    count = count + (u > cdf).astype(lam.dtype)
+    p = p * (lam * (1.0 / k))
+    cdf = cdf + p
+  return count
+
+
+def _log_factorial(k):
+  """log(k!) for float k >= 0, accurate to float32 precision."""
+  kk = jnp.maximum(k, 10.0)
+  inv = 1.0 / kk
+  inv2 = inv * inv
+  stirling = ((kk + 0.5) * jnp.log(kk) - kk + 0.5 * math.log(2 * math.pi)
+              + inv * (1 / 12 - inv2 * (1 / 360 - inv2 / 1260)))
+  small = jnp.take(_LOG_FACTORIAL_TABLE, jnp.clip(k, 0, 9).astype(jnp.int32))
+  return jnp.where(k < 10, small, stirling)
+
+
+def _log_poisson_pmf(k, lam):
+  """log P(X = k | lam) computed stably for large k and lam (float32)."""
+  # -lam + k log(lam) - log(k!) with the large, cancelling terms k log(lam) and
+  # log(k!) combined through log1p; for k >= 10 Stirling's series is used.
+  kk = jnp.maximum(k, 10.0)
+  inv = 1.0 / kk
+  inv2 = inv * inv
+  delta = (kk - lam) / lam
+  large = ((kk - lam) - kk * jnp.log1p(delta) - 0.5 * jnp.log(2 * math.pi * kk)
+           - inv * (1 / 12 - inv2 * (1 / 360 - inv2 / 1260)))
+  small = -lam + k * jnp.log(lam) - _log_factorial(k)
+  return jnp.where(k < 10, small, large)
+
+
+def _ptrs_round(u, v, lam):
+  """One PTRS proposal per element; returns (k, accepted). Valid for lam >= 10."""
+  slam = jnp.sqrt(lam)
+  b = 0.931 + 2.53 * slam
+  a = -0.059 + 0.02483 * b
+  inv_alpha = 1.1239 + 1.1328 / (b - 3.4)
+  v_r = 0.9277 - 3.6224 / (b - 2.0)
+  u = u - 0.5
+  us = 0.5 - jnp.abs(u)
+  us_safe = jnp.maximum(us, 1e-12)
+  k = jnp.floor((2.0 * a / us_safe + b) * u + lam + 0.43)
+  quick = (us >= 0.07) & (v <= v_r)
+  k_safe = jnp.maximum(k, 0.0)
+  lhs = jnp.log(jnp.maximum(v, 1e-38)) + jnp.log(inv_alpha) - jnp.log(a / (us_safe * us_safe) + b)
+  slow = (k >= 0) & ~((us < 0.013) & (v > us)) & (lhs <= _log_poisson_pmf(k_safe, lam))
+  return k_safe, quick | slow
+
+
+def _ptrs_finish(key, lam, k, accepted, level=0):
+  """Complete PTRS on a flat array: redraw every not-yet-accepted element.
+
+  The rejected elements (<= 25% at lam = 10, ~12% at large lam) are compacted into a
+  buffer four times smaller, given one fresh proposal there, and that buffer is
+  finished recursively; the loop at each level only repeats if its buffer overflowed.
+  So the expected cost is ~1/3 of a full round plus one compaction, and the result is
+  exactly Poisson whatever the rejection pattern.
+  """
+  n = lam.shape[0]
+  buffer = n // 4
+  if level >= 4 or buffer < 64:
+    def body(state):
+      i, k, acc = state
+      u, v = jax.random.uniform(jax.random.fold_in(key, i), (2, n))
+      k_new, acc_new = _ptrs_round(u, v, lam)
+      return i + 1, jnp.where(acc, k, k_new), acc | acc_new
+    state = (jnp.zeros((), jnp.int32), k, accepted)
+    return jax.lax.while_loop(lambda s: ~jnp.all(s[2]), body, state)[1]
+
+  def body(state):
+    i, k, acc = state
+    (idx,) = jnp.nonzero(~acc, size=buffer, fill_value=n)
+    valid = idx < n
+    sub_lam = jnp.where(valid, lam[jnp.minimum(idx, n - 1)], _PTRS_MIN_LAM)
+    sub_key = jax.random.fold_in(key, i)
+    u, v = jax.random.uniform(jax.random.fold_in(sub_key, 0), (2, buffer))
+    sub_k, sub_acc = _ptrs_round(u, v, sub_lam)
+    sub_k = _ptrs_finish(jax.random.fold_in(sub_key, 1), sub_lam, sub_k,
+                         sub_acc | ~valid, level + 1)
+    return i + 1, k.at[idx].set(sub_k, mode="drop"), acc.at[idx].set(True, mode="drop")
+
+  state = (jnp.zeros((), jnp.int32), k, accepted)
+  return jax.lax.while_loop(lambda s: ~jnp.all(s[2]), body, state)[1]
+
+
+def _poisson_ptrs(key, u, v, lam, skip):
+  """Exact PTRS for a flat array with lam >= 10; elements where ``skip`` are ignored."""
+  k, accepted = _ptrs_round(u, v, lam)
+  return _ptrs_finish(key, lam, k, accepted | skip)
+
+
+def poisson(key: jax.Array, lam: jax.Array) -> jax.Array:
+  """Exact Poisson draws with means ``lam`` (any shape, float, >= 0).
+
+  Returns float32 counts of the same shape. Negative or NaN means are an error of the
+  caller; they are clipped to 0 here so that jitted code never loops forever.
+  """
+  lam = jnp.asarray(lam, jnp.float32)
+  shape = lam.shape
+  flat = jnp.nan_to_num(lam.reshape(-1), nan=0.0, posinf=0.0)
+  flat = jnp.maximum(flat, 0.0)
+  if flat.size == 0:
+    return lam
+  k_u, k_retry = jax.random.split(key)
+  u, v = jax.random.uniform(k_u, (2,) + flat.shape)
+  small = flat < _PTRS_MIN_LAM
+  inv = _poisson_inversion(u, jnp.where(small, flat, 0.0))
+  big = _poisson_ptrs(k_retry, u, v, jnp.where(small, _PTRS_MIN_LAM, flat), small)
+  return jnp.where(small, inv, big).reshape(shape)
+
+
+@flax.struct.dataclass
+class Camera:
+  """Camera read-out parameters (a pytree: every number is differentiable).
+
+  model: 'scmos' or 'emccd' (static).
+  qe: quantum efficiency (electrons per incident photon).
+  gain_adu_per_e: conversion gain of the read-out, ADU per electron (after EM gain).
+  offset_adu: camera baseline in ADU.
+  read_noise_e: Gaussian read noise standard deviation, electrons (after EM gain).
+  em_gain: electron-multiplication gain (EMCCD only; ignored for sCMOS).
+  """
+  qe: jax.Array | float = 0.9
+  gain_adu_per_e: jax.Array | float = 0.5
+  offset_adu: jax.Array | float = 100.0
+  read_noise_e: jax.Array | float = 1.6
+  em_gain: jax.Array | float = 1.0
+  model: str = flax.struct.field(pytree_node=False, default="scmos")
+
+  def __post_init__(self):
+    if self.model not in CAMERA_MODELS:
+      raise ValueError(f"camera model must be one of {CAMERA_MODELS}, got {self.model!r}")
+
+  @property
+  def adu_per_electron_in(self):
+    """ADU per photo-electron, including EM gain for an EMCCD."""
+    if self.model == "emccd":
+      return self.gain_adu_per_e * self.em_gain
+    return self.gain_adu_per_e
+
+  @property
+  def adu_per_photon(self):
+    return self.qe * self.adu_per_electron_in
+
+
+def expected_adu(expected_photons: jax.Array, camera: Camera) -> jax.Array:
+  """Noiseless mean camera output in ADU for expected photons per pixel."""
+  return expected_photons * camera.adu_per_photon + camera.offset_adu
+
+
+def adu_to_photons(frames_adu, camera: Camera):
+  """Inverse of :func:`expected_adu`: camera counts -> photons (numpy or jax arrays)."""
+  return (frames_adu - camera.offset_adu) / camera.adu_per_photon
+
+
+def apply_camera(key: jax.Array, expected_photons: jax.Array, camera: Camera) -> jax.Array:
+  """Shot noise + camera read-out: expected photons per pixel -> noisy ADU (float32)."""
+  k_shot, k_em, k_read = jax.random.split(key, 3)
+  electrons = poisson(k_shot, camera.qe * expected_photons)
+  if camera.model == "emccd":
+    shape = jnp.maximum(electrons, 1.0)
+    amplified = jax.random.gamma(k_em, shape) * camera.em_gain
+    electrons = jnp.where(electrons > 0, amplified, 0.0)
+  read = camera.read_noise_e * jax.random.normal(k_read, electrons.shape)
+  return (camera.gain_adu_per_e * (electrons + read) + camera.offset_adu).astype(jnp.float32)

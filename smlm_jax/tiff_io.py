@@ -1,0 +1,145 @@
+"""Reading and writing movie TIFFs (shared by simulate, predict, baselines, calibrate).
+
+``read_movie`` returns float32 frames [T, H, W] and whatever pixel size / frame interval
+the file's ImageJ or OME metadata records; every way a user file can be unusable raises
+``MovieError`` with a one-line reason, never another exception type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import tifffile
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class MovieError(ValueError):
+  """A user's movie file cannot be used; the message says why in one line."""
+
+
+@dataclasses.dataclass
+class Movie:
+  path: str
+  frames: np.ndarray                 # [T, H, W] float32, camera units (ADU)
+  pixel_size_nm: float | None = None
+  frame_interval_s: float | None = None
+
+
+def write_movie(path: str, frames_adu: np.ndarray, pixel_size_nm: float,
+                frame_interval_s: float) -> None:
+  """Writes [T, H, W] ADU as a uint16 ImageJ hyperstack with pixel size and interval."""
+  frames = np.asarray(frames_adu)
+  if frames.ndim != 3:
+    raise ValueError(f"expected frames [T, H, W], got shape {frames.shape}")
+  data = np.clip(np.rint(frames), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+  px_um = pixel_size_nm / 1000.0
+  tifffile.imwrite(
+      path, data, imagej=True, resolution=(1.0 / px_um, 1.0 / px_um),
+      metadata={"axes": "TYX", "unit": "um", "finterval": float(frame_interval_s)})
+
+
+def _imagej_metadata(tif: tifffile.TiffFile):
+  px_nm = interval = None
+  ij = tif.imagej_metadata or {}
+  if ij.get("finterval"):
+    interval = float(ij["finterval"])
+  page = tif.pages[0]
+  tag = page.tags.get("XResolution")
+  if tag is not None:
+    num, den = tag.value
+    if num > 0 and den > 0:
+      per_unit = num / den
+      unit = str(ij.get("unit", "")).lower().replace("\\u00b5", "u").replace("µ", "u")
+      scale_nm = {"um": 1000.0, "micron": 1000.0, "microns": 1000.0, "nm": 1.0,
+                  "mm": 1e6}.get(unit)
+      if scale_nm and per_unit > 0:
+        px_nm = scale_nm / per_unit
+  return px_nm, interval
+
+
+def _ome_metadata(tif: tifffile.TiffFile):
+  if not tif.is_ome or not tif.ome_metadata:
+    return None, None
+  try:
+    root = ET.fromstring(tif.ome_metadata)
+  except ET.ParseError:
+    return None, None
+  px_nm = interval = None
+  for el in root.iter():
+    if el.tag.endswith("Pixels"):
+      size = el.get("PhysicalSizeX")
+      unit = el.get("PhysicalSizeXUnit", "µm")
+      if size:
+        scale = {"nm": 1.0, "µm": 1000.0, "um": 1000.0, "mm": 1e6}.get(unit, 1000.0)
+        px_nm = float(size) * scale
+      ti = el.get("TimeIncrement")
+      if ti:
+        unit_t = el.get("TimeIncrementUnit", "s")
+        interval = float(ti) * {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6}.get(unit_t, 1.0)
+      break
+  return px_nm, interval
+
+
+def read_movie(path: str) -> Movie:
+  """Reads a TIFF movie as float32 [T, H, W] with its pixel size / frame interval.
+
+  Raises MovieError (one line) for: missing or unreadable files, RGB/RGBA images,
+  single 2D frames, other dimensionalities, and NaN/inf values.
+  """
+  if not os.path.exists(path):
+    raise MovieError(f"{path}: no such file")
+  try:
+    with tifffile.TiffFile(path) as tif:
+      series = tif.series[0]
+      data = series.asarray()
+      axes = series.axes
+      rgb = "S" in axes or tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
+      px_nm, interval = _ome_metadata(tif)
+      if px_nm is None and interval is None:
+        px_nm, interval = _imagej_metadata(tif)
+  except Exception as e:  # tifffile raises many types for corrupt files
+    raise MovieError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
+  if rgb:
+    raise MovieError(f"{path}: RGB/RGBA image (axes {axes}); expected grayscale frames")
+  data = np.squeeze(data)
+  if data.ndim == 2:
+    raise MovieError(f"{path}: a single 2D frame {data.shape}; expected a movie [T, H, W]")
+  if data.ndim != 3:
+    raise MovieError(f"{path}: {data.ndim}D data of shape {data.shape} (axes {axes}); "
+                     "expected one channel, frames x height x width")
+  if np.iscomplexobj(data) or data.dtype == bool:
+    raise MovieError(f"{path}: unsupported pixel type {data.dtype}")
+  frames = data.astype(np.float32)
+  if not np.all(np.isfinite(frames)):
+    raise MovieError(f"{path}: contains NaN or infinite pixel values")
+  return Movie(path=path, frames=frames, pixel_size_nm=px_nm, frame_interval_s=interval)
+
+
+def find_movies(paths) -> tuple[list[str], list[str]]:
+  """Expands files and folders (recursively) into TIFF paths.
+
+  Returns (files, problems): problems are one-line messages for paths that do not
+  exist or folders with no TIFF in them.
+  """
+  files, problems = [], []
+  for p in paths:
+    if os.path.isdir(p):
+      found = []
+      for root, _, names in os.walk(p):
+        found += [os.path.join(root, n) for n in names if n.lower().endswith(TIFF_SUFFIXES)]
+      if not found:
+        problems.append(f"{p}: folder contains no .tif/.tiff files")
+      files += sorted(found, key=_natural_key)
+    elif os.path.exists(p):
+      files.append(p)
+    else:
+      problems.append(f"{p}: no such file or folder")
+  return files, problems
+
+
+def _natural_key(s):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
