@@ -74,7 +74,7 @@ def main(argv):
         f"S={s.geometry.substeps} camera={s.camera.model}")
   print(f"{'impl':<10} {'batch':>6} {'ms/call':>9} {'movies/s':>10}")
   best = 0.0
-  for impl in ("threefry2x32", "rbg"):
+  for impl in ("threefry2x32",):
     for b in [int(x) for x in _BATCHES.value]:
       if b % len(devices):
         continue

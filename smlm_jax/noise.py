@@ -52,6 +52,9 @@ import numpy as np
 CAMERA_MODELS = ("scmos", "emccd")
 
 _PTRS_MIN_LAM = 10.0
+# Retry rounds are capped so a degenerate key stream can never hang a jitted step; with
+# PTRS acceptance >= 0.75 per round, 200 rejections in a row have probability < 1e-120.
+_MAX_ROUNDS = 200
 _INVERSION_STEPS = 36
 # log(k!) for k < 10, where Stirling's series is not accurate enough in float32.
 _LOG_FACTORIAL_TABLE = np.array([math.lgamma(k + 1.0) for k in range(10)], np.float32)
@@ -130,7 +133,8 @@ def _ptrs_finish(key, lam, k, accepted, level=0):
       k_new, acc_new = _ptrs_round(u, v, lam)
       return i + 1, jnp.where(acc, k, k_new), acc | acc_new
     state = (jnp.zeros((), jnp.int32), k, accepted)
-    return jax.lax.while_loop(lambda s: ~jnp.all(s[2]), body, state)[1]
+    return jax.lax.while_loop(lambda s: ~jnp.all(s[2]) & (s[0] < _MAX_ROUNDS), body,
+                              state)[1]
 
   def body(state):
     i, k, acc = state
@@ -145,7 +149,8 @@ def _ptrs_finish(key, lam, k, accepted, level=0):
     return i + 1, k.at[idx].set(sub_k, mode="drop"), acc.at[idx].set(True, mode="drop")
 
   state = (jnp.zeros((), jnp.int32), k, accepted)
-  return jax.lax.while_loop(lambda s: ~jnp.all(s[2]), body, state)[1]
+  return jax.lax.while_loop(lambda s: ~jnp.all(s[2]) & (s[0] < _MAX_ROUNDS), body,
+                            state)[1]
 
 
 def _poisson_ptrs(key, u, v, lam, skip):
