@@ -6,6 +6,13 @@ import sys
 import tempfile
 
 
+def quiet_logs():
+  """Show only warnings from absl logging (orbax, XLA) unless --verbosity was given."""
+  from absl import flags, logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def fail(message: str, code: int = 2):
   """Ends a command with one clear line on stderr (no traceback for user mistakes)."""
   print(f"error: {message}", file=sys.stderr)

@@ -81,6 +81,7 @@ def plot_predictions(D_true, mean, log_var, out_dir, title=""):
 
 
 def main(argv):
+  cli.quiet_logs()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value:

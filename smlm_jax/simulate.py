@@ -69,6 +69,7 @@ def write_simulated_movies(simulator: sim_lib.Simulator, num_movies: int, output
 
 
 def main(argv):
+  cli.quiet_logs()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value

@@ -370,6 +370,7 @@ def _define_flags():
 
 
 def main(argv):
+  cli.quiet_logs()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if flags.FLAGS.print_config:
