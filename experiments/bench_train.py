@@ -48,8 +48,7 @@ def main(argv):
   data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   default_model = diffusion.get_config().model.name
   print(f"backend={jax.default_backend()} devices={len(jax.devices())} "
-        f"batch={config.batch_size} movie={tuple(diffusion.get_config().sim.values())[:0] or ''}"
-        f"{config.sim.num_frames}x{config.sim.height_px}x{config.sim.width_px}")
+        f"batch={config.batch_size} movie={config.sim.num_frames}x{config.sim.height_px}x{config.sim.width_px}")
   print(f"{'model':<12} {'params':>8} {'step ms':>8} {'steps/s':>8} {'examples/s':>11} "
         f"{'sim ms':>7} {'model ms':>9} {'sim share':>10}")
   result = {}
