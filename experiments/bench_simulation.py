@@ -82,8 +82,7 @@ def main(argv):
 
       @jax.jit
       def step(i):
-        keys = jax.vmap(lambda j: jax.random.fold_in(base, j))(i)
-        keys = jax.lax.with_sharding_constraint(keys, sharding)
+        keys = jax.lax.with_sharding_constraint(sim_lib.movie_keys(base, i), sharding)
         frames, truth = s.from_keys(keys)
         return frames, truth["D_um2_per_s"]
 

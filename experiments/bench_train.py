@@ -18,12 +18,11 @@ import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import diffusion  # noqa: E402
-from smlm_jax import models, normalize, train  # noqa: E402
+from smlm_jax import models, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/diffusion.py", "Config.")
 _MODELS = flags.DEFINE_list("models", sorted(models.MODELS), "Models to time.")
@@ -45,7 +44,7 @@ def main(argv):
   config = _CONFIG.value
   mesh = train.make_mesh()
   config.batch_size = train._divisible_batch(config.batch_size, mesh)
-  data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  rep = NamedSharding(mesh, P())
   default_model = diffusion.get_config().model.name
   print(f"backend={jax.default_backend()} devices={len(jax.devices())} "
         f"batch={config.batch_size} movie={config.sim.num_frames}x{config.sim.height_px}x{config.sim.width_px}")
@@ -58,25 +57,9 @@ def main(argv):
     state = jax.device_put(train.init_state(model, tx, sim.geometry, 0), rep)
     n_params = sum(p.size for p in jax.tree.leaves(state["params"]))
 
-    @jax.jit
-    def sim_only(step):
-      keys = jax.lax.with_sharding_constraint(
-          train.batch_keys(config.seed, step, config.batch_size), data)
-      frames, truth = sim.from_keys(keys)
-      x, _, _ = normalize.model_input(frames, sim.camera)
-      return x, jnp.log(truth["D_um2_per_s"])
-
+    sim_only = jax.jit(train.make_batch_fn(config, sim, mesh))
+    model_only = jax.jit(train.make_update_fn(config, model, tx, sched))
     x, y = sim_only(0)
-
-    @jax.jit
-    def model_only(state, x, y):
-      def loss_fn(p):
-        mean, log_var, stats = train.apply_model(model, {**state, "params": p}, x, True)
-        return jnp.mean(train.gaussian_nll(mean, log_var, y)), stats
-      (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-      upd, opt = tx.update(g, state["opt"], state["params"])
-      return {**state, "params": train.optax.apply_updates(state["params"], upd),
-              "opt": opt, "batch_stats": stats}
 
     full = train.make_train_step(config, sim, model, tx, sched, mesh)
     t_sim = _time(sim_only, 0)

@@ -5,7 +5,6 @@ estimate is the median exp(m); the 68% interval is exp(m +- sqrt(exp(lv))).
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 

@@ -45,8 +45,7 @@ def write_simulated_movies(simulator: sim_lib.Simulator, num_movies: int, output
     for start in range(0, num_movies, chunk):
       n = min(chunk, num_movies - start)
       idx = np.arange(start, start + chunk)  # fixed shape: one compilation
-      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-      frames, truth = jax.device_get(make(keys))
+      frames, truth = jax.device_get(make(sim_lib.movie_keys(key, idx)))
       for j in range(n):
         name = f"movie_{start + j:05d}.tif"
         tiff_io.write_movie(os.path.join(output_dir, name), frames[j], g.pixel_size_nm,

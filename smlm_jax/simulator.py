@@ -244,6 +244,11 @@ def simulate_random_movie(key: jax.Array, priors: Priors, camera: Camera,
   return simulate_movie(k_movie, emitter, camera, geometry, noise)
 
 
+def movie_keys(key: jax.Array, indices) -> jax.Array:
+  """[N] per-movie keys ``fold_in(key, i)`` for an array of movie indices."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices))
+
+
 def simulate_batch(key: jax.Array, batch_size: int, priors: Priors, camera: Camera,
                    geometry: Geometry, noise: bool = True):
   """[B, T, H, W] movies and batched truth; movie b uses ``fold_in(key, b)``.
@@ -252,8 +257,7 @@ def simulate_batch(key: jax.Array, batch_size: int, priors: Priors, camera: Came
   ``simulate_random_movie(fold_in(key, b), ...)`` and any sharding of the batch axis
   gives the same movies.
   """
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch_size))
-  return simulate_keys(keys, priors, camera, geometry, noise)
+  return simulate_keys(movie_keys(key, jnp.arange(batch_size)), priors, camera, geometry, noise)
 
 
 def simulate_keys(keys: jax.Array, priors: Priors, camera: Camera, geometry: Geometry,

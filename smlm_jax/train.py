@@ -98,12 +98,25 @@ def gaussian_nll(mean, log_var, target):
 def batch_keys(seed: int, step, batch_size: int):
   """Per-example keys fold_in(fold_in(key(seed), step), i)."""
   step_key = jax.random.fold_in(jax.random.key(seed), step)
-  return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(batch_size))
+  return sim_lib.movie_keys(step_key, jnp.arange(batch_size))
 
 
-def make_train_step(config, simulator, model, tx, schedule, mesh):
+def make_batch_fn(config, simulator, mesh):
+  """(step) -> (model input x [B,T,H,W], target ln D [B]), simulated and sharded."""
   data = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
+
+  def batch(step):
+    keys = jax.lax.with_sharding_constraint(
+        batch_keys(config.seed, step, config.batch_size), data)
+    frames, truth = simulator.from_keys(keys)
+    x, _, _ = normalize.model_input(frames, simulator.camera)
+    return jax.lax.with_sharding_constraint(x, data), jnp.log(truth["D_um2_per_s"])
+
+  return batch
+
+
+def make_update_fn(config, model, tx, schedule):
+  """(state, x, target) -> (new state, measurements): loss, gradients and AdamW."""
   mse_weight = float(config.mse_weight)
   warmup = max(1, int(config.warmup_steps))
 
@@ -115,14 +128,8 @@ def make_train_step(config, simulator, model, tx, schedule, mesh):
     loss = jnp.mean(nll + w * sq)
     return loss, (new_stats, jnp.mean(nll), jnp.mean(sq))
 
-  def train_step(state, simulate_only=False):
+  def update(state, x, target):
     step = state["step"]
-    keys = jax.lax.with_sharding_constraint(
-        batch_keys(config.seed, step, config.batch_size), data)
-    frames, truth = simulator.from_keys(keys)
-    x, _, _ = normalize.model_input(frames, simulator.camera)
-    x = jax.lax.with_sharding_constraint(x, data)
-    target = jnp.log(truth["D_um2_per_s"])
     (loss, (stats, nll, sq)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state, x, target, step)
     updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -131,6 +138,18 @@ def make_train_step(config, simulator, model, tx, schedule, mesh):
     measurements = {"loss": loss, "nll": nll, "mse_lnD": sq,
                     "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(step)}
     return new_state, measurements
+
+  return update
+
+
+def make_train_step(config, simulator, model, tx, schedule, mesh):
+  """The jitted train step: simulate the step's batch, then update (state donated)."""
+  replicated = NamedSharding(mesh, P())
+  batch = make_batch_fn(config, simulator, mesh)
+  update = make_update_fn(config, model, tx, schedule)
+
+  def train_step(state):
+    return update(state, *batch(state["step"]))
 
   return jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=0)
 
@@ -155,10 +174,10 @@ def simulate_eval_set(config, simulator, num_movies: int, seed: int, mesh):
 
   @jax.jit
   def make(idx):
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(idx)
-    keys = jax.lax.with_sharding_constraint(keys, data)
+    keys = jax.lax.with_sharding_constraint(
+        sim_lib.movie_keys(jax.random.key(seed), idx), data)
     frames, truth = simulator.from_keys(keys)
-    x, bg, _ = normalize.model_input(frames, simulator.camera)
+    x, _, _ = normalize.model_input(frames, simulator.camera)
     return x, truth["D_um2_per_s"]
 
   xs, ds = [], []
@@ -196,12 +215,22 @@ def _divisible_batch(batch_size: int, mesh) -> int:
 
 
 # ---------------------------------------------------------------------- checkpoints
+def _checkpoint_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.max_to_keep, save_interval_steps=1,
       enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=options, item_names=("state", "config"))
+  return ocp.CheckpointManager(_checkpoint_dir(workdir), options=options,
+                               item_names=("state", "config"))
+
+
+def _abstract(tree, sharding):
+  """Shape/dtype/sharding of a state pytree: the restore target."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                      tree)
 
 
 def save_checkpoint(mngr, state, config, step: int):
@@ -218,7 +247,7 @@ def restore_state(mngr, abstract_state, step=None):
 
 def load_run(workdir: str, mesh=None):
   """(config, model, state, simulator) of the latest checkpoint in a workdir."""
-  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  ckpt_dir = _checkpoint_dir(workdir)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train a model there first")
   mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "config"))
@@ -230,10 +259,7 @@ def load_run(workdir: str, mesh=None):
   simulator, model, tx, _ = build(config)
   mesh = mesh or make_mesh()
   abstract = jax.eval_shape(lambda: init_state(model, tx, simulator.geometry, config.seed))
-  replicated = NamedSharding(mesh, P())
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-  state = restore_state(mngr, abstract, step)
+  state = restore_state(mngr, _abstract(abstract, NamedSharding(mesh, P())), step)
   mngr.close()
   return config, model, state, simulator
 
@@ -262,8 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mngr = checkpoint_manager(workdir, config)
   start = mngr.latest_step()
   if start is not None:
-    state = restore_state(mngr, jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state), start)
+    state = restore_state(mngr, _abstract(state, replicated), start)
     logging.info("resumed from step %d", start)
   start = int(state["step"])
   is_main = jax.process_index() == 0
