@@ -67,3 +67,20 @@ def summary_table(metrics: dict, title: str = "") -> str:
   lines.append(f"RMSE log10 D = {metrics['rmse_log10_D']:.3f}   68% interval coverage = "
                f"{metrics['coverage_68']:.3f}")
   return "\n".join(lines)
+
+
+def spearman(a, b) -> float:
+  """Spearman rank correlation (average ranks for ties)."""
+  def ranks(v):
+    v = np.asarray(v, dtype=float)
+    order = np.argsort(v, kind="mergesort")
+    r = np.empty(len(v))
+    r[order] = np.arange(len(v))
+    for value in np.unique(v[np.r_[False, np.diff(v[order]) == 0]] if len(v) else []):
+      tie = v == value
+      r[tie] = r[tie].mean()
+    return r
+  ra, rb = ranks(a), ranks(b)
+  if ra.std() == 0 or rb.std() == 0:
+    return float("nan")
+  return float(np.corrcoef(ra, rb)[0, 1])

@@ -18,7 +18,14 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 class MovieError(ValueError):
-  """A user's movie file cannot be used; the message says why in one line."""
+  """A user's movie file cannot be used; the message says why in one line.
+
+  ``code`` is a short machine-readable reason (used as the CSV flag ``error:<code>``).
+  """
+
+  def __init__(self, message: str, code: str = "unreadable"):
+    super().__init__(message)
+    self.code = code
 
 
 @dataclasses.dataclass
@@ -91,7 +98,7 @@ def read_movie(path: str) -> Movie:
   single 2D frames, other dimensionalities, and NaN/inf values.
   """
   if not os.path.exists(path):
-    raise MovieError(f"{path}: no such file")
+    raise MovieError(f"{path}: no such file", "not_found")
   try:
     with tifffile.TiffFile(path) as tif:
       series = tif.series[0]
@@ -104,26 +111,55 @@ def read_movie(path: str) -> Movie:
   except Exception as e:  # tifffile raises many types for corrupt files
     raise MovieError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
   if rgb:
-    raise MovieError(f"{path}: RGB/RGBA image (axes {axes}); expected grayscale frames")
+    raise MovieError(f"{path}: RGB/RGBA image (axes {axes}); expected grayscale frames",
+                     "rgb")
   data = np.squeeze(data)
   if data.ndim == 2:
-    raise MovieError(f"{path}: a single 2D frame {data.shape}; expected a movie [T, H, W]")
+    raise MovieError(f"{path}: a single 2D frame {data.shape}; expected a movie [T, H, W]",
+                     "single_frame")
   if data.ndim != 3:
     raise MovieError(f"{path}: {data.ndim}D data of shape {data.shape} (axes {axes}); "
-                     "expected one channel, frames x height x width")
+                     "expected one channel, frames x height x width", "bad_shape")
   if np.iscomplexobj(data) or data.dtype == bool:
-    raise MovieError(f"{path}: unsupported pixel type {data.dtype}")
+    raise MovieError(f"{path}: unsupported pixel type {data.dtype}", "bad_dtype")
   frames = data.astype(np.float32)
   if not np.all(np.isfinite(frames)):
-    raise MovieError(f"{path}: contains NaN or infinite pixel values")
+    raise MovieError(f"{path}: contains NaN or infinite pixel values", "nan_or_inf")
   return Movie(path=path, frames=frames, pixel_size_nm=px_nm, frame_interval_s=interval)
+
+
+def window_starts(num_frames_in_file: int, num_frames: int, stride: int) -> list[int]:
+  """First frames of the T-frame windows of a stack: 0, stride, ... (full windows only)."""
+  if stride < 1:
+    raise ValueError(f"stride must be >= 1, got {stride}")
+  return list(range(0, num_frames_in_file - num_frames + 1, stride))
+
+
+def read_windows(path: str, num_frames: int, height_px: int, width_px: int,
+                 stride: int | None = None) -> tuple[Movie, list[int]]:
+  """Reads a movie and splits it into windows of ``num_frames`` frames.
+
+  Returns (movie, first frames). A stack of exactly T frames is one window; longer
+  stacks give one window per ``stride`` frames (default T). Raises MovieError for
+  unreadable files, fewer than T frames, or frames of another size than the model's.
+  """
+  movie = read_movie(path)
+  t, h, w = movie.frames.shape
+  if (h, w) != (height_px, width_px):
+    raise MovieError(
+        f"{path}: frames are {h}x{w} px but the model expects {height_px}x{width_px} px; "
+        f"cut {height_px}x{width_px} crops centred on single molecules first", "wrong_size")
+  if t < num_frames:
+    raise MovieError(f"{path}: only {t} frames; the model needs windows of {num_frames}",
+                     "too_few_frames")
+  return movie, window_starts(t, num_frames, stride or num_frames)
 
 
 def find_movies(paths) -> tuple[list[str], list[str]]:
   """Expands files and folders (recursively) into TIFF paths.
 
-  Returns (files, problems): problems are one-line messages for paths that do not
-  exist or folders with no TIFF in them.
+  Returns (files, problems): problems are (path, one-line message, short code) for
+  paths that do not exist or folders with no TIFF in them.
   """
   files, problems = [], []
   for p in paths:
@@ -132,12 +168,12 @@ def find_movies(paths) -> tuple[list[str], list[str]]:
       for root, _, names in os.walk(p):
         found += [os.path.join(root, n) for n in names if n.lower().endswith(TIFF_SUFFIXES)]
       if not found:
-        problems.append(f"{p}: folder contains no .tif/.tiff files")
+        problems.append((p, f"{p}: folder contains no .tif/.tiff files", "empty_folder"))
       files += sorted(found, key=_natural_key)
     elif os.path.exists(p):
       files.append(p)
     else:
-      problems.append(f"{p}: no such file or folder")
+      problems.append((p, f"{p}: no such file or folder", "not_found"))
   return files, problems
 
 
