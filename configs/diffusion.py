@@ -36,6 +36,9 @@ Field choices (all per frame of 10 ms unless stated):
   photo-electrons), 1.6 e- rms read noise, 2 ADU/e- (0.5 e-/ADU, so
   single photo-electrons are resolved in uint16), offset 100 ADU. EMCCD is
   selected with --config.sim.camera.model=emccd (em_gain sets the EM gain).
+* Calibrated to your microscope: --config.sim.calibration=calibration.json (from
+  python -m smlm_jax.calibrate) sets FWHM (fitted value +-5%), photons and background
+  (fitted log-uniform ranges) and the camera offset, gain and read noise.
 """
 import ml_collections
 
@@ -62,6 +65,11 @@ def get_sim_config() -> ml_collections.ConfigDict:
   sim.camera.offset_adu = 100.0
   sim.camera.read_noise_e = 1.6
   sim.camera.em_gain = 300.0
+  # A calibration JSON from `python -m smlm_jax.calibrate` replaces the PSF, photon and
+  # background priors and the camera offset/gain/read noise with the fitted values
+  # (applied when the simulator is built; the file name is kept in calibration_applied).
+  sim.calibration = ""
+  sim.calibration_applied = ""
   return sim
 
 

@@ -289,7 +289,13 @@ def _pair(value, name):
 
 
 def simulator_from_config(sim_cfg: Any) -> Simulator:
-  """Builds a :class:`Simulator` from the ``sim`` section of a config (see configs/)."""
+  """Builds a :class:`Simulator` from the ``sim`` section of a config (see configs/).
+
+  If ``sim_cfg.calibration`` names a calibration JSON, its values are first written
+  into ``sim_cfg`` (see :func:`smlm_jax.camera_setup.apply_calibration`).
+  """
+  from smlm_jax import camera_setup
+  camera_setup.apply_calibration(sim_cfg)
   geometry = Geometry(
       num_frames=int(sim_cfg.num_frames), substeps=int(sim_cfg.substeps),
       height_px=int(sim_cfg.height_px), width_px=int(sim_cfg.width_px),
