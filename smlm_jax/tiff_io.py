@@ -135,17 +135,18 @@ def window_starts(num_frames_in_file: int, num_frames: int, stride: int) -> list
   return list(range(0, num_frames_in_file - num_frames + 1, stride))
 
 
-def read_windows(path: str, num_frames: int, height_px: int, width_px: int,
+def read_windows(path: str, num_frames: int, height_px: int | None, width_px: int | None,
                  stride: int | None = None) -> tuple[Movie, list[int]]:
   """Reads a movie and splits it into windows of ``num_frames`` frames.
 
   Returns (movie, first frames). A stack of exactly T frames is one window; longer
   stacks give one window per ``stride`` frames (default T). Raises MovieError for
-  unreadable files, fewer than T frames, or frames of another size than the model's.
+  unreadable files, fewer than T frames, or frames of another size than the model's
+  (no size check when height_px is None).
   """
   movie = read_movie(path)
   t, h, w = movie.frames.shape
-  if (h, w) != (height_px, width_px):
+  if height_px is not None and (h, w) != (height_px, width_px):
     raise MovieError(
         f"{path}: frames are {h}x{w} px but the model expects {height_px}x{width_px} px; "
         f"cut {height_px}x{width_px} crops centred on single molecules first", "wrong_size")
