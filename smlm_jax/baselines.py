@@ -334,21 +334,12 @@ def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
       float(np.mean(sim_cfg.psf_fwhm_nm))
   notes.append(f"psf_fwhm_nm={fwhm:g} ({'calibration file' if cal else 'config'})")
   t = int(sim_cfg.num_frames)
-  files, problems = tiff_io.find_movies(inputs)
   rows, errors = [], 0
-  for path, message, code in problems:
-    log(f"error: {message}", file=sys.stderr)
-    rows.append([path, ""] + [""] * 7 + [f"error:{code}"])
-    errors += 1
   assumed = set()
-  bar = cli.progress(total=len(files), desc="baselines", unit="file")
-  for path in files:
-    bar.update(1)
-    try:
-      movie, starts = tiff_io.read_windows(path, t, None, None, stride)
-    except tiff_io.MovieError as e:
-      log(f"error: {e}", file=sys.stderr)
-      rows.append([path, ""] + [""] * 7 + [f"error:{e.code}"])
+  for path, movie, starts, error in tiff_io.scan_inputs(inputs, t, None, None, stride,
+                                                       "baselines", log):
+    if error:
+      rows.append([path, ""] + [""] * 7 + [f"error:{error[1]}"])
       errors += 1
       continue
     px = pixel_size_nm or movie.pixel_size_nm
@@ -380,7 +371,6 @@ def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
                    num(out["localization_sd_nm"][i], ".2f"), num(out["photons"][i], ".1f"),
                    num(out["background_photons"][i], ".3f"), n_loc,
                    ";".join(flags) or "ok"])
-  bar.close()
   buf = io.StringIO()
   buf.write("# smlm_jax.baselines: MLE localization + CVE (Vestergaard 2014); D_msd = MSD "
             "fit with Michalet's optimal points; crlb_se = track Cramer-Rao bound\n")
@@ -416,19 +406,12 @@ def _define_flags():
 
 
 def main(argv):
-  import os
   import sys
   from absl import flags
   from smlm_jax import camera_setup, cli
   cli.quiet_logs()
   f = flags.FLAGS
-  inputs = list(f.input) + list(argv[1:])
-  if not f.output:
-    cli.fail("--output=FILE.csv is required")
-  if not inputs:
-    cli.fail("give at least one --input=PATH (TIFF file or folder)")
-  if os.path.isdir(f.output):
-    cli.fail(f"--output={f.output} is a folder; give a .csv file name")
+  inputs = cli.inputs_and_output(f, argv)
   for name in ("pixel_size_nm", "frame_interval_s", "exposure_s", "camera_gain_adu_per_e"):
     if f[name].value is not None and f[name].value <= 0:
       cli.fail(f"--{name} must be > 0")

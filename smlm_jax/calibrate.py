@@ -60,7 +60,6 @@ import smlm_jax.host_devices  # noqa: F401  (before jax: one CPU device per core
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 
@@ -512,19 +511,15 @@ def plot_calibration(result: dict, path: str):
 
 def load_movies(paths, sim_cfg, log=print):
   """[M, T, H, W] ADU windows of the config's shape, and a list of skipped inputs."""
-  files, problems = tiff_io.find_movies(paths)
-  skipped = [(p, msg) for p, msg, _ in problems]
-  windows = []
+  skipped, windows = [], []
   t, h, w = int(sim_cfg.num_frames), int(sim_cfg.height_px), int(sim_cfg.width_px)
-  for path in files:
-    try:
-      movie, starts = tiff_io.read_windows(path, t, h, w)
-    except tiff_io.MovieError as e:
-      skipped.append((path, str(e)))
+  skip_log = lambda msg, **kw: log(msg.replace("error: ", "skipped: ", 1), **kw)  # noqa: E731
+  for path, movie, starts, error in tiff_io.scan_inputs(paths, t, h, w, None, "reading",
+                                                       skip_log):
+    if error:
+      skipped.append((path, error[0]))
       continue
     windows += [movie.frames[s:s + t] for s in starts]
-  for _, msg in skipped:
-    log(f"skipped: {msg}", file=sys.stderr)
   if not windows:
     return np.zeros((0, t, h, w), np.float32), skipped
   return np.stack(windows), skipped
@@ -547,11 +542,7 @@ def _define_flags():
 def main(argv):
   cli.quiet_logs()
   f = flags.FLAGS
-  inputs = list(f.input) + list(argv[1:])
-  if not f.output:
-    cli.fail("--output=FILE.json is required")
-  if not inputs:
-    cli.fail("give at least one --input=PATH (TIFF file or folder)")
+  inputs = cli.inputs_and_output(f, argv, "a .json file")
   if f.steps < 1 or f.num_sim < 8:
     cli.fail("--steps must be >= 1 and --num_sim >= 8")
   sim_cfg = f.config.sim

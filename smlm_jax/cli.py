@@ -39,3 +39,17 @@ def progress(iterable=None, total=None, desc=None, unit="it"):
   from tqdm.auto import tqdm
   return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True,
               disable=None, file=sys.stderr)
+
+
+def inputs_and_output(flag_values, argv, output_kind: str = "a .csv file") -> list[str]:
+  """Inputs from --input (repeatable) plus positional paths (shell globs); checks that
+  --output is given and is not a folder. Ends the command with one line otherwise."""
+  inputs = list(flag_values.input) + list(argv[1:])
+  output = flag_values.output
+  if not output:
+    fail(f"--output is required ({output_kind})")
+  if not inputs:
+    fail("give at least one --input=PATH (TIFF file or folder)")
+  if os.path.isdir(output):
+    fail(f"--output={output} is a folder; give {output_kind} name")
+  return inputs

@@ -155,11 +155,7 @@ def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
   from smlm_jax import metrics as metrics_lib
   sim = predictor.config.sim
   t, h, w = predictor.window_shape
-  files, problems = tiff_io.find_movies(inputs)
   rows: list[Row] = []
-  for path, message, code in problems:
-    log(f"error: {message}", file=sys.stderr)
-    rows.append(Row(file=path, error=code))
   pending: list[tuple[Row, np.ndarray]] = []
   warnings: dict[str, str] = {}
   assumed = {"pixel_size_nm": 0, "frame_interval_s": 0}
@@ -188,14 +184,10 @@ def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
         row.flags.append("D_above_trained_range")
     pending.clear()
 
-  bar = cli.progress(total=len(files), desc="predict", unit="file")
-  for path in files:
-    bar.update(1)
-    try:
-      movie, starts = tiff_io.read_windows(path, t, h, w, stride)
-    except tiff_io.MovieError as e:
-      log(f"error: {e}", file=sys.stderr)
-      rows.append(Row(file=path, error=e.code))
+  for path, movie, starts, error in tiff_io.scan_inputs(inputs, t, h, w, stride, "predict",
+                                                       log):
+    if error:
+      rows.append(Row(file=path, error=error[1]))
       continue
     px = pixel_size_nm or movie.pixel_size_nm
     dt = frame_interval_s or movie.frame_interval_s
@@ -223,7 +215,6 @@ def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
     if len(pending) >= predictor.batch_size:
       flush()
   flush()
-  bar.close()
   notes = []
   if assumed["pixel_size_nm"]:
     notes.append(f"pixel_size_nm={sim.pixel_size_nm:g} ASSUMED (training value) for "
@@ -276,7 +267,6 @@ def run(workdir, inputs, output, stride=None, camera_offset_adu=None,
         frame_interval_s=None, batch_size=None, plot=None) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   t0 = time.time()
-  from smlm_jax import train  # noqa: F401  (jax import after flag parsing)
   cal = camera_setup.read_calibration(calibration) if calibration else None
   predictor = Predictor(workdir, batch_size=batch_size)
   cfg = predictor.config
@@ -345,20 +335,15 @@ def _define_flags():
 def main(argv):
   cli.quiet_logs()
   f = flags.FLAGS
-  inputs = list(f.input) + list(argv[1:])   # shell globs expand to extra arguments
-  for name in ("workdir", "output"):
-    if not f[name].value:
-      cli.fail(f"--{name} is required (see --help)")
-  if not inputs:
-    cli.fail("give at least one --input=PATH (TIFF file or folder)")
+  if not f.workdir:
+    cli.fail("--workdir is required (a trained run; see --help)")
+  inputs = cli.inputs_and_output(f, argv)
   if f.stride is not None and f.stride < 1:
     cli.fail("--stride must be >= 1")
   for name in ("pixel_size_nm", "frame_interval_s", "camera_gain_adu_per_e", "batch_size",
                "camera_qe"):
     if f[name].value is not None and f[name].value <= 0:
       cli.fail(f"--{name} must be > 0")
-  if os.path.isdir(f.output):
-    cli.fail(f"--output={f.output} is a folder; give a .csv file name")
   try:
     code = run(f.workdir, inputs, f.output, f.stride, f.camera_offset_adu,
                f.camera_gain_adu_per_e, f.camera_qe, f.calibration, f.pixel_size_nm,

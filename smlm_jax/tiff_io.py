@@ -180,3 +180,32 @@ def find_movies(paths) -> tuple[list[str], list[str]]:
 
 def _natural_key(s):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def scan_inputs(inputs, num_frames: int, height_px: int | None, width_px: int | None,
+                stride: int | None = None, desc: str = "reading", log=print):
+  """Every input path as (path, movie, first frames, None) or (path, None, [], error).
+
+  One loop for predict, baselines and calibrate: expands folders, reads and windows
+  each file with a progress bar, and prints one ``error: ...`` line on stderr for each
+  input that cannot be used (error = (message, short code)).
+  """
+  import sys
+  from smlm_jax import cli
+  files, problems = find_movies(inputs)
+  for path, message, code in problems:
+    log(f"error: {message}", file=sys.stderr)
+    yield path, None, [], (message, code)
+  bar = cli.progress(total=len(files), desc=desc, unit="file")
+  try:
+    for path in files:
+      bar.update(1)
+      try:
+        movie, starts = read_windows(path, num_frames, height_px, width_px, stride)
+      except MovieError as e:
+        log(f"error: {e}", file=sys.stderr)
+        yield path, None, [], (str(e), e.code)
+        continue
+      yield path, movie, starts, None
+  finally:
+    bar.close()
