@@ -39,11 +39,6 @@ import numpy as np  # noqa: E402
 from smlm_jax import baselines, cli, metrics, noise, normalize, train  # noqa: E402
 from smlm_jax import simulator as sim_lib  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Trained run folder.")
-_NUM = flags.DEFINE_integer("num_movies", 2048, "Test movies.")
-_SEED = flags.DEFINE_integer("seed", 2024, "Test-set seed.")
-_BINS = flags.DEFINE_integer("bins", 6, "Log-spaced D bins over the prior range.")
-_CHUNK = flags.DEFINE_integer("chunk", 128, "Movies per device call.")
 
 ESTIMATORS = ("model", "cve_localizations", "msd_localizations", "cve_true_positions",
               "crlb")
@@ -154,19 +149,28 @@ def write_outputs(rows, out_dir, title):
   return text
 
 
+def _define_flags():
+  """Flags exist only when run as a command (importing this module defines none)."""
+  flags.DEFINE_string("workdir", "runs/default", "Trained run folder.")
+  flags.DEFINE_integer("num_movies", 2048, "Test movies.")
+  flags.DEFINE_integer("seed", 2024, "Test-set seed.")
+  flags.DEFINE_integer("bins", 6, "Log-spaced D bins over the prior range.")
+  flags.DEFINE_integer("chunk", 128, "Movies per device call.")
+
+
 def main(argv):
   del argv
   cli.quiet_logs()
-  if not os.path.isdir(os.path.join(_WORKDIR.value, "checkpoints")):
-    cli.fail(f"--workdir={_WORKDIR.value}: no trained run there; train one first")
-  if _NUM.value < 2 * _BINS.value:
+  if not os.path.isdir(os.path.join(flags.FLAGS.workdir, "checkpoints")):
+    cli.fail(f"--workdir={flags.FLAGS.workdir}: no trained run there; train one first")
+  if flags.FLAGS.num_movies < 2 * flags.FLAGS.bins:
     cli.fail("--num_movies must be at least twice --bins")
   t0 = time.time()
-  rows, data, config = run_study(_WORKDIR.value, _NUM.value, _SEED.value, _BINS.value,
-                                 _CHUNK.value)
-  out_dir = os.path.join(_WORKDIR.value, "accuracy")
-  text = write_outputs(rows, out_dir, f"{config.model.name}, {_NUM.value} test movies "
-                       f"(seed {_SEED.value})")
+  rows, data, config = run_study(flags.FLAGS.workdir, flags.FLAGS.num_movies, flags.FLAGS.seed, flags.FLAGS.bins,
+                                 flags.FLAGS.chunk)
+  out_dir = os.path.join(flags.FLAGS.workdir, "accuracy")
+  text = write_outputs(rows, out_dir, f"{config.model.name}, {flags.FLAGS.num_movies} test movies "
+                       f"(seed {flags.FLAGS.seed})")
   print(text)
   print(f"wrote {out_dir}/accuracy.csv, accuracy.md, accuracy.png in {time.time() - t0:.0f} s")
   total = {r[2]: r for r in rows if r[1] / r[0] > 100}
@@ -176,4 +180,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

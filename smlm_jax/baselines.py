@@ -150,6 +150,21 @@ def localize_movies(photons, sigma_px, qe, read_noise_e, iterations: int = 30,
           ok.reshape(lead))
 
 
+def localize_frames(photons, sigma_px, qe, read_noise_e):
+  """:func:`localize_movies` with the frame count padded to a few fixed sizes, so files
+  with different numbers of windows reuse one compiled fit."""
+  photons = jnp.asarray(photons, jnp.float32)
+  lead, hw = photons.shape[:-2], photons.shape[-2:]
+  flat = photons.reshape((-1,) + hw)
+  n = flat.shape[0]
+  size = 1 << max(4, (n - 1).bit_length()) if n <= 256 else -(-n // 256) * 256
+  if size > n:
+    flat = jnp.concatenate([flat, jnp.broadcast_to(flat[:1], (size - n,) + hw)])
+  theta, se, ok = localize_movies(flat, sigma_px, qe, read_noise_e)
+  return (theta[:n].reshape(lead + (NUM_PARAMS,)), se[:n].reshape(lead + (NUM_PARAMS,)),
+          ok[:n].reshape(lead))
+
+
 # --------------------------------------------------------------------- track estimators
 def cve(positions_nm, valid, frame_interval_s: float, R: float):
   """CVE of D (um^2/s) and localization variance (nm^2) of one track [N, 2].
@@ -276,8 +291,7 @@ def estimate_movies(photons, pixel_size_nm, frame_interval_s, exposure_s, psf_fw
   """Localization + CVE + MSD + CRLB for [M, T, H, W] photons (numpy dict of [M] arrays)."""
   sigma_px = psf_fwhm_nm / 2.3548 / pixel_size_nm
   R = exposure_s / (6 * frame_interval_s)
-  theta, se, ok = localize_movies(jnp.asarray(photons, jnp.float32), sigma_px, qe,
-                                  read_noise_e)
+  theta, se, ok = localize_frames(photons, sigma_px, qe, read_noise_e)
   return tracks_from_localizations(theta, se, ok, pixel_size_nm, frame_interval_s, R)
 
 

@@ -19,9 +19,6 @@ import numpy as np
 from smlm_jax import cli
 from smlm_jax import metrics as metrics_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder.")
-_NUM = flags.DEFINE_integer("num_movies", 2048, "Test movies to simulate.")
-_SEED = flags.DEFINE_integer("seed", 777, "Test-set seed (differs from validation).")
 
 
 def evaluate_run(workdir: str, num_movies: int, seed: int) -> dict:
@@ -80,19 +77,27 @@ def plot_predictions(D_true, mean, log_var, out_dir, title=""):
   plt.close(fig)
 
 
+def _define_flags():
+  """Flags exist only when run as a command (importing this module defines none)."""
+  flags.DEFINE_string("workdir", None, "Training run folder.")
+  flags.DEFINE_integer("num_movies", 2048, "Test movies to simulate.")
+  flags.DEFINE_integer("seed", 777, "Test-set seed (differs from validation).")
+
+
 def main(argv):
   cli.quiet_logs()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     cli.fail("--workdir is required")
-  if _NUM.value < 1:
+  if flags.FLAGS.num_movies < 1:
     cli.fail("--num_movies must be >= 1")
   try:
-    evaluate_run(_WORKDIR.value, _NUM.value, _SEED.value)
+    evaluate_run(flags.FLAGS.workdir, flags.FLAGS.num_movies, flags.FLAGS.seed)
   except FileNotFoundError as e:
     cli.fail(str(e))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

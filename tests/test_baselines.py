@@ -25,8 +25,8 @@ def _static_frames(key, n, photons=1000.0, bg=10.0, sigma=1.0, size=16):
 
 
 def test_localization_unbiased_and_at_its_crlb():
-  photons, centre = _static_frames(jax.random.key(0), 1500)
-  theta, se, ok = baselines.localize_movies(photons, 1.0, 0.9, 1.6)
+  photons, centre = _static_frames(jax.random.key(0), 1500, size=32)
+  theta, se, ok = baselines.localize_frames(photons, 1.0, 0.9, 1.6)
   assert bool(np.all(ok))
   err = np.asarray(theta[:, :2] - centre)
   assert np.all(np.abs(err.mean(0)) < 0.01)                    # < 1% of a pixel
