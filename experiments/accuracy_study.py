@@ -36,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from smlm_jax import baselines, cli, metrics, noise, normalize, train  # noqa: E402
+from smlm_jax import baselines, camera_setup, cli, metrics, noise, normalize, train  # noqa: E402
 from smlm_jax import simulator as sim_lib  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def run_study(workdir, num_movies, seed, num_bins, chunk, log=print):
   R = geo.exposure_s / (6 * geo.frame_interval_s)
   fwhm = float(np.mean(simulator.priors.psf_fwhm_nm))
   cam = simulator.camera
-  read_in = float(cam.read_noise_e) / (float(cam.em_gain) if cam.model == "emccd" else 1.0)
+  read_in = float(camera_setup.data_camera(config.sim.camera)[0].read_noise_e)
   chunk = train._divisible_batch(chunk, mesh)
 
   @jax.jit

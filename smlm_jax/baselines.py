@@ -61,16 +61,14 @@ def _initial_guess(frame, sigma_px):
   h, w = frame.shape
   b0 = jnp.median(frame)
   d = frame - b0
-  boxes = normalize._box_sum(d, 3)
-  idx = jnp.argmax(boxes)
-  py, px = idx // w, idx % w
+  py, px, _ = normalize.brightest_box(d)
   yy, xx = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
-  near = (jnp.abs(yy - py) <= 2) & (jnp.abs(xx - px) <= 2)
+  near = normalize.square_mask(py, px, 2, h, w)
   wgt = jnp.where(near, jnp.maximum(d, 0.0), 0.0)
   tot = jnp.maximum(wgt.sum(), 1e-6)
   cx = jnp.where(wgt.sum() > 0, (wgt * (xx + 0.5)).sum() / tot, px + 0.5)
   cy = jnp.where(wgt.sum() > 0, (wgt * (yy + 0.5)).sum() / tot, py + 0.5)
-  win = (jnp.abs(yy - py) <= 3) & (jnp.abs(xx - px) <= 3)
+  win = normalize.square_mask(py, px, 3, h, w)
   n0 = jnp.maximum(jnp.where(win, d, 0.0).sum(), 10.0)
   return jnp.array([cx, cy, n0, jnp.maximum(b0, 0.1), sigma_px])
 
@@ -86,10 +84,9 @@ def localize(frame_photons, sigma_px: float, qe: float, read_noise_e: float,
   """
   H, W = frame_photons.shape
   if roi_px < min(H, W):
-    boxes = normalize._box_sum(frame_photons - jnp.median(frame_photons), 3)
-    idx = jnp.argmax(boxes)
-    y0 = jnp.clip(idx // W - roi_px // 2, 0, H - roi_px)
-    x0 = jnp.clip(idx % W - roi_px // 2, 0, W - roi_px)
+    py, px, _ = normalize.brightest_box(frame_photons - jnp.median(frame_photons))
+    y0 = jnp.clip(py - roi_px // 2, 0, H - roi_px)
+    x0 = jnp.clip(px - roi_px // 2, 0, W - roi_px)
     roi = jax.lax.dynamic_slice(frame_photons, (y0, x0), (roi_px, roi_px))
     theta, se, ok = localize(roi, sigma_px, qe, read_noise_e, iterations, roi_px)
     theta = theta.at[0].add(x0).at[1].add(y0)
@@ -337,8 +334,6 @@ def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
         camera_gain_adu_per_e=None, camera_qe=None, calibration=None, pixel_size_nm=None,
         frame_interval_s=None, exposure_s=None, log=print) -> int:
   """Localization + CVE for every window of every input; returns the exit code."""
-  import csv
-  import io
   import sys
   from smlm_jax import camera_setup, cli, noise as noise_lib, tiff_io
   cal = camera_setup.read_calibration(calibration) if calibration else None
@@ -356,14 +351,11 @@ def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
       rows.append([path, ""] + [""] * 7 + [f"error:{error[1]}"])
       errors += 1
       continue
-    px = pixel_size_nm or movie.pixel_size_nm
-    dt = frame_interval_s or movie.frame_interval_s
-    if px is None:
-      px = float(sim_cfg.pixel_size_nm)
-      assumed.add(f"pixel_size_nm={px:g}")
-    if dt is None:
-      dt = float(sim_cfg.frame_interval_s)
-      assumed.add(f"frame_interval_s={dt:g}")
+    px, dt, missing = tiff_io.resolve_geometry(movie, pixel_size_nm, frame_interval_s,
+                                               sim_cfg.pixel_size_nm,
+                                               sim_cfg.frame_interval_s)
+    assumed.update(f"{name}={value:g}" for name, value in
+                   (("pixel_size_nm", px), ("frame_interval_s", dt)) if name in missing)
     exp_s = exposure_s or min(dt, float(sim_cfg.exposure_s) * dt / float(sim_cfg.frame_interval_s))
     windows = np.stack([movie.frames[s:s + t] for s in starts])
     photons = np.asarray(noise_lib.adu_to_photons(windows, camera))
@@ -379,22 +371,17 @@ def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
         flags.append("too_few_localizations")
       elif D <= 0:
         flags.append("D_not_positive")
-      num = lambda v, f: "" if not np.isfinite(v) else format(v, f)  # noqa: E731
+      num = cli.number
       rows.append([path, s, num(D, ".5g"), num(out["D_msd_um2_per_s"][i], ".5g"),
                    num(out["crlb_se_um2_per_s"][i], ".4g"),
                    num(out["localization_sd_nm"][i], ".2f"), num(out["photons"][i], ".1f"),
                    num(out["background_photons"][i], ".3f"), n_loc,
                    ";".join(flags) or "ok"])
-  buf = io.StringIO()
-  buf.write("# smlm_jax.baselines: MLE localization + CVE (Vestergaard 2014); D_msd = MSD "
-            "fit with Michalet's optimal points; crlb_se = track Cramer-Rao bound\n")
-  buf.write("# camera: " + ", ".join(notes) + "\n")
-  for a in sorted(assumed):
-    buf.write(f"# note: {a} ASSUMED (config value; no metadata or flag)\n")
-  writer = csv.writer(buf, lineterminator="\n")
-  writer.writerow(COLUMNS)
-  writer.writerows(rows)
-  cli.atomic_write_text(output, buf.getvalue())
+  header = ["smlm_jax.baselines: MLE localization + CVE (Vestergaard 2014); D_msd = MSD "
+            "fit with Michalet's optimal points; crlb_se = track Cramer-Rao bound",
+            "camera: " + ", ".join(notes)]
+  header += [f"note: {a} ASSUMED (config value; no metadata or flag)" for a in sorted(assumed)]
+  cli.atomic_write_text(output, cli.csv_text(COLUMNS, rows, header))
   n_ok = sum(1 for r in rows if r[-1] == "ok")
   log(f"{len(rows) - errors} window(s) analysed ({n_ok} ok), {errors} input(s) failed; "
       f"wrote {output}", file=sys.stderr)

@@ -89,14 +89,9 @@ def background_masks(frames_adu: np.ndarray, radius_px: int = SPOT_EXCLUSION_PX)
   from smlm_jax import normalize
   frames = jnp.asarray(frames_adu, jnp.float32)
   level = jnp.median(frames.reshape(frames.shape[0], -1), axis=-1)[:, None, None, None]
-  boxes = normalize._box_sum(frames - level, 3)
-  m, t, h, w = frames.shape
-  idx = jnp.argmax(boxes.reshape(m, t, h * w), axis=-1)
-  py, px = idx // w, idx % w                                       # [M, T]
-  near_y = jnp.abs(jnp.arange(h)[None, None, :] - py[..., None]) <= radius_px
-  near_x = jnp.abs(jnp.arange(w)[None, None, :] - px[..., None]) <= radius_px
-  near = jnp.any(near_y[..., :, None] & near_x[..., None, :], axis=1)   # [M, H, W]
-  return ~np.asarray(near)
+  py, px, _ = normalize.brightest_box(frames - level)              # [M, T]
+  near = normalize.square_mask(py, px, radius_px, *frames.shape[-2:])
+  return ~np.asarray(jnp.any(near, axis=1))                         # [M, H, W]
 
 
 def pixel_cumulants(frames_adu: np.ndarray, masks: np.ndarray):
@@ -205,14 +200,9 @@ def movie_statistics(photons):
   from smlm_jax import normalize
   bg = _background(photons)                                          # [M]
   d = photons - bg[:, None, None, None]
-  boxes = normalize._box_sum(d, 3)
-  m, t, h, w = photons.shape
-  idx = jnp.argmax(boxes.reshape(m, t, h * w), axis=-1)
-  py, px = idx // w, idx % w
-  r = WINDOW_PX // 2
-  in_y = jnp.abs(jnp.arange(h)[None, None, :] - py[..., None]) <= r
-  in_x = jnp.abs(jnp.arange(w)[None, None, :] - px[..., None]) <= r
-  win = (in_y[..., :, None] & in_x[..., None, :]).astype(photons.dtype)
+  t, h, w = photons.shape[1:]
+  py, px, _ = normalize.brightest_box(d)
+  win = normalize.square_mask(py, px, WINDOW_PX // 2, h, w).astype(photons.dtype)
   win = jax.lax.stop_gradient(win)
   s = d * win                                                       # [M, T, H, W]
   spot = s.sum(axis=(-1, -2)).mean(-1)
@@ -333,6 +323,7 @@ def calibrate(frames_adu: np.ndarray, sim_cfg, fit_D: bool = False, steps: int =
   import jax
   import jax.numpy as jnp
   import optax
+  from smlm_jax import camera_setup
   from smlm_jax import noise as noise_lib
   from smlm_jax import normalize
   from smlm_jax import simulator as sim_lib
@@ -380,12 +371,11 @@ def calibrate(frames_adu: np.ndarray, sim_cfg, fit_D: bool = False, steps: int =
 
   # "Before": the training defaults applied to the data as the pipeline would see them
   # without calibration (training camera, training priors).
-  train_cam = noise_lib.Camera(model="scmos", qe=qe, gain_adu_per_e=float(
-      cam_cfg.gain_adu_per_e) * em_gain, offset_adu=float(cam_cfg.offset_adu),
-      read_noise_e=float(cam_cfg.read_noise_e) / em_gain)
+  train_cam, _ = camera_setup.data_camera(cam_cfg)
   photons_default = noise_lib.adu_to_photons(jnp.asarray(frames_adu, jnp.float32), train_cam)
   real_default = movie_statistics(photons_default)
-  distance_before = float(stat_distance(quantiles(sim_stats(default)), quantiles(real_default),
+  sim_default = sim_stats(default)
+  distance_before = float(stat_distance(quantiles(sim_default), quantiles(real_default),
                                         scale))
 
   trainable = ["log_fwhm", "photons", "background"] + (["D"] if fit_D else [])
@@ -454,7 +444,7 @@ def calibrate(frames_adu: np.ndarray, sim_cfg, fit_D: bool = False, steps: int =
   # Arrays for plots (not written to JSON).
   result["_plot"] = {
       "real": np.asarray(real_stats), "real_default": np.asarray(real_default),
-      "sim_default": np.asarray(sim_stats(default)),
+      "sim_default": np.asarray(sim_default),
       "sim_fitted": np.asarray(sim_stats(params)), "history": np.array(history),
       "pt": pt}
   return result

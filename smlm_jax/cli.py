@@ -1,9 +1,13 @@
 """Small helpers shared by the command-line tools."""
 from __future__ import annotations
 
+import csv
+import io
 import os
 import sys
 import tempfile
+
+import numpy as np
 
 
 def quiet_logs():
@@ -53,3 +57,19 @@ def inputs_and_output(flag_values, argv, output_kind: str = "a .csv file") -> li
   if os.path.isdir(output):
     fail(f"--output={output} is a folder; give {output_kind} name")
   return inputs
+
+
+def number(value, spec: str) -> str:
+  """A CSV cell: the number formatted with spec, or empty when it is NaN/inf."""
+  return format(value, spec) if np.isfinite(value) else ""
+
+
+def csv_text(columns, rows, header_lines=()) -> str:
+  """CSV text: '# '-prefixed header lines, the column names, then the rows."""
+  buf = io.StringIO()
+  for line in header_lines:
+    buf.write(f"# {line}\n")
+  writer = csv.writer(buf, lineterminator="\n")
+  writer.writerow(columns)
+  writer.writerows(rows)
+  return buf.getvalue()

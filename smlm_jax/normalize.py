@@ -59,6 +59,22 @@ def _box_sum(images: jnp.ndarray, size: int) -> jnp.ndarray:
   return sum(rows[..., i:i + h, :] for i in range(size))
 
 
+def brightest_box(signal: jnp.ndarray, box_px: int = 3):
+  """(y, x) indices [...] of the brightest box_px x box_px sum of [..., H, W], and the sum."""
+  boxes = _box_sum(signal, box_px)
+  *lead, h, w = signal.shape
+  flat = boxes.reshape(*lead, h * w)
+  idx = jnp.argmax(flat, axis=-1)
+  return idx // w, idx % w, jnp.max(flat, axis=-1)
+
+
+def square_mask(y, x, radius_px: int, height_px: int, width_px: int) -> jnp.ndarray:
+  """[..., H, W] True within radius_px (in y and in x) of the pixel (y, x) [...]."""
+  in_y = jnp.abs(jnp.arange(height_px) - y[..., None]) <= radius_px
+  in_x = jnp.abs(jnp.arange(width_px) - x[..., None]) <= radius_px
+  return in_y[..., :, None] & in_x[..., None, :]
+
+
 def spot_statistics(photons: jnp.ndarray, background: jnp.ndarray, camera: Camera,
                     box_px: int = 3, window_px: int = 15) -> dict[str, jnp.ndarray]:
   """Per-frame quality statistics of [..., T, H, W] photons with background [...].
@@ -71,11 +87,8 @@ def spot_statistics(photons: jnp.ndarray, background: jnp.ndarray, camera: Camer
   """
   b = background[..., None, None, None]
   signal = photons - b
-  boxes = _box_sum(signal, box_px)
-  *lead, t, h, w = photons.shape
-  flat = boxes.reshape(*lead, t, h * w)
-  idx = jnp.argmax(flat, axis=-1)
-  py, px = idx // w, idx % w
+  h, w = photons.shape[-2:]
+  py, px, peak = brightest_box(signal, box_px)
   # Noise of one pixel in photon units: Poisson electrons (qe * b, times the excess
   # noise factor 2 behind an EM register) plus read noise referred to the input.
   if camera.model == "emccd":
@@ -83,13 +96,8 @@ def spot_statistics(photons: jnp.ndarray, background: jnp.ndarray, camera: Camer
   else:
     excess, read_e = 1.0, camera.read_noise_e
   var_px = (excess * camera.qe * jnp.maximum(background, 0.0) + read_e ** 2) / camera.qe ** 2
-  peak_snr = jnp.max(flat, axis=-1) / jnp.sqrt(box_px ** 2 * var_px[..., None])
-  yy = jnp.arange(h)
-  xx = jnp.arange(w)
-  r = window_px // 2
-  in_y = jnp.abs(yy - py[..., None]) <= r
-  in_x = jnp.abs(xx - px[..., None]) <= r
-  mask = in_y[..., :, None] & in_x[..., None, :]
+  peak_snr = peak / jnp.sqrt(box_px ** 2 * var_px[..., None])
+  mask = square_mask(py, px, window_px // 2, h, w)
   spot = jnp.sum(jnp.where(mask, signal, 0.0), axis=(-1, -2))
   return {"peak_snr": peak_snr, "peak_yx_px": jnp.stack([py, px], axis=-1),
           "spot_photons": spot}

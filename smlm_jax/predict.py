@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import smlm_jax.host_devices  # noqa: F401  (before jax: one CPU device per core)
 
-import csv
 import dataclasses
-import io
 import os
 import sys
 import time
@@ -80,8 +78,7 @@ class Row:
     return ";".join(self.flags) or "ok"
 
   def cells(self):
-    def num(v, fmt):
-      return "" if not np.isfinite(v) else format(v, fmt)
+    num = cli.number
     return [self.file, self.first_frame, num(self.D, ".5g"), num(self.D_low, ".5g"),
             num(self.D_high, ".5g"), num(self.photons, ".1f"),
             num(self.background_photons, ".3f"), self.flag()]
@@ -146,7 +143,7 @@ class Predictor:
 
 
 def _mismatch(value, reference):
-  return value is not None and abs(value / reference - 1.0) > MISMATCH_TOLERANCE
+  return abs(value / reference - 1.0) > MISMATCH_TOLERANCE
 
 
 def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
@@ -189,12 +186,10 @@ def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
     if error:
       rows.append(Row(file=path, error=error[1]))
       continue
-    px = pixel_size_nm or movie.pixel_size_nm
-    dt = frame_interval_s or movie.frame_interval_s
-    if px is None:
-      assumed["pixel_size_nm"] += 1
-    if dt is None:
-      assumed["frame_interval_s"] += 1
+    px, dt, missing = tiff_io.resolve_geometry(movie, pixel_size_nm, frame_interval_s,
+                                               sim.pixel_size_nm, sim.frame_interval_s)
+    for name in missing:
+      assumed[name] += 1
     file_flags = []
     if _mismatch(px, sim.pixel_size_nm):
       file_flags.append("pixel_size_mismatch")
@@ -224,17 +219,6 @@ def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
                  f"{assumed['frame_interval_s']} file(s) without metadata; "
                  "set --frame_interval_s")
   return rows, list(warnings.values()), notes
-
-
-def csv_text(rows, header_lines) -> str:
-  buf = io.StringIO()
-  for line in header_lines:
-    buf.write(f"# {line}\n")
-  writer = csv.writer(buf, lineterminator="\n")
-  writer.writerow(COLUMNS)
-  for r in rows:
-    writer.writerow(r.cells())
-  return buf.getvalue()
 
 
 def plot_histogram(rows, path, D_range, title=""):
@@ -294,7 +278,7 @@ def run(workdir, inputs, output, stride=None, camera_offset_adu=None,
   header += [f"note: {n}" for n in notes] + [f"WARNING: {wmsg}" for wmsg in warnings]
   header.append("D = posterior median; D_low/D_high = 68% interval; photons per frame "
                 "(spot) and per pixel per frame (background), before QE")
-  cli.atomic_write_text(output, csv_text(rows, header))
+  cli.atomic_write_text(output, cli.csv_text(COLUMNS, [r.cells() for r in rows], header))
   errors = [r for r in rows if r.error]
   done = [r for r in rows if not r.error]
   ok = [r for r in done if not r.flags]

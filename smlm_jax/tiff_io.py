@@ -209,3 +209,23 @@ def scan_inputs(inputs, num_frames: int, height_px: int | None, width_px: int | 
       yield path, movie, starts, None
   finally:
     bar.close()
+
+
+def resolve_geometry(movie: Movie, pixel_size_nm: float | None,
+                     frame_interval_s: float | None, default_pixel_size_nm: float,
+                     default_frame_interval_s: float):
+  """(pixel size nm, frame interval s, names of the values that had to be assumed).
+
+  A value given on the command line wins, then the file's metadata, then the default
+  (the model's or config's value), which is then reported as assumed.
+  """
+  px = pixel_size_nm or movie.pixel_size_nm
+  dt = frame_interval_s or movie.frame_interval_s
+  assumed = []
+  if px is None:
+    px = float(default_pixel_size_nm)
+    assumed.append("pixel_size_nm")
+  if dt is None:
+    dt = float(default_frame_interval_s)
+    assumed.append("frame_interval_s")
+  return px, dt, assumed
