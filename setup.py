@@ -22,6 +22,13 @@ setup(
         "matplotlib>=3.8,<4",
         # TensorBoard event files without a TensorFlow dependency.
         "tensorboardX>=2.6,<3",
+        # scipy.ndimage: connected components / labelling of detected events (the
+        # field's standard for instance extraction in sparks and events).
+        "scipy>=1.11",
+        # FITS images (the format of HOLLy's and many SMLM renders).
+        "astropy>=6",
+        # YAML metadata files next to event data (deep-events' format).
+        "PyYAML>=6",
     ],
-    extras_require={"test": ["pytest>=8", "scipy>=1.11"]},
+    extras_require={"test": ["pytest>=8"]},
 )

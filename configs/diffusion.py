@@ -1,8 +1,13 @@
-"""Diffusion-from-motion-blur: simulator priors and training defaults.
+"""Diffusion-from-motion-blur (task 'diffusion', smlm_jax/diffusion/): simulator priors
+and training defaults.
 
 Train (default: 2-core CPU, about 10 minutes):
 
   python -m smlm_jax.train --config=configs/diffusion.py --workdir=runs/default
+
+Then: python -m smlm_jax.diffusion.evaluate --workdir=runs/default (test set, plots),
+python -m smlm_jax.diffusion.predict --workdir=runs/default --input=DIR --output=D.csv
+(your TIFF movies), python -m smlm_jax.diffusion.calibrate / .baselines (see README).
 
 Expected result on a 2-core CPU: the final summary table reports relative RMSE of D
 of about 0.5-0.6 over D = 0.01-10 um^2/s on the validation set (see the training
@@ -12,7 +17,7 @@ Every field can be overridden, e.g. ``--config.model.name=cnn3d``.
 
 Simulate movies with these priors:
 
-  python -m smlm_jax.simulate --config=configs/diffusion.py --num_movies=100 \
+  python -m smlm_jax.diffusion.simulate --config=configs/diffusion.py --num_movies=100 \
       --output_dir=/tmp/sim
 
 Field choices (all per frame of 10 ms unless stated):
@@ -37,7 +42,7 @@ Field choices (all per frame of 10 ms unless stated):
   single photo-electrons are resolved in uint16), offset 100 ADU. EMCCD is
   selected with --config.sim.camera.model=emccd (em_gain sets the EM gain).
 * Calibrated to your microscope: --config.sim.calibration=calibration.json (from
-  python -m smlm_jax.calibrate) sets FWHM (fitted value +-5%), photons and background
+  python -m smlm_jax.diffusion.calibrate) sets FWHM (fitted value +-5%), photons and background
   (fitted log-uniform ranges) and the camera offset, gain and read noise.
 """
 import ml_collections
@@ -65,7 +70,7 @@ def get_sim_config() -> ml_collections.ConfigDict:
   sim.camera.offset_adu = 100.0
   sim.camera.read_noise_e = 1.6
   sim.camera.em_gain = 300.0
-  # A calibration JSON from `python -m smlm_jax.calibrate` replaces the PSF, photon and
+  # A calibration JSON from `python -m smlm_jax.diffusion.calibrate` replaces the PSF, photon and
   # background priors and the camera offset/gain/read noise with the fitted values
   # (applied when the simulator is built; the file name is kept in calibration_applied).
   sim.calibration = ""
@@ -85,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant not in ("cpu", "gpu", "tiny"):
     raise ValueError(f"unknown config variant {variant!r}; use cpu, gpu or tiny")
   config = ml_collections.ConfigDict()
+  config.task = "diffusion"
   config.seed = 0
   config.sim = get_sim_config()
   config.model = get_model_config()

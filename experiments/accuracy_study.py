@@ -25,7 +25,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import smlm_jax.host_devices  # noqa: F401,E402  (before jax)
+import smlm_jax.core.host_devices  # noqa: F401,E402  (before jax)
 
 import csv  # noqa: E402
 import io  # noqa: E402
@@ -36,8 +36,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from smlm_jax import baselines, camera_setup, cli, metrics, noise, normalize, train  # noqa: E402
-from smlm_jax import simulator as sim_lib  # noqa: E402
+from smlm_jax.core import cli, noise, trainer  # noqa: E402
+from smlm_jax.diffusion import baselines, camera_setup, metrics, normalize  # noqa: E402
+from smlm_jax.diffusion import simulator as sim_lib  # noqa: E402
 
 
 ESTIMATORS = ("model", "cve_localizations", "msd_localizations", "cve_true_positions",
@@ -45,15 +46,16 @@ ESTIMATORS = ("model", "cve_localizations", "msd_localizations", "cve_true_posit
 
 
 def run_study(workdir, num_movies, seed, num_bins, chunk, log=print):
-  mesh = train.make_mesh()
-  config, model, state, simulator = train.load_run(workdir, mesh)
-  predict_fn = train.make_predict_fn(model, mesh)
+  mesh = trainer.make_mesh()
+  config, task, state = trainer.load_run(workdir, mesh)
+  simulator = task.simulator
+  predict_fn = task.predict_fn(mesh)
   geo = simulator.geometry
   R = geo.exposure_s / (6 * geo.frame_interval_s)
   fwhm = float(np.mean(simulator.priors.psf_fwhm_nm))
   cam = simulator.camera
   read_in = float(camera_setup.data_camera(config.sim.camera)[0].read_noise_e)
-  chunk = train._divisible_batch(chunk, mesh)
+  chunk = trainer.divisible_batch(chunk, mesh)
 
   @jax.jit
   def make(idx):

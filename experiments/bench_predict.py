@@ -3,7 +3,7 @@
   python experiments/bench_predict.py --workdir=runs/default \
       [--input=../shared/real-data/blocks_64x64x16_104_01] [--calibration=cal.json]
 
-1. Runs ``python -m smlm_jax.predict`` as a user would (a fresh process: start-up,
+1. Runs ``python -m smlm_jax.diffusion.predict`` as a user would (a fresh process: start-up,
    checkpoint restore, compile, read, normalize, model, CSV) and times the wall clock.
 2. In this process, times the steady state (read + normalize + model, compiled) over
    all windows: movies/s on the current backend.
@@ -19,7 +19,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import smlm_jax.host_devices  # noqa: F401,E402  (before jax)
+import smlm_jax.core.host_devices  # noqa: F401,E402  (before jax)
 
 import csv  # noqa: E402
 import re  # noqa: E402
@@ -30,7 +30,8 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-from smlm_jax import camera_setup, cli, metrics, predict  # noqa: E402
+from smlm_jax.diffusion import camera_setup, metrics, predict  # noqa: E402
+from smlm_jax.core import cli  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Trained run folder.")
 _INPUT = flags.DEFINE_string(
@@ -66,7 +67,7 @@ def main(argv):
     cli.fail(f"--workdir={_WORKDIR.value}: no trained run there; train one first")
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "D.csv")
-    cmd = [sys.executable, "-m", "smlm_jax.predict", f"--workdir={_WORKDIR.value}",
+    cmd = [sys.executable, "-m", "smlm_jax.diffusion.predict", f"--workdir={_WORKDIR.value}",
            f"--input={_INPUT.value}", f"--output={out}"]
     if _CALIBRATION.value:
       cmd.append(f"--calibration={_CALIBRATION.value}")

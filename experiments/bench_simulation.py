@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import diffusion
-from smlm_jax import simulator as sim_lib
+from smlm_jax.diffusion import simulator as sim_lib
 
 _BATCHES = flags.DEFINE_list("batch_sizes", ["16", "64", "256"], "Batch sizes to time.")
 _NUMPY = flags.DEFINE_integer("numpy_movies", 10, "Movies for the NumPy reference.")

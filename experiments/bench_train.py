@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import smlm_jax.host_devices  # noqa: F401,E402  (before jax)
+import smlm_jax.core.host_devices  # noqa: F401,E402  (before jax)
 
 import time  # noqa: E402
 
@@ -22,7 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import diffusion  # noqa: E402
-from smlm_jax import models, train  # noqa: E402
+from smlm_jax.core import task as task_lib, trainer  # noqa: E402
+from smlm_jax.diffusion import models  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/diffusion.py", "Config.")
 _MODELS = flags.DEFINE_list("models", sorted(models.MODELS), "Models to time.")
@@ -42,8 +43,8 @@ def _time(fn, *args):
 def main(argv):
   del argv
   config = _CONFIG.value
-  mesh = train.make_mesh()
-  config.batch_size = train._divisible_batch(config.batch_size, mesh)
+  mesh = trainer.make_mesh()
+  config.batch_size = trainer.divisible_batch(config.batch_size, mesh)
   rep = NamedSharding(mesh, P())
   default_model = diffusion.get_config().model.name
   print(f"backend={jax.default_backend()} devices={len(jax.devices())} "
@@ -53,23 +54,25 @@ def main(argv):
   result = {}
   for name in _MODELS.value:
     config.model = diffusion.get_model_config(name)
-    sim, model, tx, sched = train.build(config)
-    state = jax.device_put(train.init_state(model, tx, sim.geometry, 0), rep)
+    task = task_lib.build_task(config)
+    tx, sched = task.make_optimizer()
+    state = jax.device_put(trainer.init_state(task, tx, config.seed), rep)
     n_params = sum(p.size for p in jax.tree.leaves(state["params"]))
 
-    sim_only = jax.jit(train.make_batch_fn(config, sim, mesh))
-    model_only = jax.jit(train.make_update_fn(config, model, tx, sched))
-    x, y = sim_only(0)
+    sim_only = jax.jit(trainer.make_batch_fn(task, mesh, config.seed))
+    model_only = jax.jit(trainer.make_update_fn(task, tx, sched))
+    batch = sim_only(0)
+    key = trainer.step_key(config.seed, 0)
 
-    full = train.make_train_step(config, sim, model, tx, sched, mesh)
+    full = trainer.make_train_step(task, tx, sched, mesh, config.seed)
     t_sim = _time(sim_only, 0)
-    t_model = _time(model_only, state, x, y)
+    t_model = _time(model_only, state, batch, key)
     # The full step donates its input state: time it on its own output.
-    s = full(state)[0]
+    s = full(state, None)[0]
     jax.block_until_ready(s)
     t0 = time.perf_counter()
     for _ in range(_REPEATS.value):
-      s, m = full(s)
+      s, m = full(s, None)
     jax.block_until_ready(m)
     t_full = (time.perf_counter() - t0) / _REPEATS.value
     share = t_sim / t_full

@@ -2,7 +2,7 @@
 
   python experiments/calibrate_real.py [--camera_model=emccd] [--train_workdir=runs/cal]
 
-1. ``smlm_jax.calibrate.calibrate`` on every block in ../shared/real-data (the camera
+1. ``smlm_jax.diffusion.calibrate.calibrate`` on every block in ../shared/real-data (the camera
    model is a choice: the photon-transfer plot and the read-variance warning tell
    whether it fits; these blocks have ~70 ADU^2 of variance per ADU of background,
    which only an EMCCD explains). Prints the fitted values, the distance between real
@@ -20,7 +20,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import smlm_jax.host_devices  # noqa: F401,E402  (before jax)
+import smlm_jax.core.host_devices  # noqa: F401,E402  (before jax)
 
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -29,7 +29,8 @@ from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import diffusion  # noqa: E402
-from smlm_jax import calibrate, cli, metrics  # noqa: E402
+from smlm_jax.diffusion import calibrate, metrics  # noqa: E402
+from smlm_jax.core import cli  # noqa: E402
 
 _INPUT = flags.DEFINE_string(
     "input", os.path.join(ROOT, "..", "shared", "real-data", "blocks_64x64x16_104_01"),
@@ -68,7 +69,7 @@ def main(argv):
                     f"--workdir={_TRAIN.value}", f"--config.sim.calibration={_OUTPUT.value}",
                     f"--config.num_train_steps={_TRAIN_STEPS.value}"], cwd=ROOT, check=True)
     out_csv = os.path.join(_TRAIN.value, "real_blocks.csv")
-    subprocess.run([py, "-m", "smlm_jax.predict", f"--workdir={_TRAIN.value}",
+    subprocess.run([py, "-m", "smlm_jax.diffusion.predict", f"--workdir={_TRAIN.value}",
                     f"--input={_INPUT.value}", f"--output={out_csv}",
                     f"--calibration={_OUTPUT.value}",
                     f"--plot={os.path.join(_TRAIN.value, 'real_blocks.png')}"], cwd=ROOT)

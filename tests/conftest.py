@@ -14,7 +14,7 @@ def tiny_run(tmp_path_factory):
   """A briefly trained tiny model (8 frames of 32x32 px, ~30 s) shared by the tests of
   prediction and the accuracy study; its D ranks correlate with truth (Spearman ~0.7)."""
   from configs import diffusion
-  from smlm_jax import train
+  from smlm_jax.core import trainer
   cfg = diffusion.get_config("tiny")
   cfg.num_train_steps = 150
   cfg.batch_size = 16
@@ -24,5 +24,5 @@ def tiny_run(tmp_path_factory):
   cfg.eval_every_steps = cfg.checkpoint_every_steps = 150
   cfg.eval_num_movies = 32
   workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
-  train.train_and_evaluate(cfg, workdir)
+  trainer.train_and_evaluate(cfg, workdir)
   return workdir

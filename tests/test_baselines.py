@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smlm_jax import baselines, noise, simulator as sim_lib, tiff_io
+from smlm_jax.diffusion import baselines, simulator as sim_lib
+from smlm_jax.core import noise, tiff_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAMERA = noise.Camera(qe=0.9, gain_adu_per_e=2.0, offset_adu=100.0, read_noise_e=1.6)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import diffusion
-from smlm_jax import calibrate, noise as noise_lib, simulator as sim_lib, tiff_io
+from smlm_jax.diffusion import calibrate, simulator as sim_lib
+from smlm_jax.core import noise as noise_lib, tiff_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +108,7 @@ def test_cli_skips_bad_files_and_training_uses_the_file(tmp_path, recorded):
   np.save(d / "not_a_movie.npy", frames[0])
   out, plot = tmp_path / "cal.json", tmp_path / "cal.png"
   r = subprocess.run(
-      [sys.executable, "-m", "smlm_jax.calibrate", f"--input={d}",
+      [sys.executable, "-m", "smlm_jax.diffusion.calibrate", f"--input={d}",
        f"--input={tmp_path / 'missing'}", "--config=configs/diffusion.py:tiny",
        "--config.sim.num_frames=16", f"--output={out}", f"--plot={plot}", "--steps=3",
        "--num_sim=16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -129,7 +130,7 @@ def test_cli_skips_bad_files_and_training_uses_the_file(tmp_path, recorded):
   assert cfg.sim.calibration == "" and cfg.sim.calibration_applied == str(out)
   # Too few usable movies: one clear line, no traceback.
   r = subprocess.run(
-      [sys.executable, "-m", "smlm_jax.calibrate", f"--input={d / 'corrupt.tif'}",
+      [sys.executable, "-m", "smlm_jax.diffusion.calibrate", f"--input={d / 'corrupt.tif'}",
        "--config=configs/diffusion.py:tiny", f"--output={tmp_path / 'x.json'}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "Traceback" not in r.stderr and "usable" in r.stderr

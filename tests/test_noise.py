@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from scipy import stats
 
-from smlm_jax import noise
+from smlm_jax.core import noise
 
 N = 100_000
 

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import tifffile
 
-from smlm_jax import metrics, predict, tiff_io
+from smlm_jax.diffusion import metrics, predict
+from smlm_jax.core import tiff_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,12 +29,12 @@ def _read(path):
 
 def test_predict_simulated_movies_cli(tiny_run, tmp_path):
   sim_dir = tmp_path / "sim"
-  r = _cli("smlm_jax.simulate", "--config=configs/diffusion.py:tiny", "--num_movies=64",
+  r = _cli("smlm_jax.diffusion.simulate", "--config=configs/diffusion.py:tiny", "--num_movies=64",
            f"--output_dir={sim_dir}", "--seed=11")
   assert r.returncode == 0, r.stderr
   out = tmp_path / "pred.csv"
   plot = tmp_path / "hist.png"
-  r = _cli("smlm_jax.predict", f"--workdir={tiny_run}", f"--input={sim_dir}",
+  r = _cli("smlm_jax.diffusion.predict", f"--workdir={tiny_run}", f"--input={sim_dir}",
            f"--output={out}", f"--plot={plot}")
   assert r.returncode == 0, r.stderr
   header, rows = _read(out)
@@ -63,7 +64,7 @@ def test_predict_simulated_movies_cli(tiny_run, tmp_path):
 def test_camera_offset_and_gain_are_undone(tiny_run, tmp_path):
   """The same movies recorded with offset 400 ADU and gain 3 ADU/e- (instead of 100 and
   2) give the same predictions once the camera is given by flags or calibration file."""
-  from smlm_jax import simulator as sim_lib
+  from smlm_jax.diffusion import simulator as sim_lib
   from configs import diffusion
   import jax
   sim = sim_lib.simulator_from_config(diffusion.get_config("tiny").sim)
@@ -74,7 +75,7 @@ def test_camera_offset_and_gain_are_undone(tiny_run, tmp_path):
   for i, f in enumerate(frames):
     tiff_io.write_movie(str(a / f"m{i}.tif"), f, 100.0, 0.01)
     tiff_io.write_movie(str(b / f"m{i}.tif"), (f - 100.0) * 1.5 + 400.0, 100.0, 0.01)
-  from smlm_jax import camera_setup
+  from smlm_jax.diffusion import camera_setup
   predictor = predict.Predictor(tiny_run)
   train_cam = predictor.config.sim.camera
 
@@ -103,7 +104,7 @@ def test_camera_offset_and_gain_are_undone(tiny_run, tmp_path):
 
 
 def test_bad_inputs_are_flagged_not_fatal(tiny_run, tmp_path):
-  from smlm_jax import simulator as sim_lib
+  from smlm_jax.diffusion import simulator as sim_lib
   from configs import diffusion
   import jax
   sim = sim_lib.simulator_from_config(diffusion.get_config("tiny").sim)
@@ -128,7 +129,7 @@ def test_bad_inputs_are_flagged_not_fatal(tiny_run, tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
   out = tmp_path / "out.csv"
-  r = _cli("smlm_jax.predict", f"--workdir={tiny_run}", f"--input={d}", f"--input={empty}",
+  r = _cli("smlm_jax.diffusion.predict", f"--workdir={tiny_run}", f"--input={d}", f"--input={empty}",
            f"--output={out}", "--stride=16", str(tmp_path / "missing.tif"))
   assert r.returncode == 1
   assert "Traceback" not in r.stderr

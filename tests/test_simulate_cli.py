@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import tifffile
 
-from smlm_jax import tiff_io
+from smlm_jax.core import tiff_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "-m", "smlm_jax.simulate", *args], cwd=ROOT,
+  return subprocess.run([sys.executable, "-m", "smlm_jax.diffusion.simulate", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import diffusion
-from smlm_jax import noise
-from smlm_jax import simulator as sim
+from smlm_jax.core import noise
+from smlm_jax.diffusion import simulator as sim
 
 GEOM = sim.Geometry()
 UNIT_CAMERA = noise.Camera(qe=1.0, gain_adu_per_e=1.0, offset_adu=0.0, read_noise_e=0.0)

@@ -1,4 +1,5 @@
-"""Training: end to end with resume, device-count invariance, config flags, models."""
+"""Diffusion training through the shared trainer: end to end with resume, device-count
+invariance, pinned numbers from before the package move, config flags, models."""
 import json
 import os
 import subprocess
@@ -7,11 +8,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import diffusion
-from smlm_jax import models, train
+from smlm_jax.core import task as task_lib, trainer
+from smlm_jax.diffusion import models
+from smlm_jax.diffusion import simulator as sim_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +29,7 @@ def _tiny(model="blurformer"):
 def test_train_two_steps_then_resume(tmp_path):
   cfg = _tiny()
   workdir = str(tmp_path / "run")
-  final = train.train_and_evaluate(cfg, workdir)
+  final = trainer.train_and_evaluate(cfg, workdir)
   assert np.isfinite(final["relative_rmse"])
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   steps = [r["step"] for r in rows if "loss" in r]
@@ -34,13 +38,13 @@ def test_train_two_steps_then_resume(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "2"
   # Resume: a longer schedule continues from step 2, not from scratch.
   cfg.num_train_steps = 4
-  train.train_and_evaluate(cfg, workdir)
+  trainer.train_and_evaluate(cfg, workdir)
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   steps = [r["step"] for r in rows if "loss" in r]
   assert steps == [1, 2, 3, 4]
-  _, _, state, _ = train.load_run(workdir)
+  _, _, state = trainer.load_run(workdir)
   assert int(state["step"]) == 4
-  from smlm_jax import evaluate
+  from smlm_jax.diffusion import evaluate
   metrics = evaluate.evaluate_run(workdir, num_movies=16, seed=1)
   saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
   for key in ("relative_rmse", "median_relative_error", "rmse_log10_D", "coverage_68"):
@@ -50,22 +54,41 @@ def test_train_two_steps_then_resume(tmp_path):
     assert os.path.getsize(os.path.join(workdir, "eval", png)) > 1000
 
 
+def _one_step(cfg, devices, steps=1):
+  task = task_lib.build_task(cfg)
+  tx, sched = task.make_optimizer()
+  mesh = trainer.make_mesh(devices)
+  state = jax.device_put(trainer.init_state(task, tx, cfg.seed), NamedSharding(mesh, P()))
+  step = trainer.make_train_step(task, tx, sched, mesh, cfg.seed)
+  losses = []
+  for _ in range(steps):
+    state, meas = step(state, None)
+    losses.append(float(meas["loss"]))
+  return losses, jax.device_get(state["params"])
+
+
 @pytest.mark.parametrize("model", ["blurformer", "park_cnn"])
 def test_one_step_same_on_1_and_4_devices(model):
   cfg = _tiny(model)
-  sim, mdl, tx, sched = train.build(cfg)
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()[:4]):
-    mesh = train.make_mesh(devices)
-    state = jax.device_put(train.init_state(mdl, tx, sim.geometry, 0),
-                           NamedSharding(mesh, P()))
-    step = train.make_train_step(cfg, sim, mdl, tx, sched, mesh)
-    new_state, meas = step(state)
-    results.append((float(meas["loss"]), jax.device_get(new_state["params"])))
   assert len(jax.devices()) >= 4
-  assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+  loss1, params1 = _one_step(cfg, jax.devices()[:1])
+  loss4, params4 = _one_step(cfg, jax.devices()[:4])
+  assert loss1[0] == pytest.approx(loss4[0], rel=1e-5)
+  for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params4)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_numbers_pinned_before_the_package_move():
+  """Values recorded with the flat smlm_jax/train.py (commit 6c170b8) for the same seed:
+  the restructure into core/ + diffusion/ must not change the diffusion system."""
+  losses, _ = _one_step(_tiny(), jax.devices()[:4], steps=2)
+  assert losses[0] == pytest.approx(12.755866, rel=2e-6)
+  assert losses[1] == pytest.approx(8.077927, rel=2e-6)
+  sim = sim_lib.simulator_from_config(diffusion.get_config().sim)
+  frames, truth = sim.batch(jax.random.key(0), 2)
+  assert float(np.asarray(frames, np.float64).sum()) == pytest.approx(16302408.6011, rel=1e-8)
+  np.testing.assert_allclose(np.asarray(truth["D_um2_per_s"]), [0.01641486, 0.75073695],
+                             rtol=1e-6)
 
 
 def test_config_overrides_reach_config():
@@ -112,20 +135,21 @@ def test_overfits_a_fixed_batch():
   cfg.learning_rate = 3e-3
   cfg.warmup_steps = 5
   cfg.num_train_steps = 50
-  sim, mdl, tx, sched = train.build(cfg)
-  frames, truth = sim.batch(jax.random.key(0), 16)
-  x, _, _ = train.normalize.model_input(frames, sim.camera)
-  target = jnp.log(truth["D_um2_per_s"])
-  state = train.init_state(mdl, tx, sim.geometry, 0)
+  task = task_lib.build_task(cfg)
+  tx, _ = task.make_optimizer()
+  mesh = trainer.make_mesh(jax.devices()[:1])
+  batch = trainer.make_batch_fn(task, mesh, cfg.seed)(0)
+  state = trainer.init_state(task, tx, 0)
 
   @jax.jit
   def step(state):
     def loss_fn(params):
-      mean, log_var, _ = train.apply_model(mdl, {**state, "params": params}, x, True)
-      return jnp.mean((mean - target) ** 2)
+      (mean, _), _ = trainer.model_apply(task.model, params, state["batch_stats"],
+                                         batch["x"], train=True)
+      return jnp.mean((mean - batch["target"]) ** 2)
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
-    return {**state, "params": train.optax.apply_updates(state["params"], updates),
+    return {**state, "params": optax.apply_updates(state["params"], updates),
             "opt": opt}, loss
 
   losses = []
@@ -141,5 +165,5 @@ def test_nan_loss_stops_with_message(tmp_path):
   cfg.grad_clip_norm = 1e30
   cfg.num_train_steps = 6
   cfg.log_every_steps = 1
-  with pytest.raises(train.TrainingError, match="loss became"):
-    train.train_and_evaluate(cfg, str(tmp_path / "nan"))
+  with pytest.raises(trainer.TrainingError, match="loss became"):
+    trainer.train_and_evaluate(cfg, str(tmp_path / "nan"))

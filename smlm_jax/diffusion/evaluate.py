@@ -1,6 +1,6 @@
 """Re-evaluates the latest checkpoint of a run on a fresh, seeded simulated test set.
 
-  python -m smlm_jax.evaluate --workdir=runs/default [--num_movies=2048] [--seed=777]
+  python -m smlm_jax.diffusion.evaluate --workdir=runs/default [--num_movies=2048] [--seed=777]
 
 Writes DIR/eval/metrics.json (relative_rmse, median_relative_error, rmse_log10_D,
 coverage_68, per-decade values) and two PNG plots: predicted vs. true D on log axes
@@ -8,7 +8,7 @@ coverage_68, per-decade values) and two PNG plots: predicted vs. true D on log a
 """
 from __future__ import annotations
 
-import smlm_jax.host_devices  # noqa: F401  (before jax: one CPU device per core)
+import smlm_jax.core.host_devices  # noqa: F401  (before jax: one CPU device per core)
 
 import json
 import os
@@ -16,18 +16,17 @@ import os
 from absl import app, flags
 import numpy as np
 
-from smlm_jax import cli
-from smlm_jax import metrics as metrics_lib
+from smlm_jax.core import cli
+from smlm_jax.diffusion import metrics as metrics_lib
 
 
 
 def evaluate_run(workdir: str, num_movies: int, seed: int) -> dict:
-  from smlm_jax import train
-  mesh = train.make_mesh()
-  config, model, state, simulator = train.load_run(workdir, mesh)
-  predict_fn = train.make_predict_fn(model, mesh)
-  x, D_true = train.simulate_eval_set(config, simulator, num_movies, seed, mesh)
-  mean, log_var = train.predict_batches(predict_fn, state, x, config.eval_batch_size, mesh)
+  from smlm_jax.core import trainer
+  mesh = trainer.make_mesh()
+  config, task, state = trainer.load_run(workdir, mesh)
+  x, D_true = task.simulate_set(num_movies, seed, mesh)
+  mean, log_var = task.predict(state, x, mesh)
   metrics = metrics_lib.d_metrics(D_true, mean, log_var)
   metrics["step"] = int(state["step"])
   metrics["seed"] = seed

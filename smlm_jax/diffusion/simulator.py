@@ -16,7 +16,7 @@ Forward model (source -> optics -> detector, every stage differentiable):
    over the S sub-step images, each carrying photons / S: the motion blur.
 3. Background: uniform photons per pixel per frame, optionally tilted by a gentle
    linear gradient (fractional change across the field, mean preserved).
-4. Detector (``smlm_jax.noise.apply_camera``): QE, exact Poisson shot noise, sCMOS or
+4. Detector (``smlm_jax.core.noise.apply_camera``): QE, exact Poisson shot noise, sCMOS or
    EMCCD read-out, float32 ADU.
 
 Shapes: a movie is [T, H, W] (frames, rows, columns); a batch is [B, T, H, W]; the
@@ -32,8 +32,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from smlm_jax import noise as noise_lib
-from smlm_jax.noise import Camera
+from smlm_jax.core import noise as noise_lib
+from smlm_jax.core.noise import Camera
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548...
 
@@ -292,9 +292,9 @@ def simulator_from_config(sim_cfg: Any) -> Simulator:
   """Builds a :class:`Simulator` from the ``sim`` section of a config (see configs/).
 
   If ``sim_cfg.calibration`` names a calibration JSON, its values are first written
-  into ``sim_cfg`` (see :func:`smlm_jax.camera_setup.apply_calibration`).
+  into ``sim_cfg`` (see :func:`smlm_jax.diffusion.camera_setup.apply_calibration`).
   """
-  from smlm_jax import camera_setup
+  from smlm_jax.diffusion import camera_setup
   camera_setup.apply_calibration(sim_cfg)
   geometry = Geometry(
       num_frames=int(sim_cfg.num_frames), substeps=int(sim_cfg.substeps),

@@ -1,6 +1,6 @@
 """Predicts the diffusion coefficient D of single molecules in your TIFF movies.
 
-  python -m smlm_jax.predict --workdir=runs/default --input=my_movies/ \
+  python -m smlm_jax.diffusion.predict --workdir=runs/default --input=my_movies/ \
       --output=D.csv [--plot=D.png] [--camera_offset_adu=100 --camera_gain_adu_per_e=2]
 
 Inputs: TIFF files, folders (searched recursively) and multi-page stacks; a shell glob
@@ -10,8 +10,8 @@ e.g. 16) gives one row; a longer stack gives one row per window starting every
 ``--stride`` frames (default T); a shorter one is an error for that file.
 
 Camera counts are converted to photons exactly as during training
-(:mod:`smlm_jax.normalize`), with the camera offset and gain from the flags, else from
-``--calibration=FILE`` (written by ``smlm_jax.calibrate``), else the training config's
+(:mod:`smlm_jax.diffusion.normalize`), with the camera offset and gain from the flags, else from
+``--calibration=FILE`` (written by ``smlm_jax.diffusion.calibrate``), else the training config's
 camera; the CSV header says which. Pixel size and frame interval come from the flags,
 else from ImageJ/OME metadata, else are assumed equal to the training values; D scales
 with both, so a mismatch of more than 5% is flagged on every affected row and warned
@@ -39,7 +39,7 @@ code is 1 when any file failed, 0 otherwise. The CSV is written atomically.
 """
 from __future__ import annotations
 
-import smlm_jax.host_devices  # noqa: F401  (before jax: one CPU device per core)
+import smlm_jax.core.host_devices  # noqa: F401  (before jax: one CPU device per core)
 
 import dataclasses
 import os
@@ -49,9 +49,9 @@ import time
 from absl import app, flags
 import numpy as np
 
-from smlm_jax import camera_setup
-from smlm_jax import cli
-from smlm_jax import tiff_io
+from smlm_jax.diffusion import camera_setup
+from smlm_jax.core import cli
+from smlm_jax.core import tiff_io
 
 COLUMNS = ("file", "first_frame", "D_um2_per_s", "D_low_um2_per_s", "D_high_um2_per_s",
            "photons", "background_photons", "flag")
@@ -89,7 +89,8 @@ def make_infer_fn(model, mesh):
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from smlm_jax import noise, normalize, train
+  from smlm_jax.core import noise, trainer
+  from smlm_jax.diffusion import normalize
 
   data = NamedSharding(mesh, P("data"))
 
@@ -97,7 +98,8 @@ def make_infer_fn(model, mesh):
     frames_adu = jax.lax.with_sharding_constraint(frames_adu, data)
     photons = noise.adu_to_photons(frames_adu, camera)
     x, bg = normalize.normalize_photons(photons)   # == normalize.model_input in training
-    mean, log_var, _ = train.apply_model(model, state, x, train=False)
+    (mean, log_var), _ = trainer.model_apply(model, state["params"], state["batch_stats"],
+                                             x, train=False)
     stats = normalize.spot_statistics(photons, bg, camera)
     h, w = frames_adu.shape[-2:]
     yx = stats["peak_yx_px"]
@@ -115,12 +117,13 @@ class Predictor:
   """A trained run ready to predict batches of raw camera windows."""
 
   def __init__(self, workdir: str, camera=None, batch_size: int | None = None):
-    from smlm_jax import train
-    self.mesh = train.make_mesh()
-    self.config, self.model, self.state, _ = train.load_run(workdir, self.mesh)
+    from smlm_jax.core import trainer
+    self.mesh = trainer.make_mesh()
+    self.config, task, self.state = trainer.load_run(workdir, self.mesh)
+    self.model = task.model
     self.camera = camera
-    self.batch_size = train._divisible_batch(batch_size or self.config.eval_batch_size,
-                                             self.mesh)
+    self.batch_size = trainer.divisible_batch(batch_size or self.config.eval_batch_size,
+                                              self.mesh)
     self._infer = make_infer_fn(self.model, self.mesh)
 
   @property
@@ -129,17 +132,11 @@ class Predictor:
     return s.num_frames, s.height_px, s.width_px
 
   def __call__(self, frames_adu: np.ndarray) -> dict[str, np.ndarray]:
-    """[N, T, H, W] ADU -> dict of [N] arrays (N padded up to full device batches)."""
-    n, bs = frames_adu.shape[0], self.batch_size
-    outs = []
-    for start in range(0, n, bs):
-      chunk = frames_adu[start:start + bs]
-      pad = bs - chunk.shape[0]
-      if pad:   # pad with copies of a real window, then drop them
-        chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
-      out = self._infer(self.state, chunk, self.camera)
-      outs.append({k: np.asarray(v)[:bs - pad] for k, v in out.items()})
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    """[N, T, H, W] ADU -> dict of [N] arrays (a short last batch is padded with copies
+    of a real window, which are then dropped)."""
+    from smlm_jax.core import trainer
+    return trainer.batched(lambda chunk: self._infer(self.state, chunk, self.camera),
+                           np.asarray(frames_adu), self.batch_size, self.mesh, pad="edge")
 
 
 def _mismatch(value, reference):
@@ -149,7 +146,7 @@ def _mismatch(value, reference):
 def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
                   frame_interval_s=None, log=print):
   """Rows (one per window or failed path) and warnings for the header and console."""
-  from smlm_jax import metrics as metrics_lib
+  from smlm_jax.diffusion import metrics as metrics_lib
   sim = predictor.config.sim
   t, h, w = predictor.window_shape
   rows: list[Row] = []
@@ -269,7 +266,7 @@ def run(workdir, inputs, output, stride=None, camera_offset_adu=None,
     print(f"note: {n}", file=sys.stderr)
   for wmsg in warnings:
     print(f"\n!!! WARNING: {wmsg}\n", file=sys.stderr)
-  header = [f"smlm_jax.predict model={cfg.model.name} step={int(predictor.state['step'])} "
+  header = [f"smlm_jax.diffusion.predict model={cfg.model.name} step={int(predictor.state['step'])} "
             f"workdir={os.path.abspath(workdir)}",
             f"training: pixel_size_nm={cfg.sim.pixel_size_nm:g} "
             f"frame_interval_s={cfg.sim.frame_interval_s:g} exposure_s={cfg.sim.exposure_s:g} "
@@ -307,7 +304,7 @@ def _define_flags():
                      "ADU per photo-electron (EMCCD: including EM gain).")
   flags.DEFINE_float("camera_qe", None, "Quantum efficiency (default: training value).")
   flags.DEFINE_string("calibration", None,
-                      "Calibration JSON from smlm_jax.calibrate (camera offset/gain).")
+                      "Calibration JSON from smlm_jax.diffusion.calibrate (camera offset/gain).")
   flags.DEFINE_float("pixel_size_nm", None, "Pixel size (nm); overrides file metadata.")
   flags.DEFINE_float("frame_interval_s", None,
                      "Frame interval (s); overrides file metadata.")

@@ -1,6 +1,6 @@
 """Flax (linen) models that predict log D and its uncertainty from a movie.
 
-Every model maps a normalized movie ``x`` [B, T, H, W] (see ``smlm_jax.normalize``) to
+Every model maps a normalized movie ``x`` [B, T, H, W] (see ``smlm_jax.diffusion.normalize``) to
 ``(mean, log_var)`` of the natural log of D in um^2/s, each [B], and is trained with the
 Gaussian negative log-likelihood. Models are registered by name in ``MODELS`` and
 built with ``build_model(config.model)``; extra fields of ``config.model`` are passed

@@ -1,7 +1,7 @@
 """The camera of the user's data: training defaults, calibration files and flags, once.
 
 Prediction, the classical baselines and calibration all convert camera counts to
-photons with :func:`smlm_jax.noise.adu_to_photons`; this module decides which numbers
+photons with :func:`smlm_jax.core.noise.adu_to_photons`; this module decides which numbers
 that conversion uses and records where each came from, so every output can say
 "offset 100 ADU (training default, assumed)" instead of silently assuming it.
 
@@ -16,9 +16,9 @@ import json
 import math
 import os
 
-from smlm_jax.noise import Camera
+from smlm_jax.core.noise import Camera
 
-# Calibration JSON keys used for the camera (written by smlm_jax.calibrate).
+# Calibration JSON keys used for the camera (written by smlm_jax.diffusion.calibrate).
 CAMERA_KEYS = ("camera_offset_adu", "camera_gain_adu_per_e", "read_noise_e", "qe")
 
 
@@ -27,7 +27,7 @@ class CalibrationError(ValueError):
 
 
 def read_calibration(path: str) -> dict:
-  """Loads a calibration JSON (from ``smlm_jax.calibrate``) and checks its camera keys."""
+  """Loads a calibration JSON (from ``smlm_jax.diffusion.calibrate``) and checks its camera keys."""
   if not os.path.isfile(path):
     raise CalibrationError(f"{path}: calibration file not found")
   try:
@@ -103,7 +103,7 @@ def data_camera(train_camera_cfg, offset_adu=None, gain_adu_per_e=None, qe=None,
 def apply_calibration(sim_cfg):
   """Replaces a sim config's priors and camera by its calibration file, in place.
 
-  Uses ``sim_cfg.calibration`` (a JSON from ``smlm_jax.calibrate``): FWHM -> fitted
+  Uses ``sim_cfg.calibration`` (a JSON from ``smlm_jax.diffusion.calibrate``): FWHM -> fitted
   value +-5%, photons and background -> the fitted log-uniform ranges (low, high),
   camera model (and EM gain) as calibrated, camera offset, gain (total ADU per photo-electron; divided by the EM gain for an
   EMCCD) and read noise. Afterwards ``calibration`` is cleared and

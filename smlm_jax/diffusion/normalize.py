@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from smlm_jax.noise import Camera, adu_to_photons
+from smlm_jax.core.noise import Camera, adu_to_photons
 
 
 def background_photons(photons: jnp.ndarray, block: int = 4) -> jnp.ndarray:

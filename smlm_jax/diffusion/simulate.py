@@ -1,6 +1,6 @@
 """Writes simulated movies as TIFFs plus a ground-truth table.
 
-  python -m smlm_jax.simulate --config=configs/diffusion.py --num_movies=100 \
+  python -m smlm_jax.diffusion.simulate --config=configs/diffusion.py --num_movies=100 \
       --output_dir=/tmp/sim [--seed=0] [--overwrite] [--config.sim.camera.model=emccd]
 
 Each movie is DIR/movie_00000.tif (T x H x W uint16 ADU, ImageJ metadata with pixel
@@ -18,9 +18,9 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
-from smlm_jax import cli
-from smlm_jax import simulator as sim_lib
-from smlm_jax import tiff_io
+from smlm_jax.core import cli
+from smlm_jax.diffusion import simulator as sim_lib
+from smlm_jax.core import tiff_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/diffusion.py",
                                           "Config file with a `sim` section.")

@@ -1,6 +1,6 @@
 """Differentiable calibration: fit the simulator's camera, PSF and emitter to real movies.
 
-  python -m smlm_jax.calibrate --input=PATH [--input=PATH ...] \
+  python -m smlm_jax.diffusion.calibrate --input=PATH [--input=PATH ...] \
       --config=configs/diffusion.py --output=calibration.json [--plot=calibration.png] \
       [--fit_D] [--steps=120] [--num_sim=128]
 
@@ -55,7 +55,7 @@ predict with ``--calibration=FILE``.
 """
 from __future__ import annotations
 
-import smlm_jax.host_devices  # noqa: F401  (before jax: one CPU device per core)
+import smlm_jax.core.host_devices  # noqa: F401  (before jax: one CPU device per core)
 
 import dataclasses
 import json
@@ -66,8 +66,8 @@ import time
 from absl import app, flags
 import numpy as np
 
-from smlm_jax import cli
-from smlm_jax import tiff_io
+from smlm_jax.core import cli
+from smlm_jax.core import tiff_io
 
 JSON_KEYS = ("psf_fwhm_nm", "photons", "background_photons", "camera_offset_adu",
              "camera_gain_adu_per_e", "read_noise_e")
@@ -86,7 +86,7 @@ class CalibrationFailed(ValueError):
 def background_masks(frames_adu: np.ndarray, radius_px: int = SPOT_EXCLUSION_PX):
   """[M, H, W] True where a pixel is farther than radius_px from every frame's spot."""
   import jax.numpy as jnp
-  from smlm_jax import normalize
+  from smlm_jax.diffusion import normalize
   frames = jnp.asarray(frames_adu, jnp.float32)
   level = jnp.median(frames.reshape(frames.shape[0], -1), axis=-1)[:, None, None, None]
   py, px, _ = normalize.brightest_box(frames - level)              # [M, T]
@@ -197,7 +197,7 @@ def movie_statistics(photons):
   """[M, T, H, W] photons -> [M, 4] statistics (see STAT_NAMES), differentiable."""
   import jax
   import jax.numpy as jnp
-  from smlm_jax import normalize
+  from smlm_jax.diffusion import normalize
   bg = _background(photons)                                          # [M]
   d = photons - bg[:, None, None, None]
   t, h, w = photons.shape[1:]
@@ -264,7 +264,7 @@ def make_sim_statistics(simulator, num_sim: int, seed: int, noise: Noise):
   """(params -> [num_sim, 4] statistics), with every random number drawn once here."""
   import jax
   import jax.numpy as jnp
-  from smlm_jax import simulator as sim_lib
+  from smlm_jax.diffusion import simulator as sim_lib
   geometry, priors = simulator.geometry, simulator.priors
   keys = sim_lib.movie_keys(jax.random.key(seed), jnp.arange(num_sim))
   base = jax.vmap(lambda k: sim_lib.sample_emitter(k, priors, geometry))(keys)
@@ -323,10 +323,10 @@ def calibrate(frames_adu: np.ndarray, sim_cfg, fit_D: bool = False, steps: int =
   import jax
   import jax.numpy as jnp
   import optax
-  from smlm_jax import camera_setup
-  from smlm_jax import noise as noise_lib
-  from smlm_jax import normalize
-  from smlm_jax import simulator as sim_lib
+  from smlm_jax.diffusion import camera_setup
+  from smlm_jax.core import noise as noise_lib
+  from smlm_jax.diffusion import normalize
+  from smlm_jax.diffusion import simulator as sim_lib
 
   t0 = time.time()
   simulator = sim_lib.simulator_from_config(sim_cfg)

@@ -1,7 +1,7 @@
 """Classical estimates of D: per-frame MLE localization, then MSD / CVE on the track,
 and the Cramér-Rao lower bounds of both steps. Pure JAX, jitted and vmapped.
 
-  python -m smlm_jax.baselines --input=PATH [--input=PATH ...] --output=FILE.csv \
+  python -m smlm_jax.diffusion.baselines --input=PATH [--input=PATH ...] --output=FILE.csv \
       [--config=configs/diffusion.py] [--camera_offset_adu=A --camera_gain_adu_per_e=G]
       [--calibration=FILE.json] [--pixel_size_nm=P] [--frame_interval_s=S]
 
@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smlm_jax import normalize
-from smlm_jax.simulator import pixel_integrated_gaussian
+from smlm_jax.diffusion import normalize
+from smlm_jax.diffusion.simulator import pixel_integrated_gaussian
 
 NUM_PARAMS = 5          # x_px, y_px, photons, background_photons, sigma_px
 
@@ -335,7 +335,8 @@ def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
         frame_interval_s=None, exposure_s=None, log=print) -> int:
   """Localization + CVE for every window of every input; returns the exit code."""
   import sys
-  from smlm_jax import camera_setup, cli, noise as noise_lib, tiff_io
+  from smlm_jax.diffusion import camera_setup
+  from smlm_jax.core import cli, noise as noise_lib, tiff_io
   cal = camera_setup.read_calibration(calibration) if calibration else None
   camera, notes = camera_setup.data_camera(sim_cfg.camera, camera_offset_adu,
                                            camera_gain_adu_per_e, camera_qe, cal)
@@ -377,7 +378,7 @@ def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
                    num(out["localization_sd_nm"][i], ".2f"), num(out["photons"][i], ".1f"),
                    num(out["background_photons"][i], ".3f"), n_loc,
                    ";".join(flags) or "ok"])
-  header = ["smlm_jax.baselines: MLE localization + CVE (Vestergaard 2014); D_msd = MSD "
+  header = ["smlm_jax.diffusion.baselines: MLE localization + CVE (Vestergaard 2014); D_msd = MSD "
             "fit with Michalet's optimal points; crlb_se = track Cramer-Rao bound",
             "camera: " + ", ".join(notes)]
   header += [f"note: {a} ASSUMED (config value; no metadata or flag)" for a in sorted(assumed)]
@@ -409,7 +410,8 @@ def _define_flags():
 def main(argv):
   import sys
   from absl import flags
-  from smlm_jax import camera_setup, cli
+  from smlm_jax.diffusion import camera_setup
+  from smlm_jax.core import cli
   cli.quiet_logs()
   f = flags.FLAGS
   inputs = cli.inputs_and_output(f, argv)

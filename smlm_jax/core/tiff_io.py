@@ -1,0 +1,348 @@
+"""Reading and writing TIFF / OME-TIFF / ImageJ files with their physical metadata.
+
+Shared by every system's command-line tools:
+* ``read_image`` / ``write_image``: any dimensionality with its axes string (tifffile's:
+  T time, C channel, Z depth, Y, X), pixel size, z spacing and frame interval from
+  OME or ImageJ metadata (written back the same way, so metadata round-trips).
+* ``read_movie`` / ``write_movie``: single-channel movies [T, H, W] in float32 (the
+  diffusion tools), with ``read_windows`` / ``window_starts`` for long stacks.
+* ``find_movies`` / ``scan_files`` / ``scan_inputs``: expand files and folders and read
+  each with a progress bar, turning every unusable input into one ``error:`` line and
+  an error record instead of a traceback.
+Every way a user file can be unusable raises ``MovieError`` with a one-line reason and a
+short code (for CSV flags ``error:<code>``), never another exception type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import tifffile
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class MovieError(ValueError):
+  """A user's movie file cannot be used; the message says why in one line.
+
+  ``code`` is a short machine-readable reason (used as the CSV flag ``error:<code>``).
+  """
+
+  def __init__(self, message: str, code: str = "unreadable"):
+    super().__init__(message)
+    self.code = code
+
+
+@dataclasses.dataclass
+class Movie:
+  path: str
+  frames: np.ndarray                 # [T, H, W] float32, camera units (ADU)
+  pixel_size_nm: float | None = None
+  frame_interval_s: float | None = None
+
+
+def write_movie(path: str, frames_adu: np.ndarray, pixel_size_nm: float,
+                frame_interval_s: float) -> None:
+  """Writes [T, H, W] ADU as a uint16 ImageJ hyperstack with pixel size and interval."""
+  frames = np.asarray(frames_adu)
+  if frames.ndim != 3:
+    raise ValueError(f"expected frames [T, H, W], got shape {frames.shape}")
+  data = np.clip(np.rint(frames), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+  px_um = pixel_size_nm / 1000.0
+  tifffile.imwrite(
+      path, data, imagej=True, resolution=(1.0 / px_um, 1.0 / px_um),
+      metadata={"axes": "TYX", "unit": "um", "finterval": float(frame_interval_s)})
+
+
+_LENGTH_NM = {"nm": 1.0, "um": 1000.0, "µm": 1000.0, "micron": 1000.0, "microns": 1000.0,
+              "mm": 1e6, "m": 1e9, "pixel": None, "": None}
+_TIME_S = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "min": 60.0}
+
+
+def _length_nm(value, unit, default_unit="µm"):
+  unit = (unit or default_unit).replace("\\u00b5", "µ").strip()
+  scale = _LENGTH_NM.get(unit, _LENGTH_NM.get(unit.lower()))
+  return float(value) * scale if scale else None
+
+
+def _imagej_metadata(tif: tifffile.TiffFile):
+  """(pixel size nm, z spacing nm, frame interval s) from ImageJ tags, None if absent."""
+  px_nm = z_nm = interval = None
+  ij = tif.imagej_metadata or {}
+  if ij.get("finterval"):
+    interval = float(ij["finterval"])
+  unit = str(ij.get("unit", "")).lower().replace("\\u00b5", "u").replace("µ", "u")
+  scale_nm = {"um": 1000.0, "micron": 1000.0, "microns": 1000.0, "nm": 1.0,
+              "mm": 1e6}.get(unit)
+  page = tif.pages[0]
+  tag = page.tags.get("XResolution")
+  if tag is not None:
+    num, den = tag.value
+    if num > 0 and den > 0:
+      per_unit = num / den
+      if scale_nm and per_unit > 0:
+        px_nm = scale_nm / per_unit
+  if ij.get("spacing") and scale_nm:
+    z_nm = float(ij["spacing"]) * scale_nm
+  return px_nm, z_nm, interval
+
+
+def _ome_metadata(tif: tifffile.TiffFile):
+  """(pixel size nm, z spacing nm, frame interval s, channel names) from OME-XML."""
+  if not tif.is_ome or not tif.ome_metadata:
+    return None, None, None, None
+  try:
+    root = ET.fromstring(tif.ome_metadata)
+  except ET.ParseError:
+    return None, None, None, None
+  px_nm = z_nm = interval = None
+  channels = None
+  for el in root.iter():
+    if el.tag.endswith("Pixels"):
+      if el.get("PhysicalSizeX"):
+        px_nm = _length_nm(el.get("PhysicalSizeX"), el.get("PhysicalSizeXUnit"))
+      if el.get("PhysicalSizeZ"):
+        z_nm = _length_nm(el.get("PhysicalSizeZ"), el.get("PhysicalSizeZUnit"))
+      ti = el.get("TimeIncrement")
+      if ti:
+        interval = float(ti) * _TIME_S.get(el.get("TimeIncrementUnit", "s"), 1.0)
+      channels = [c.get("Name") or f"channel {i}" for i, c in
+                  enumerate(ch for ch in el if ch.tag.endswith("Channel"))] or None
+      break
+  return px_nm, z_nm, interval, channels
+
+
+@dataclasses.dataclass
+class Image:
+  """An N-D image as stored (axes like 'TCYX', 'ZYX', 'YX') and its physical metadata."""
+  path: str
+  data: np.ndarray
+  axes: str
+  pixel_size_nm: float | None = None
+  z_spacing_nm: float | None = None
+  frame_interval_s: float | None = None
+  channel_names: list | None = None
+
+  def axis(self, name: str) -> int | None:
+    return self.axes.index(name) if name in self.axes else None
+
+
+def read_image(path: str, allow_rgb: bool = False) -> Image:
+  """Reads the first series of a TIFF with its axes and metadata (OME preferred, then
+  ImageJ). Raises MovieError for missing/unreadable files, RGB (unless allowed),
+  complex/bool pixels and NaN/inf values."""
+  if not os.path.exists(path):
+    raise MovieError(f"{path}: no such file", "not_found")
+  if os.path.isdir(path):
+    raise MovieError(f"{path}: is a folder, expected a TIFF file", "not_a_file")
+  try:
+    with tifffile.TiffFile(path) as tif:
+      series = tif.series[0]
+      data = series.asarray()
+      axes = series.axes
+      rgb = "S" in axes or tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
+      px_nm, z_nm, interval, channels = _ome_metadata(tif)
+      if px_nm is None and interval is None and z_nm is None:
+        px_nm, z_nm, interval = _imagej_metadata(tif)
+  except Exception as e:  # tifffile raises many types for corrupt files
+    raise MovieError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
+  if rgb and not allow_rgb:
+    raise MovieError(f"{path}: RGB/RGBA image (axes {axes}); expected grayscale frames",
+                     "rgb")
+  if np.iscomplexobj(data) or data.dtype == bool:
+    raise MovieError(f"{path}: unsupported pixel type {data.dtype}", "bad_dtype")
+  if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+    raise MovieError(f"{path}: contains NaN or infinite pixel values", "nan_or_inf")
+  # tifffile names unknown leading axes 'Q' / 'I'; squeeze length-1 axes of any name.
+  keep = [i for i, n in enumerate(data.shape) if n > 1 or axes[i] in "YX"]
+  data = data.reshape([data.shape[i] for i in keep])
+  axes = "".join(axes[i] for i in keep)
+  return Image(path=path, data=data, axes=axes, pixel_size_nm=px_nm, z_spacing_nm=z_nm,
+               frame_interval_s=interval, channel_names=channels)
+
+
+def write_image(path: str, data: np.ndarray, axes: str, pixel_size_nm: float | None = None,
+                z_spacing_nm: float | None = None, frame_interval_s: float | None = None,
+                ome: bool | None = None, channel_names=None) -> None:
+  """Writes an N-D array with its axes and physical metadata.
+
+  OME-TIFF (``ome=True``, or a path ending in .ome.tif[f]) records PhysicalSizeX/Y/Z in
+  µm and TimeIncrement in s; otherwise an ImageJ hyperstack (axes in TZCYX order,
+  float32/uint8/uint16 data) records resolution, spacing and finterval. Both are read
+  back by :func:`read_image`.
+  """
+  data = np.asarray(data)
+  if data.ndim != len(axes):
+    raise ValueError(f"data has {data.ndim} dimensions but axes={axes!r}")
+  ome = path.lower().endswith((".ome.tif", ".ome.tiff")) if ome is None else ome
+  kwargs = {}
+  if pixel_size_nm:
+    px_um = pixel_size_nm / 1000.0
+    kwargs["resolution"] = (1.0 / px_um, 1.0 / px_um)
+  if ome:
+    md = {"axes": axes}
+    if pixel_size_nm:
+      md.update(PhysicalSizeX=pixel_size_nm / 1000.0, PhysicalSizeXUnit="µm",
+                PhysicalSizeY=pixel_size_nm / 1000.0, PhysicalSizeYUnit="µm")
+    if z_spacing_nm:
+      md.update(PhysicalSizeZ=z_spacing_nm / 1000.0, PhysicalSizeZUnit="µm")
+    if frame_interval_s:
+      md.update(TimeIncrement=float(frame_interval_s), TimeIncrementUnit="s")
+    if channel_names:
+      md["Channel"] = {"Name": list(channel_names)}
+    kwargs.pop("resolution", None)
+    tifffile.imwrite(path, data, ome=True, metadata=md)
+    return
+  order = [a for a in "TZCYX" if a in axes]
+  if sorted(order) != sorted(axes):
+    raise ValueError(f"ImageJ TIFF axes must be a subset of TZCYX, got {axes!r}")
+  data = np.transpose(data, [axes.index(a) for a in order])
+  if data.dtype not in (np.uint8, np.uint16, np.float32):
+    data = data.astype(np.float32)
+  md = {"axes": "".join(order), "unit": "um"}
+  if frame_interval_s:
+    md["finterval"] = float(frame_interval_s)
+  if z_spacing_nm:
+    md["spacing"] = z_spacing_nm / 1000.0
+  tifffile.imwrite(path, data, imagej=True, metadata=md, **kwargs)
+
+
+def read_movie(path: str) -> Movie:
+  """Reads a TIFF movie as float32 [T, H, W] with its pixel size / frame interval.
+
+  Raises MovieError (one line) for: missing or unreadable files, RGB/RGBA images,
+  single 2D frames, other dimensionalities, and NaN/inf values.
+  """
+  image = read_image(path)
+  data, axes = image.data, image.axes
+  if data.ndim == 2:
+    raise MovieError(f"{path}: a single 2D frame {data.shape}; expected a movie [T, H, W]",
+                     "single_frame")
+  if data.ndim != 3:
+    raise MovieError(f"{path}: {data.ndim}D data of shape {data.shape} (axes {axes}); "
+                     "expected one channel, frames x height x width", "bad_shape")
+  frames = data.astype(np.float32)
+  if not np.all(np.isfinite(frames)):
+    raise MovieError(f"{path}: contains NaN or infinite pixel values", "nan_or_inf")
+  return Movie(path=path, frames=frames, pixel_size_nm=image.pixel_size_nm,
+               frame_interval_s=image.frame_interval_s)
+
+
+def window_starts(num_frames_in_file: int, num_frames: int, stride: int) -> list[int]:
+  """First frames of the T-frame windows of a stack: 0, stride, ... (full windows only)."""
+  if stride < 1:
+    raise ValueError(f"stride must be >= 1, got {stride}")
+  return list(range(0, num_frames_in_file - num_frames + 1, stride))
+
+
+def read_windows(path: str, num_frames: int, height_px: int | None, width_px: int | None,
+                 stride: int | None = None) -> tuple[Movie, list[int]]:
+  """Reads a movie and splits it into windows of ``num_frames`` frames.
+
+  Returns (movie, first frames). A stack of exactly T frames is one window; longer
+  stacks give one window per ``stride`` frames (default T). Raises MovieError for
+  unreadable files, fewer than T frames, or frames of another size than the model's
+  (no size check when height_px is None).
+  """
+  movie = read_movie(path)
+  t, h, w = movie.frames.shape
+  if height_px is not None and (h, w) != (height_px, width_px):
+    raise MovieError(
+        f"{path}: frames are {h}x{w} px but the model expects {height_px}x{width_px} px; "
+        f"cut {height_px}x{width_px} crops centred on single molecules first", "wrong_size")
+  if t < num_frames:
+    raise MovieError(f"{path}: only {t} frames; the model needs windows of {num_frames}",
+                     "too_few_frames")
+  return movie, window_starts(t, num_frames, stride or num_frames)
+
+
+def find_movies(paths, suffixes=TIFF_SUFFIXES) -> tuple[list[str], list[str]]:
+  """Expands files and folders (recursively) into paths of files ending in ``suffixes``.
+
+  Returns (files, problems): problems are (path, one-line message, short code) for
+  paths that do not exist or folders with no TIFF in them.
+  """
+  files, problems = [], []
+  for p in paths:
+    if os.path.isdir(p):
+      found = []
+      for root, _, names in os.walk(p):
+        found += [os.path.join(root, n) for n in names if n.lower().endswith(suffixes)]
+      if not found:
+        problems.append((p, f"{p}: folder contains no {'/'.join(suffixes)} files",
+                         "empty_folder"))
+      files += sorted(found, key=_natural_key)
+    elif os.path.exists(p):
+      files.append(p)
+    else:
+      problems.append((p, f"{p}: no such file or folder", "not_found"))
+  return files, problems
+
+
+def _natural_key(s):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def scan_files(inputs, read_fn, desc: str = "reading", log=print,
+               suffixes=TIFF_SUFFIXES):
+  """Every input path as (path, read_fn(path), None) or (path, None, (message, code)).
+
+  One loop for every command-line tool: expands folders (recursively, files ending in
+  ``suffixes``), reads each file with ``read_fn`` under a progress bar, and prints one
+  ``error: ...`` line on stderr for each input that cannot be used; ``read_fn`` signals
+  an unusable file by raising MovieError.
+  """
+  import sys
+  from smlm_jax.core import cli
+  files, problems = find_movies(inputs, suffixes)
+  for path, message, code in problems:
+    log(f"error: {message}", file=sys.stderr)
+    yield path, None, (message, code)
+  bar = cli.progress(total=len(files), desc=desc, unit="file")
+  try:
+    for path in files:
+      bar.update(1)
+      try:
+        result = read_fn(path)
+      except MovieError as e:
+        log(f"error: {e}", file=sys.stderr)
+        yield path, None, (str(e), e.code)
+        continue
+      yield path, result, None
+  finally:
+    bar.close()
+
+
+def scan_inputs(inputs, num_frames: int, height_px: int | None, width_px: int | None,
+                stride: int | None = None, desc: str = "reading", log=print):
+  """Every input movie as (path, movie, first frames, None) or (path, None, [], error):
+  :func:`scan_files` with :func:`read_windows` (predict, baselines, calibrate)."""
+  read = lambda p: read_windows(p, num_frames, height_px, width_px, stride)
+  for path, result, error in scan_files(inputs, read, desc, log):
+    if error:
+      yield path, None, [], error
+    else:
+      yield path, result[0], result[1], None
+
+
+def resolve_geometry(movie: Movie, pixel_size_nm: float | None,
+                     frame_interval_s: float | None, default_pixel_size_nm: float,
+                     default_frame_interval_s: float):
+  """(pixel size nm, frame interval s, names of the values that had to be assumed).
+
+  A value given on the command line wins, then the file's metadata, then the default
+  (the model's or config's value), which is then reported as assumed.
+  """
+  px = pixel_size_nm or movie.pixel_size_nm
+  dt = frame_interval_s or movie.frame_interval_s
+  assumed = []
+  if px is None:
+    px = float(default_pixel_size_nm)
+    assumed.append("pixel_size_nm")
+  if dt is None:
+    dt = float(default_frame_interval_s)
+    assumed.append("frame_interval_s")
+  return px, dt, assumed

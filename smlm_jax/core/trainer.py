@@ -1,0 +1,392 @@
+"""The one training loop of smlm_jax: drives any :class:`smlm_jax.core.task.Task`.
+
+Sections of :func:`train_and_evaluate` (big_vision style):
+  mesh        1D data-parallel mesh over every device of every host, Auto axes
+  task        built from the config (``config.task``); it simulates or augments batches
+  state       a plain pytree {"step", "params", "batch_stats", "opt"}, replicated
+  update      one jitted function: batch (on device) -> loss -> grads -> optax;
+              state donated, batch sharded on 'data', per-step key fold_in(seed, step)
+  checkpoints orbax CheckpointManager (async; the config saved as JSON); re-running in
+              the same workdir resumes from the latest complete checkpoint
+  evaluation  the task's evaluator every ``eval_every_steps`` and at the end
+  loop        tqdm progress, metrics.jsonl + TensorBoard, stops loudly on NaN/inf
+
+Config fields read here (top level): seed, num_train_steps, batch_size, learning_rate,
+warmup_steps, weight_decay, grad_clip_norm, log_every_steps, eval_every_steps,
+checkpoint_every_steps, max_to_keep, eval_batch_size; optional accumulate_steps
+(gradient accumulation with optax.MultiSteps), schedule ('cosine' | 'constant').
+Workdir: checkpoints/, metrics.jsonl, config.json, TensorBoard events.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from smlm_jax.core import cli
+from smlm_jax.core.task import LOSS_KEY_SALT, Task, build_task
+
+
+class TrainingError(RuntimeError):
+  """Training cannot continue (e.g. the loss became NaN); the message says why."""
+
+
+# ----------------------------------------------------------------------------- mesh
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """1D data-parallel mesh over every device (all hosts), with Auto axes."""
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def data_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data"))
+
+
+def shard_fn(mesh):
+  """tree -> tree with every leaf's leading axis constrained to 'data' (inside jit)."""
+  data = data_sharding(mesh)
+  return lambda tree: jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, data), tree)
+
+
+def divisible_batch(batch_size: int, mesh) -> int:
+  """The batch size rounded up to a multiple of the number of devices."""
+  n = mesh.devices.size
+  return max(n, int(math.ceil(batch_size / n)) * n)
+
+
+def put_host_batch(tree, mesh):
+  """A host (numpy) batch as global arrays sharded on 'data' (any number of hosts:
+  each process contributes its slice of the leading axis)."""
+  if tree is None:
+    return None
+  data = data_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, data)
+  n, i = jax.process_count(), jax.process_index()
+
+  def local(a):
+    a = np.asarray(a)
+    per = a.shape[0] // n
+    return jax.make_array_from_process_local_data(data, a[i * per:(i + 1) * per], a.shape)
+  return jax.tree.map(local, tree)
+
+
+# ---------------------------------------------------------------------- optimizer
+def default_optimizer(config):
+  """Clip -> AdamW with linear warm-up and cosine (or constant) decay [-> MultiSteps]."""
+  steps = int(config.num_train_steps)
+  warmup = max(1, min(int(config.warmup_steps), steps))
+  if config.get("schedule", "cosine") == "constant":
+    schedule = optax.linear_schedule(0.0, config.learning_rate, warmup)
+    schedule = optax.join_schedules(
+        [schedule, optax.constant_schedule(config.learning_rate)], [warmup])
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+        decay_steps=max(steps, int(config.warmup_steps) + 1),
+        end_value=config.learning_rate * 0.01)
+  tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm),
+                   optax.adamw(schedule, weight_decay=config.weight_decay))
+  accumulate = int(config.get("accumulate_steps", 1))
+  if accumulate > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
+  return tx, schedule
+
+
+# ---------------------------------------------------------------------------- state
+def init_state(task: Task, tx, seed: int) -> dict:
+  """{"step", "params", "batch_stats", "opt"} of a fresh model (key(seed) initializes)."""
+  variables = dict(task.init_variables(jax.random.key(seed)))
+  params = variables.pop("params")
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "batch_stats": variables.get("batch_stats", {}), "opt": tx.init(params)}
+
+
+def model_apply(model, params, batch_stats, *args, train: bool, rngs=None, **kwargs):
+  """(outputs, new batch_stats): flax apply with BatchNorm statistics handled."""
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+    if train:
+      out, updates = model.apply(variables, *args, train=True, mutable=["batch_stats"],
+                                 rngs=rngs, **kwargs)
+      return out, updates["batch_stats"]
+  return model.apply(variables, *args, train=train, rngs=rngs, **kwargs), batch_stats
+
+
+# ---------------------------------------------------------------------------- update
+def step_key(seed: int, step):
+  """The key of training step ``step``: fold_in(key(seed), step)."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def make_update_fn(task: Task, tx, schedule):
+  """(state, batch, step_key) -> (new state, measurements): loss, gradients, optax."""
+
+  def update(state, batch, key):
+    step = state["step"]
+    loss_key = jax.random.fold_in(key, LOSS_KEY_SALT)
+
+    def loss_fn(params):
+      loss, meas, stats = task.loss(params, state["batch_stats"], batch, step, loss_key)
+      return loss, (meas, stats)
+
+    (loss, (meas, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": step + 1, "params": params, "batch_stats": stats, "opt": opt}
+    measurements = {"loss": loss, **meas, "grad_norm": optax.tree.norm(grads),
+                    "learning_rate": schedule(step)}
+    return new_state, measurements
+
+  return update
+
+
+def make_batch_fn(task: Task, mesh, seed: int):
+  """(step, host_batch) -> the step's batch (what the train step computes first)."""
+  shard = shard_fn(mesh)
+  return lambda step, host_batch=None: task.make_batch(step_key(seed, step), host_batch,
+                                                       shard)
+
+
+def make_train_step(task: Task, tx, schedule, mesh, seed: int):
+  """jit((state, host_batch) -> (state, measurements)), state donated and replicated."""
+  replicated = NamedSharding(mesh, P())
+  shard = shard_fn(mesh)
+  update = make_update_fn(task, tx, schedule)
+
+  def train_step(state, host_batch):
+    key = step_key(seed, state["step"])
+    batch = task.make_batch(key, host_batch, shard)
+    return update(state, batch, key)
+
+  return jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def batched(fn, inputs, batch_size: int, mesh, pad: str = "zeros"):
+  """Applies fn to [N, ...] host inputs (a pytree) in device batches of a multiple of the
+  device count; the last batch is padded (zeros, or copies of the first row with
+  pad='edge') and the padding dropped. Returns fn's output pytree as numpy [N, ...]."""
+  bs = divisible_batch(batch_size, mesh)
+  leaves = jax.tree.leaves(inputs)
+  n = leaves[0].shape[0]
+  outs = []
+  for start in range(0, n, bs):
+    chunk = jax.tree.map(lambda a: a[start:start + bs], inputs)
+    k = jax.tree.leaves(chunk)[0].shape[0]
+    if k < bs:
+      def padded(a):
+        a = np.asarray(a)
+        fill = (np.repeat(a[:1], bs - k, axis=0) if pad == "edge"
+                else np.zeros((bs - k,) + a.shape[1:], a.dtype))
+        return np.concatenate([a, fill])
+      chunk = jax.tree.map(padded, chunk)
+    out = jax.device_get(fn(chunk))
+    outs.append(jax.tree.map(lambda a: np.asarray(a)[:k], out))
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.max_to_keep, save_interval_steps=1,
+      enable_async_checkpointing=True)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=("state", "config"))
+
+
+def abstract_state(tree, sharding):
+  """Shape/dtype/sharding of a state pytree: the restore target."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                      tree)
+
+
+def save_checkpoint(mngr, state, config, step: int):
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())))
+
+
+def restore_state(mngr, target, step=None):
+  step = mngr.latest_step() if step is None else step
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))
+  return restored["state"]
+
+
+def load_run(workdir: str, mesh=None, step: int | None = None):
+  """(config, task, state) of the latest (or given) checkpoint in a workdir."""
+  ckpt_dir = checkpoint_dir(workdir)
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train a model there first")
+  mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "config"))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}: checkpoints/ holds no complete checkpoint")
+  cfg_dict = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  config = ml_collections.ConfigDict(_tuplify(cfg_dict))
+  task = build_task(config)
+  tx, _ = task.make_optimizer()
+  mesh = mesh or make_mesh()
+  shapes = jax.eval_shape(lambda: init_state(task, tx, config.seed))
+  state = restore_state(mngr, abstract_state(shapes, NamedSharding(mesh, P())), step)
+  mngr.close()
+  return config, task, state
+
+
+def _tuplify(d):
+  if isinstance(d, dict):
+    return {k: _tuplify(v) for k, v in d.items()}
+  if isinstance(d, list):
+    return tuple(_tuplify(v) for v in d)
+  return d
+
+
+# ----------------------------------------------------------------------------- loop
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       task: Task | None = None) -> dict[str, Any]:
+  """Trains (or resumes) in ``workdir``; returns the final evaluation metrics.
+
+  ``task`` defaults to the one named by ``config.task``; passing one lets tests drive
+  a task that is not registered.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh()
+  config.batch_size = divisible_batch(config.batch_size, mesh)
+  if task is None:
+    task = build_task(config)        # may complete the config (e.g. a calibration file)
+  else:
+    task.config = config
+  tx, schedule = task.make_optimizer()
+  replicated = NamedSharding(mesh, P())
+  state = jax.jit(lambda: init_state(task, tx, config.seed), out_shardings=replicated)()
+
+  mngr = checkpoint_manager(workdir, config)
+  start = mngr.latest_step()
+  if start is not None:
+    state = restore_state(mngr, abstract_state(state, replicated), start)
+    logging.info("resumed from step %d", start)
+  start = int(state["step"])
+  is_main = jax.process_index() == 0
+
+  train_step = make_train_step(task, tx, schedule, mesh, config.seed)
+  evaluator = task.make_evaluator(mesh)
+  writer = MetricWriter(workdir, config, resume_step=start) if is_main else None
+  try:
+    final = _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
+                  workdir, is_main)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+    if writer:
+      writer.close()
+  if is_main and final:
+    print(task.summary(final, config.num_train_steps))
+  return final
+
+
+def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh, workdir,
+          is_main):
+  final = {}
+  t0, steps_done = time.perf_counter(), 0
+  with cli.progress(total=config.num_train_steps, desc="train", unit="step") as bar:
+    bar.update(start)
+    for step in range(start + 1, config.num_train_steps + 1):
+      host = put_host_batch(task.host_batch(step - 1), mesh)
+      state, meas = train_step(state, host)
+      steps_done += 1
+      last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or last:
+        meas = jax.device_get(meas)
+        loss = float(meas["loss"])
+        if not math.isfinite(loss):
+          raise TrainingError(
+              f"loss became {loss} at step {step} (grad_norm {float(meas['grad_norm'])}); "
+              "lower --config.learning_rate or check the config")
+        rate = steps_done / (time.perf_counter() - t0)
+        row = {"step": step, **{k: float(v) for k, v in meas.items()},
+               "steps_per_s": rate, "examples_per_s": rate * config.batch_size}
+        if writer:
+          writer.write(row)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+      if evaluator is not None and (step % config.eval_every_steps == 0 or last):
+        final = evaluator(state)
+        if writer:
+          writer.write({"step": step, **{f"eval/{k}": v for k, v in
+                                         task.flat_metrics(final).items()}})
+      if step % config.checkpoint_every_steps == 0 or last:
+        save_checkpoint(mngr, state, config, step)
+        if is_main:
+          task.export(state, workdir, step)
+      bar.update(1)
+  if not final and evaluator is not None:   # resumed a finished run: evaluate once
+    final = evaluator(state)
+  return final
+
+
+def validate(config):
+  for name in ("num_train_steps", "batch_size", "eval_every_steps",
+               "checkpoint_every_steps", "log_every_steps", "max_to_keep"):
+    if int(config[name]) < 1:
+      raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+  if not config.learning_rate > 0:
+    raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+  if int(config.get("accumulate_steps", 1)) < 1:
+    raise ValueError("config.accumulate_steps must be >= 1")
+
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard event files in the workdir.
+
+  On resume from step s, rows of metrics.jsonl logged after s (by a run that was
+  stopped before its next checkpoint) are dropped, so no step appears twice.
+  """
+
+  def __init__(self, workdir, config, resume_step: int = 0):
+    from tensorboardX import SummaryWriter
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step and os.path.exists(path):
+      kept = []
+      with open(path) as f:
+        for line in f:
+          try:
+            if json.loads(line).get("step", 0) <= resume_step:
+              kept.append(line)
+          except ValueError:
+            pass            # a half-written last line of a killed run
+      cli.atomic_write_text(path, "".join(kept))
+    elif not resume_step and os.path.exists(path):
+      os.remove(path)       # a fresh run in a folder without checkpoints
+    self.jsonl = open(path, "a")
+    self.tb = SummaryWriter(workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=1)
+
+  def write(self, row):
+    self.jsonl.write(json.dumps(row) + "\n")
+    self.jsonl.flush()
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self.tb.add_scalar(k, v, row["step"])
+
+  def close(self):
+    self.jsonl.close()
+    self.tb.close()
