@@ -58,6 +58,7 @@ import math
 
 import flax.struct
 import jax
+import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 
@@ -75,9 +76,26 @@ _INVERSION_STEPS = 65
 _LOG_FACTORIAL_TABLE = np.array([math.lgamma(k + 1.0) for k in range(10)], np.float32)
 
 
+def _random_words(key, n: int):
+  """n random uint32 words: counter-mode threefry2x32 (one hash per two words).
+
+  The same hash and construction as JAX's original (non-partitionable) random bits:
+  the counters 0..n-1 are split in two halves that form the hash's input pairs under
+  the key. ``jax.random.bits`` in its partitionable form hashes once per word, which
+  on CPU made random bits the largest cost of a simulated movie. Keys of another
+  implementation fall back to ``jax.random.bits``.
+  """
+  data = jax.random.key_data(key)
+  if data.shape != (2,) or data.dtype != jnp.uint32:
+    return jax.random.bits(key, (n,), jnp.uint32)
+  m = n + n % 2
+  return jax.extend.random.threefry_2x32(data, jnp.arange(m, dtype=jnp.uint32))[:n]
+
+
 def _uniform24(key, shape):
   """Uniforms strictly inside (0, 1) with 24-bit resolution from one uint32 each."""
-  bits = jax.random.bits(key, shape, jnp.uint32)
+  n = int(np.prod(shape))
+  bits = _random_words(key, n).reshape(shape)
   return ((bits >> 8).astype(jnp.float32) + 0.5) * (2.0 ** -24)
 
 
@@ -100,7 +118,9 @@ def _poisson_inversion(u, lam):
     pk = jnp.where(above, p, pk)
     cdf = cdf + p
   v = (u - lo) / jnp.maximum(pk, 1e-30)
-  return count, jnp.clip(v, 2.0 ** -25, 1.0 - 2.0 ** -25)
+  # Rounding can put v at or just past 1 (u = F(k)); 1 - 2**-24 is the largest float32
+  # below 1 (1 - 2**-25 would round to 1.0, where ndtri is infinite).
+  return count, jnp.clip(v, 2.0 ** -25, 1.0 - 2.0 ** -24)
 
 
 def _log_factorial(k):
