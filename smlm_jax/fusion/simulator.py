@@ -344,14 +344,16 @@ def fused_photons(obj, sc: SimConfig, cond: dict):
 def simulate(key, sc: SimConfig) -> dict:
   """One example: ``view`` and ``fused`` ``[Z, Y, X]`` in camera ADU (float32),
   ``depth_um`` ``[Z]`` (depth of each slice), and the drawn conditions."""
-  k_cond, k_spec, k_view, k_fused = jax.random.split(key, 4)
+  k_cond, k_spec, k_noise = jax.random.split(key, 3)
   cond = draw_conditions(k_cond, sc)
   obj = render_specimen(k_spec, sc, cond)
-  view = noise.apply_camera(k_view, single_view_photons(obj, sc, cond), sc.camera)
+  view_expected = single_view_photons(obj, sc, cond)
   fused_expected = fused_photons(obj, sc, cond)
-  if sc.fused_noise:
-    fused = noise.apply_camera(k_fused, fused_expected, sc.camera)
+  if sc.fused_noise:      # one camera call for both (one copy of the Poisson sampler)
+    view, fused = noise.apply_camera(k_noise, jnp.stack([view_expected, fused_expected]),
+                                     sc.camera)
   else:
+    view = noise.apply_camera(k_noise, view_expected, sc.camera)
     fused = noise.expected_adu(fused_expected, sc.camera)
   return {"view": view, "fused": fused, "depth_um": slice_depths_um(sc, cond),
           "cond": cond}
