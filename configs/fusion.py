@@ -90,13 +90,17 @@ def get_sim_config() -> ml_collections.ConfigDict:
 
 def get_model_config() -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
+  # 'unet2d_z': 2D U-Net over (y, x) with the Z slices of a patch as channels (CPU
+  # default: ~40x cheaper per step than 3D convolutions under XLA on CPU);
+  # 'unet3d': 3D U-Net (any stack depth; the GPU default).
+  model.kind = "unet2d_z"
   model.depth = 2
-  model.base_width = 8
-  model.max_width = 32
+  model.base_width = 32
+  model.max_width = 128
   model.convs_per_level = 2
   model.norm = "group"
   model.upsample = "transpose"
-  model.pool_factors = ((1, 2, 2), (2, 2, 2))
+  model.pool_factors = ((1, 2, 2), (2, 2, 2))      # unet3d only
   model.residual_blocks = False
   # Extra input channel: depth of each slice below the surface / depth_scale_um.
   model.depth_channel = False
@@ -119,31 +123,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.l1_weight = 1.0
   config.loss.ssim_weight = 1.0
 
-  config.num_train_steps = 200
-  config.batch_size = 4
+  # Noiseless simulated examples reused with fresh noise and flips (0: simulate every
+  # example inside the step, as on GPU).
+  config.pool_size = 256
+  config.num_train_steps = 600
+  config.batch_size = 8
   config.accumulate_steps = 1
-  config.learning_rate = 3e-3
-  config.warmup_steps = 20
+  config.learning_rate = 2e-3
+  config.warmup_steps = 50
   config.weight_decay = 1e-4
   config.grad_clip_norm = 1.0
   config.schedule = "cosine"
 
-  config.log_every_steps = 10
-  config.eval_every_steps = 100
-  config.checkpoint_every_steps = 100
+  config.log_every_steps = 20
+  config.eval_every_steps = 200
+  config.checkpoint_every_steps = 200
   config.max_to_keep = 2
-  config.eval_num_volumes = 8
-  config.eval_batch_size = 4
+  config.eval_num_volumes = 16
+  config.eval_batch_size = 8
   config.eval_seed = 4242
   # Prediction of large volumes: tile (z, y, x) voxels, overlap and discarded halo.
   config.predict = ml_collections.ConfigDict()
-  config.predict.tile = (32, 96, 96)
+  config.predict.tile = (24, 96, 96)
   config.predict.overlap = (12, 16, 16)
   config.predict.halo = (2, 4, 4)
   config.predict.memory_gb = 2.0
 
   if variant == "gpu":
     config.sim.shape = (64, 128, 128)
+    config.model.kind = "unet3d"
+    config.pool_size = 0
     config.model.base_width = 32
     config.model.depth = 3
     config.model.max_width = 128
@@ -163,10 +172,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "tiny":
     config.sim.shape = (12, 16, 16)
     config.sim.depth_offset_um = (0.0, 10.0)
-    config.model.base_width = 4
-    config.model.max_width = 8
+    config.model.base_width = 8
+    config.model.max_width = 16
     config.num_train_steps = 2
     config.batch_size = 2
+    config.pool_size = 4
     config.warmup_steps = 1
     config.log_every_steps = 1
     config.eval_every_steps = 2

@@ -143,6 +143,9 @@ def test_ssim_matches_skimage_algorithm_and_hand_values():
   ref = _reference_ssim(p, t)
   np.testing.assert_allclose(metrics.ssim3d(p, t), ref, rtol=1e-5)
   np.testing.assert_allclose(metrics.ssim3d(p, t, slab=4), ref, rtol=1e-5)   # slabs
+  from smlm_jax.nn import losses       # the shared convolution-based SSIM agrees
+  np.testing.assert_allclose(float(losses.ssim(p, t, 1.0, **metrics.SSIM_KWARGS)), ref,
+                             rtol=1e-5)
   # Hand-checked: constant volumes a, b have zero variances, so
   # SSIM = (2ab + C1) / (a^2 + b^2 + C1) with C1 = 1e-4.
   a = np.full((8, 8, 8), 0.5, np.float32)
@@ -233,6 +236,31 @@ def test_tiled_prediction_equals_whole_volume_when_it_fits(tiny_fusion_run):
   big = (100 + 50 * rng.random((20, 30, 30))).astype(np.float32)
   tiled, n = p.predict(big, tile=(12, 16, 16), overlap=(6, 8, 8), halo=(1, 2, 2))
   assert n > 4 and tiled.shape == big.shape and np.isfinite(tiled).all()
+  # Stacks thinner than the z-as-channels model's 12 slices are mirror-padded.
+  thin, _ = p.predict(big[:7])
+  assert thin.shape == (7, 30, 30) and np.isfinite(thin).all()
+
+
+def test_model_kinds_and_depth_channel():
+  from smlm_jax.fusion import task as task_lib
+  cfg = fusion_config.get_config("tiny")
+  cfg.model.kind = "unet3d"
+  cfg.model.depth_channel = True
+  model = task_lib.build_model(cfg.model, (12, 16, 16))
+  view = jnp.ones((2, 10, 16, 14))                 # a 3D U-Net takes any size
+  x = task_lib.model_input(view, jnp.stack([jnp.arange(10.0)] * 2), cfg.model)
+  assert x.shape == (2, 10, 16, 14, 2)
+  np.testing.assert_allclose(x[0, 3, 5, 5, 1], 3.0 / cfg.model.depth_scale_um)
+  variables = model.init(jax.random.key(0), x)
+  pred, _ = task_lib.apply_model(model, variables["params"], {}, x, train=False)
+  assert pred.shape == (2, 10, 16, 14)
+  cfg.model.kind = "unet2d_z"
+  model2 = task_lib.build_model(cfg.model, (12, 16, 16))
+  with pytest.raises(ValueError, match="stacks of 12 slices"):
+    model2.init(jax.random.key(0), x)
+  cfg.model.kind = "nope"
+  with pytest.raises(ValueError, match="model.kind"):
+    task_lib.build_model(cfg.model, (12, 16, 16))
 
 
 def test_predict_keeps_voxel_size_metadata_and_reports_bad_inputs(tiny_fusion_run, tmp_path):

@@ -16,8 +16,10 @@ not spell out the SSIM parameters; we assume what its Python tooling implies,
 defaults on 3D arrays: a uniform 7x7x7 window, sample covariances (N / (N - 1)),
 K1 = 0.01, K2 = 0.03, the mean over window positions fully inside the volume. That is
 ``smlm_jax.nn.losses.ssim(..., spatial_dims=3, gaussian_weights=False, win_size=7,
-use_sample_covariance=True)``, which the tests check against an independent numpy
-implementation of skimage's algorithm (uniform_filter + border crop).
+use_sample_covariance=True)``; :func:`ssim_batch` computes the same with sliding sums
+instead of convolutions (20-40x faster under XLA on CPU, where it is the training
+loss), and the tests check both against an independent numpy implementation of
+skimage's algorithm (uniform_filter + border crop).
 
 Large volumes are evaluated in z slabs (overlapping by win_size - 1 slices); the mean
 over all valid windows is the same as on the whole volume, at a fraction of the memory.
@@ -31,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smlm_jax.nn import losses
 
 P_LOW, P_HIGH = 2.0, 99.8
 WIN_SIZE = 7
@@ -69,9 +70,40 @@ def percentile_normalize_jax(volume, low: float = P_LOW, high: float = P_HIGH):
 
 
 # ----------------------------------------------------------------------------- SSIM
+def _box_valid(h, axis: int, w: int = WIN_SIZE):
+  """Mean over windows of w along ``axis`` that lie inside (valid positions only):
+  a sum of w static slices (exact, cheap, and cheap to differentiate on any backend;
+  XLA's 3D convolutions are slow on CPU)."""
+  n = h.shape[axis]
+  total = jax.lax.slice_in_dim(h, 0, n - w + 1, axis=axis)
+  for k in range(1, w):
+    total = total + jax.lax.slice_in_dim(h, k, n - w + 1 + k, axis=axis)
+  return total / w
+
+
 def ssim_batch(x, y, data_range: float = 1.0):
-  """3D SSIM of normalized volumes ``[..., Z, Y, X]`` (one value per volume)."""
-  return losses.ssim(x, y, data_range, **SSIM_KWARGS)
+  """3D SSIM of normalized volumes ``[..., Z, Y, X]`` (one value per volume): the
+  challenge's (skimage's defaults: 7^3 uniform window, sample covariance, valid window
+  positions); equals ``smlm_jax.nn.losses.ssim(x, y, data_range, **SSIM_KWARGS)``."""
+  x = jnp.asarray(x, jnp.float32)
+  y = jnp.asarray(y, jnp.float32)
+  if x.shape != y.shape:
+    raise ValueError(f"x and y differ in shape: {x.shape} vs {y.shape}")
+  if x.ndim < 3 or min(x.shape[-3:]) < WIN_SIZE:
+    raise ValueError(f"need volumes [..., Z, Y, X] with sides >= {WIN_SIZE}, got {x.shape}")
+  h = jnp.stack([x, y, x * x, y * y, x * y])
+  for axis in (-3, -2, -1):
+    h = _box_valid(h, axis)
+  ux, uy, uxx, uyy, uxy = h
+  n = WIN_SIZE ** 3
+  cov = n / (n - 1.0)
+  vx = cov * (uxx - ux * ux)
+  vy = cov * (uyy - uy * uy)
+  vxy = cov * (uxy - ux * uy)
+  c1 = (0.01 * data_range) ** 2
+  c2 = (0.03 * data_range) ** 2
+  s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+  return jnp.mean(s, axis=(-3, -2, -1))
 
 
 _ssim_sum = jax.jit(lambda x, y: ssim_batch(x, y) * float(1))

@@ -67,8 +67,15 @@ class Predictor:
     tile = tuple(tile or p.tile)
     budget = memory_gb or p.memory_gb
     fit = tiling.default_tile(shape, self.config.model.base_width, budget, batch_size)
-    tile = tuple(min(t, f) if f < t else t for t, f in zip(tile, fit))
+    tile = tuple(min(t, f) for t, f in zip(tile, fit))
+    if self.fixed_slices:                 # a z-as-channels model: tiles of its depth
+      tile = (self.fixed_slices,) + tile[1:]
     return tile, tuple(overlap or p.overlap), tuple(halo or p.halo)
+
+  @property
+  def fixed_slices(self):
+    from smlm_jax.fusion import task as task_lib
+    return task_lib.fixed_slices(self.config.model, self.config.sim.shape)
 
   def apply_tiles(self, x, batch_size):
     """[n, tz, ty, tx, C] model inputs -> [n, tz, ty, tx] predictions."""
@@ -95,13 +102,18 @@ class Predictor:
               progress=False):
     """Fused prediction [Z, Y, X] (float32, normalized units) of a raw volume."""
     x = self.model_input(volume, voxel_size_um, depth_offset_um, surface)
-    tile, overlap, halo = self.tile_settings(volume.shape, tile, overlap, halo, memory_gb,
+    z = x.shape[0]
+    if self.fixed_slices and z < self.fixed_slices:     # too thin: mirror-pad along z
+      extra = self.fixed_slices - z
+      x = np.pad(x, ((0, extra), (0, 0), (0, 0), (0, 0)),
+                 mode="reflect" if extra < z else "edge")
+    tile, overlap, halo = self.tile_settings(x.shape[:3], tile, overlap, halo, memory_gb,
                                              batch_size)
-    n = tiling.num_tiles(volume.shape, tile, overlap, halo)
+    n = tiling.num_tiles(x.shape[:3], tile, overlap, halo)
     bar = cli.progress(total=n, desc="tiles", unit="tile") if progress else None
     try:
       out = tiling.predict_tiled(lambda c: self.apply_tiles(c, batch_size), x, tile,
-                                 overlap, halo, batch_size, progress=bar)
+                                 overlap, halo, batch_size, progress=bar)[:z]
     finally:
       if bar is not None:
         bar.close()

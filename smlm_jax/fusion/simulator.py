@@ -341,19 +341,32 @@ def fused_photons(obj, sc: SimConfig, cond: dict):
   return cond["fused_photons"] * img + cond["fused_background_photons"]
 
 
+def simulate_clean(key, sc: SimConfig) -> dict:
+  """One noiseless example: expected photons ``view_photons`` and ``fused_photons``
+  ``[Z, Y, X]``, ``depth_um`` ``[Z]`` and the drawn conditions."""
+  k_cond, k_spec = jax.random.split(key)
+  cond = draw_conditions(k_cond, sc)
+  obj = render_specimen(k_spec, sc, cond)
+  return {"view_photons": single_view_photons(obj, sc, cond),
+          "fused_photons": fused_photons(obj, sc, cond),
+          "depth_um": slice_depths_um(sc, cond), "cond": cond}
+
+
+def add_noise(key, view_photons, fused_photons_, sc: SimConfig):
+  """(view, fused) in ADU: shot + camera noise on expected photons of any shape (the
+  fused view noiseless when ``sc.fused_noise`` is False); one camera call for both, so
+  a jitted function holds one copy of the Poisson sampler."""
+  if sc.fused_noise:
+    out = noise.apply_camera(key, jnp.stack([view_photons, fused_photons_]), sc.camera)
+    return out[0], out[1]
+  return (noise.apply_camera(key, view_photons, sc.camera),
+          noise.expected_adu(fused_photons_, sc.camera))
+
+
 def simulate(key, sc: SimConfig) -> dict:
   """One example: ``view`` and ``fused`` ``[Z, Y, X]`` in camera ADU (float32),
   ``depth_um`` ``[Z]`` (depth of each slice), and the drawn conditions."""
-  k_cond, k_spec, k_noise = jax.random.split(key, 3)
-  cond = draw_conditions(k_cond, sc)
-  obj = render_specimen(k_spec, sc, cond)
-  view_expected = single_view_photons(obj, sc, cond)
-  fused_expected = fused_photons(obj, sc, cond)
-  if sc.fused_noise:      # one camera call for both (one copy of the Poisson sampler)
-    view, fused = noise.apply_camera(k_noise, jnp.stack([view_expected, fused_expected]),
-                                     sc.camera)
-  else:
-    view = noise.apply_camera(k_noise, view_expected, sc.camera)
-    fused = noise.expected_adu(fused_expected, sc.camera)
-  return {"view": view, "fused": fused, "depth_um": slice_depths_um(sc, cond),
-          "cond": cond}
+  k_clean, k_noise = jax.random.split(key)
+  ex = simulate_clean(k_clean, sc)
+  view, fused = add_noise(k_noise, ex["view_photons"], ex["fused_photons"], sc)
+  return {"view": view, "fused": fused, "depth_um": ex["depth_um"], "cond": ex["cond"]}
