@@ -1,7 +1,7 @@
 """Predicts the fused multiview volume from single light-sheet views (your 3D TIFFs).
 
   python -m smlm_jax.fusion.predict --workdir=runs/fusion --input=VIEW.tif [--input=DIR]
-      --output=OUT_DIR [--tile=32,96,96] [--overlap=12,16,16] [--halo=2,4,4]
+      --output=OUT_DIR [--tile=24,96,96] [--overlap=12,16,16] [--halo=2,4,4]
       [--memory_gb=2] [--batch_size=2] [--depth_offset_um=0] [--surface=first] [--plot]
 
 Inputs: single-channel 3D stacks (Z, Y, X; z = the detection axis) as TIFF / OME-TIFF /
