@@ -311,9 +311,11 @@ def solve_camera(cum: MovieCumulants, model: str, idx=None, offset_adu=None,
 
 
 def _check(name, value, se, low, high, unit, why, hint):
-  se = float(se) if np.isfinite(se) else 0.0
+  """A plausibility check: fails when value is outside [low, high] by more than 2 se."""
+  se = float(se)
   value = float(value)
-  ok = bool(np.isfinite(value) and value + 2 * se >= low and value - 2 * se <= high)
+  margin = 2 * se if np.isfinite(se) else 0.0
+  ok = bool(np.isfinite(value) and value + margin >= low and value - margin <= high)
   return {"name": name, "value": value, "se": se, "low": low, "high": high, "unit": unit,
           "why": why, "hint": hint, "ok": ok}
 
@@ -326,7 +328,8 @@ def _num(x):
 
 def check_text(c: dict) -> str:
   """One phrase: '<name> <value> +- <se> <unit> is outside <low>..<high> (<why>)'."""
-  return (f"{c['name']} {_num(c['value'])} ± {_num(c['se'])} {c['unit']} is outside "
+  se = f" ± {_num(c['se'])}" if np.isfinite(c["se"]) and c["se"] > 0 else ""
+  return (f"{c['name']} {_num(c['value'])}{se} {c['unit']} is outside "
           f"{_num(c['low'])} to {_num(c['high'])} {c['unit']} ({c['why']})").replace("  ", " ")
 
 
@@ -343,6 +346,7 @@ def camera_fit(cum: MovieCumulants, model: str, qe: float, offset_adu=None,
     g = f["gain_adu_per_e"]
     return {"offset_adu": f["offset_adu"], "gain_adu_per_e": g,
             "read_noise_adu": f["read_noise_adu"], "read_noise_input_e": f["read_noise_adu"] / g,
+            "read_variance_adu2": f["read_variance_adu2"],
             "read_variance_ratio": f["read_variance_ratio"], "kappa": f["kappa"],
             "k3_ratio": f["k3_ratio"], "slope_ratio": f["slope_ratio"],
             "background_photons": float(np.mean(f["background_adu"]) / (g * qe))}
@@ -363,20 +367,26 @@ def camera_fit(cum: MovieCumulants, model: str, qe: float, offset_adu=None,
   other_hint = f"--camera_model={other}"
   spec_hint = "--camera_offset_adu=<baseline from the camera's spec sheet>"
   more_hint = "more movies with different background levels"
+  # Read noise sd for the offset's upper bound: 2 se above the estimate, as an EMCCD's
+  # small read variance is poorly pinned next to its large shot variance.
+  s2_se = se["read_variance_adu2"] if np.isfinite(se["read_variance_adu2"]) else 0.0
+  read_high_adu = math.sqrt(max(value["read_variance_adu2"] + 2 * s2_se, 0.0))
   checks = [
       _check("camera offset", value["offset_adu"], se["offset_adu"], 0.0,
-             cum.low_quantile_adu + LOW_QUANTILE_Z * value["read_noise_adu"], "ADU",
+             cum.low_quantile_adu + LOW_QUANTILE_Z * read_high_adu, "ADU",
              "0 to the data's 0.1% quantile + 3.09 read-noise sd", [other_hint, spec_hint]),
-      _check("gain", value["gain_adu_per_e"], se["gain_adu_per_e"],
-             *GAIN_RANGE_ADU_PER_E[model], "ADU/e-", f"{MODEL_LABELS[model]} gains",
-             [other_hint, "--camera_gain_adu_per_e=<from the spec sheet>", more_hint]),
-      _check("read noise", value["read_noise_input_e"], se["read_noise_input_e"],
-             *READ_NOISE_RANGE_E[model], "e- (input-referred)",
-             f"{MODEL_LABELS[model]} read noise", [other_hint, more_hint]),
       _check("read variance / background variance", value["read_variance_ratio"],
              se["read_variance_ratio"], -MODEL_TOLERANCE, 1.0, "",
              f"a negative value is shot noise the {MODEL_LABELS[model]} model predicts "
              "but the data do not have", [other_hint, spec_hint]),
+      _check("gain", value["gain_adu_per_e"], se["gain_adu_per_e"],
+             *GAIN_RANGE_ADU_PER_E[model], "ADU/e-",
+             "EM gain x conversion gain" if model == "emccd" else "sCMOS/CCD conversion gains",
+             [other_hint, "--camera_gain_adu_per_e=<from the spec sheet>", more_hint]),
+      _check("input-referred read noise", value["read_noise_input_e"],
+             se["read_noise_input_e"], *READ_NOISE_RANGE_E[model], "e-",
+             "an EMCCD at EM gain >= 20" if model == "emccd" else "sCMOS/CCD read noise",
+             [other_hint, more_hint]),
       _check("background", value["background_photons"], se["background_photons"],
              *BACKGROUND_RANGE_PHOTONS, "photons/px/frame", "physical range",
              [other_hint, spec_hint]),
@@ -399,7 +409,7 @@ def camera_fit(cum: MovieCumulants, model: str, qe: float, offset_adu=None,
     notes.append(f"{MODEL_LABELS[model]} offset {value['offset_adu']:.4g} ADU clipped to "
                  f"{clipped:.4g} (within 2 se of its range)")
     value["offset_adu"] = clipped
-  if value["read_variance_ratio"] < 0 and checks[3]["ok"]:
+  if value["read_variance_ratio"] < 0 and checks[1]["ok"]:
     notes.append(f"{MODEL_LABELS[model]}: the shot noise predicted from the third "
                  f"cumulant exceeds the measured variance by "
                  f"{-100 * value['read_variance_ratio']:.0f}% (negative read variance); "
@@ -455,8 +465,9 @@ def excess_noise_preference(kappa: float, kappa_se: float):
   model = "emccd" if kappa > EXCESS_NOISE_SPLIT else "scmos"
   se = kappa_se if np.isfinite(kappa_se) else 0.0
   conclusive = abs(kappa - EXCESS_NOISE_SPLIT) > 2 * se
+  pm = f" ± {se:.3f}" if se > 0 else ""
   return model, conclusive, (
-      f"excess-noise ratio k3/(slope k2) = {kappa:.3f} ± {se:.3f} "
+      f"excess-noise ratio k3/(slope k2) = {kappa:.3f}{pm} "
       f"(sCMOS <= 1, EMCCD ~1.5; split at {EXCESS_NOISE_SPLIT}) says "
       f"{MODEL_LABELS[model]}{'' if conclusive else ' (inconclusive)'}")
 
@@ -795,11 +806,11 @@ def implausible_message(cams: dict, fits: dict, tried, forced: bool, preference)
     failed = cams[m]["failed"] + (fits[m]["failed"] if m in fits else [])
     if failed:
       parts.append(f"{MODEL_LABELS[m]} {check_text(failed[0])}")
-      hints += failed[0]["hint"]
-  if not forced:
-    hints = [h for h in hints if not h.startswith("--camera_model=")]
-  elif preference[0] is not None and preference[0] != tried[0]:
-    hints.insert(0, f"--camera_model={preference[0]} ({preference[2]})")
+      hints += [h for h in failed[0]["hint"] if not h.startswith("--camera_model=")]
+  if forced:
+    other = [m for m in CAMERA_MODELS if m != tried[0]][0]
+    hints.insert(0, f"the {MODEL_LABELS[other]} model (--camera_model={other}"
+                 + (f"; the {preference[2]}" if preference[0] == other else "") + ")")
   hints = list(dict.fromkeys(hints))
   head = ("implausible calibration"
           + (f" with the camera model forced to {MODEL_LABELS[tried[0]]}" if forced
@@ -871,7 +882,7 @@ def calibrate(frames_adu: np.ndarray, sim_cfg, fit_D: bool = False, steps: int =
   passing = [m for m in candidates if not cams[m]["failed"] and not fits[m]["failed"]]
   if forced:
     chosen = camera_model
-    reason = f"forced ({MODEL_LABELS[chosen]}); {preference[2]}"
+    reason = f"forced on the command line; {preference[2]}"
   elif len(passing) == 2:
     if preference[0] is not None and preference[1]:
       chosen = preference[0]
