@@ -73,7 +73,9 @@ def recorded(simulate):
 
 
 def test_parameter_recovery(recorded):
-  """sCMOS data: auto-selected model, every value within 2 of its standard errors."""
+  """sCMOS data: auto-selected model; every value within 3 of its standard errors (one
+  fit: a fixed 2-se bound would fail ~5% of data sets per value by design; the 2-se
+  statistics over several seeds are in test_camera_model_and_values_over_seeds)."""
   frames, _ = recorded
   result = calibrate.calibrate(frames, _small_config().sim, steps=100, num_sim=128,
                                num_bootstrap=100, progress=False)
@@ -88,10 +90,10 @@ def test_parameter_recovery(recorded):
     value = camera_setup.scalar(result[key])                 # the mean of a distribution
     se = result["photons_mean_se" if key == "photons" else f"{key}_se"]
     assert 0 < se < rel_se * truth, (key, se)                 # informative, not vacuous
-    assert abs(value - truth) < 2 * se, (key, value, se, truth)
+    assert abs(value - truth) < 3 * se, (key, value, se, truth)
   # The background mean is measured per movie: compare with these movies' truth.
   bg_truth = float(np.mean(recorded[1]["background_photons"]))
-  assert abs(result["background_photons"]["mean"] - bg_truth) < 2 * max(
+  assert abs(result["background_photons"]["mean"] - bg_truth) < 3 * max(
       result["background_photons_mean_se"], 1e-9)
   assert abs(result["read_noise_e"] / 2.0 - 1) < 0.1
   assert result["distance_after"] < 0.1 * result["distance_before"]

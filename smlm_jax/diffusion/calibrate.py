@@ -42,8 +42,8 @@ Two stages.
 
    Plausibility (a value fails when it lies outside its range by more than 2 standard
    errors): offset in [0, q + 3.09 s] with q the data's 0.1% quantile and s the read
-   noise in ADU (no camera puts 0.1% of its pixels more than 3.09 read-noise sd below
-   its baseline); gain in 0.05-20 ADU/e- (sCMOS/CCD) or 0.5-2000 ADU/e- (EMCCD: EM x
+   noise in ADU (from the read variance + 2 se: an EMCCD's is poorly pinned; no camera
+   puts 0.1% of its pixels more than 3.09 read-noise sd below its baseline); gain in 0.05-20 ADU/e- (sCMOS/CCD) or 0.5-2000 ADU/e- (EMCCD: EM x
    conversion gain); read noise referred to the input <= 10 e- (sCMOS/CCD) or <= 3 e-
    (EMCCD: an EM gain >= 20 on a ~60 e- read-out; more defeats the EM register);
    the model's shot variance may exceed the measured variance by at most 25% (a
