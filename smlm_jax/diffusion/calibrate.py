@@ -809,7 +809,8 @@ def implausible_message(cams: dict, fits: dict, tried, forced: bool, preference)
       hints += [h for h in failed[0]["hint"] if not h.startswith("--camera_model=")]
   if forced:
     other = [m for m in CAMERA_MODELS if m != tried[0]][0]
-    hints.insert(0, f"the {MODEL_LABELS[other]} model (--camera_model={other}"
+    hints.insert(0, f"the {MODEL_LABELS[other]} model (--camera_model={other} or auto "
+                 "instead of the forced one"
                  + (f"; the {preference[2]}" if preference[0] == other else "") + ")")
   hints = list(dict.fromkeys(hints))
   head = ("implausible calibration"
