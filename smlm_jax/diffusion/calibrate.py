@@ -1011,12 +1011,14 @@ def plot_calibration(result: dict, path: str):
   ax = axes.flat[4]
   ax.plot(pt["movie_mean_adu"], pt["movie_k2"], "k.", ms=4, label="movies: variance")
   xs = np.linspace(pt["movie_mean_adu"].min(), pt["movie_mean_adu"].max(), 10)
+  fits = result.get("camera_model_selection", {}).get("fits", {})
   for m, (o, g, s2) in pt["lines"].items():
     f2 = CUMULANT_FACTORS[m][0]
     style = "-" if m == result["camera_model"] else "--"
     ax.plot(xs, f2 * g * (xs - o) + max(s2, 0.0), style,
             label=f"{MODEL_LABELS[m]}: offset {o:.4g} ADU, gain {g:.3g} ADU/e-"
-                  + (" (chosen)" if m == result["camera_model"] else ""))
+                  + (" (chosen)" if m == result["camera_model"] else "")
+                  + (" (implausible)" if fits.get(m, {}).get("implausible") else ""))
   ax.set(xlabel="background mean (ADU)", ylabel="temporal variance (ADU$^2$)",
          title="photon transfer")
   ax.legend(fontsize=7)
