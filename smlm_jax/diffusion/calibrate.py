@@ -43,8 +43,8 @@ Two stages.
    Plausibility (a value fails when it lies outside its range by more than 2 standard
    errors): offset in [0, q + 3.09 s] with q the data's 0.1% quantile and s the read
    noise in ADU (from the read variance + 2 se: an EMCCD's is poorly pinned; no camera
-   puts 0.1% of its pixels more than 3.09 read-noise sd below its baseline); gain in 0.05-20 ADU/e- (sCMOS/CCD) or 0.5-2000 ADU/e- (EMCCD: EM x
-   conversion gain); read noise referred to the input <= 10 e- (sCMOS/CCD) or <= 3 e-
+   puts 0.1% of its pixels more than 3.09 read-noise sd below its baseline); gain in
+   0.05-20 ADU/e- (sCMOS/CCD) or 0.5-2000 ADU/e- (EMCCD: EM x conversion gain); read noise referred to the input <= 10 e- (sCMOS/CCD) or <= 3 e-
    (EMCCD: an EM gain >= 20 on a ~60 e- read-out; more defeats the EM register);
    the model's shot variance may exceed the measured variance by at most 25% (a
    negative read variance beyond that means the model is wrong); with a fixed offset
@@ -1053,23 +1053,28 @@ def load_movies(paths, sim_cfg, log=print):
   return np.stack(windows), skipped
 
 
-def _pm(value, se, spec):
+def _pm(value, se, spec, fixed=False):
   text = format(value, spec)
+  if fixed:
+    return f"{text} (fixed)"
   if se is None or not np.isfinite(se):
     return text
-  return f"{text} ± {format(se, spec)}" if se > 0 else f"{text} (fixed)"
+  return f"{text} ± {format(se, spec)}"
 
 
 def summary_table(result: dict) -> str:
   """Console table: values ± standard errors, the model choice, warnings."""
   sel = result.get("camera_model_selection", {})
+  fixed = result.get("fixed", {})
   model = result.get("camera_model", "scmos")
   rows = [("camera model", f"{MODEL_LABELS.get(model, model)} ({sel.get('mode', '?')}: "
                            f"{sel.get('reason', '')})"),
           ("camera offset (ADU)", _pm(result["camera_offset_adu"],
-                                      result.get("camera_offset_adu_se"), ".2f")),
+                                      result.get("camera_offset_adu_se"), ".2f",
+                                      "camera_offset_adu" in fixed)),
           ("camera gain (ADU/e-)", _pm(result["camera_gain_adu_per_e"],
-                                       result.get("camera_gain_adu_per_e_se"), ".4g")),
+                                       result.get("camera_gain_adu_per_e_se"), ".4g",
+                                       "camera_gain_adu_per_e" in fixed)),
           ("read noise, input (e-)", _pm(result.get("read_noise_input_e", float("nan")),
                                          result.get("read_noise_input_e_se"), ".3f")),
           ("PSF FWHM (nm)", _pm(result["psf_fwhm_nm"], result.get("psf_fwhm_nm_se"), ".1f"))]
@@ -1081,9 +1086,9 @@ def summary_table(result: dict) -> str:
       rows.append((key, f"mean {_pm(v['mean'], result.get(se_key), '.4g')}, std "
                         f"{v['std']:.4g}, log-uniform {v['low']:.4g}-{v['high']:.4g}"))
   for m, f in sel.get("fits", {}).items():
-    text = (f"offset {_pm(f['camera_offset_adu'], f['camera_offset_adu_se'], '.4g')} ADU, "
-            f"gain {_pm(f['camera_gain_adu_per_e'], f['camera_gain_adu_per_e_se'], '.4g')}"
-            f" ADU/e-, read {f['read_noise_input_e']:.3g} e-")
+    offset, gain = (_pm(f[k], f[f"{k}_se"], ".4g", k in fixed)
+                    for k in ("camera_offset_adu", "camera_gain_adu_per_e"))
+    text = f"offset {offset} ADU, gain {gain} ADU/e-, read {f['read_noise_input_e']:.3g} e-"
     if "distance_after" in f:
       text += (f", FWHM {_pm(f['psf_fwhm_nm'], f['psf_fwhm_nm_se'], '.0f')} nm, "
                f"distance {f['distance_after']:.3g}")
