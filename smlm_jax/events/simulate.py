@@ -132,7 +132,8 @@ def _render(yx, sigma, mass, size):
 
 def simulate(key, p: SimParams, num_frames: int, has_event=None):
   """One crop: (frames [n, S, S] float32 ADU, truth dict: label [S, S], has_event,
-  site_yx [2] px, q_now). ``has_event`` (bool array) overrides the Bernoulli draw."""
+  site_yx [2] px, q_now, expected_photons [n, S, S] (before QE and noise)).
+  ``has_event`` (bool array) overrides the Bernoulli draw."""
   s, n, k_pts = p.size_px, num_frames, p.points_per_tubule
   m = p.num_tubules[1]
   keys = iter(jax.random.split(key, 24))
@@ -216,7 +217,8 @@ def simulate(key, p: SimParams, num_frames: int, has_event=None):
   frames = noise.apply_camera(next(keys), photons, p.camera)
   on = has_event & (q_now >= p.q_range[0]) & (q_now <= p.q_range[1])
   label = gaussian_map(site, (s, s), p.sigma_px) * on
-  return frames, {"label": label, "has_event": on, "site_yx": site, "q_now": q_now}
+  return frames, {"label": label, "has_event": on, "site_yx": site, "q_now": q_now,
+                  "expected_photons": photons}
 
 
 def batch(keys, p: SimParams, num_frames: int):

@@ -142,31 +142,32 @@ class EventsTask(Task):
       self.val_crops = [data_lib.load_crop(r) for r in val]
       self.sampler = data_lib.HostSampler(self.train_crops, self.n, self.crop_px,
                                           int(config.seed))
-    self.init_params = None
+    self.init_params = self.init_stats = None
     if config.get("init_from"):
       try:
-        _, self.init_params, _ = restore_run(config.init_from)
+        _, self.init_params, self.init_stats = restore_run(config.init_from)
       except FileNotFoundError as e:
         raise ValueError(f"config.init_from: {e}") from None
     self._last_eval = None
 
   # ---------------------------------------------------------------------- training
   def init_variables(self, key):
+    x = jnp.zeros((1, self.crop_px, self.crop_px, self.n), jnp.float32)
+    if self.init_params is not None:         # another run's variables, shapes checked
+      fresh = jax.eval_shape(lambda: self.model.init(jax.random.key(0), x, train=False))
+      loaded = {"params": self.init_params, **({"batch_stats": self.init_stats}
+                                               if self.init_stats else {})}
+      describe = lambda t: jax.tree.map(lambda a: (a.shape, str(a.dtype)), t)
+      if describe(dict(fresh)) != describe(loaded):
+        raise ValueError(f"config.init_from={self.config.init_from}: its model differs "
+                         "from config.model (depth, widths, kernel sizes, norm, num_frames)")
+      return jax.tree.map(jnp.asarray, loaded)
     # The initializers draw from an 'rbg' key made from the given key's bits: with
     # threefry keys XLA:CPU needed ~100 s to compile the U-Net's initialization (one
     # unrolled hash per parameter), with RngBitGenerator ~8 s. Still a pure function
     # of the given key.
     key = jax.random.key(jax.random.bits(key, dtype=jnp.uint32), impl="rbg")
-    x = jnp.zeros((1, self.crop_px, self.crop_px, self.n), jnp.float32)
-    variables = dict(self.model.init(key, x, train=False))
-    if self.init_params is not None:
-      fresh = jax.tree.map(lambda a: (a.shape, str(a.dtype)), variables["params"])
-      loaded = jax.tree.map(lambda a: (a.shape, str(a.dtype)), self.init_params)
-      if fresh != loaded:
-        raise ValueError(f"config.init_from={self.config.init_from}: its model differs "
-                         "from config.model (depth, widths, kernel sizes, num_frames)")
-      variables["params"] = jax.tree.map(jnp.asarray, self.init_params)
-    return variables
+    return dict(self.model.init(key, x, train=False))
 
   def host_batch(self, step):
     if self.sampler is None:
