@@ -135,15 +135,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.num_sim = 256
   config.eval.sim_seed = 12345
 
-  config.num_train_steps = 1500
+  config.num_train_steps = 800
   config.batch_size = 16
   config.learning_rate = 2e-3
   config.warmup_steps = 100
   config.weight_decay = 1e-4
   config.grad_clip_norm = 1.0
   config.log_every_steps = 25
-  config.eval_every_steps = 500
-  config.checkpoint_every_steps = 500
+  config.eval_every_steps = 400
+  config.checkpoint_every_steps = 400
   config.max_to_keep = 2
   config.eval_batch_size = 32
 
