@@ -398,7 +398,7 @@ def test_train_two_steps_then_predict_cli(tmp_path):
   cfg.eval.num_sim = 0                  # the simulated evaluation set: see the study
   run = str(tmp_path / "run")
   final = trainer.train_and_evaluate(cfg, run)
-  assert set(final) == {"real", "threshold"} and 0 < final["threshold"] < 1
+  assert set(final) == {"real", "threshold", "selected_on"} and 0 < final["threshold"] < 1
   assert set(final["real"]["event"]) >= {"precision", "recall", "f1", "fbeta", "threshold"}
   with open(os.path.join(run, "threshold.json")) as f:
     chosen = json.load(f)

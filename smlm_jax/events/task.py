@@ -131,6 +131,9 @@ class EventsTask(Task):
       raise ValueError(f"config.loss.name={config.loss.name!r}; choose one of {LOSSES}")
     self.n = int(d.num_frames)
     self.crop_px = int(config.crop_px)
+    if self.n < 1 or self.crop_px < 8:
+      raise ValueError(f"config.data.num_frames must be >= 1 and config.crop_px >= 8, got "
+                       f"{self.n} and {self.crop_px}")
     self.sim = sim_lib.SimParams.from_config({**config.sim.to_dict(),
                                               "size_px": self.crop_px})
     self.aug = augment_lib.AugmentParams.from_config(config.augment, self.crop_px)
@@ -180,23 +183,19 @@ class EventsTask(Task):
     source = self.config.data.source
     if source != "db":
       frames, truth = sim_lib.batch(keys, self.sim, self.n)
-      label = truth["label"]
+      x, y = data_lib.normalize(frames), truth["label"]
     if source != "sim":
       real_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-      rf, rl = jax.vmap(lambda k, f, l: augment_lib.augment(k, f, l, self.aug))(
+      frames, label = jax.vmap(lambda k, f, l: augment_lib.augment(k, f, l, self.aug))(
           real_keys, host_batch["frames"], host_batch["label"])
       if source == "db":
-        frames, label = rf, rl
-      else:
+        x, y = data_lib.normalize(frames), label
+      else:                                  # 'mixed': real with probability real_fraction
         use = jax.random.bernoulli(jax.random.fold_in(key, b + 1),
                                    float(self.config.data.real_fraction), (b,))
-        # Each source normalized on its own scale, then chosen per example.
-        frames = jnp.where(use[:, None, None, None], data_lib.normalize(rf),
-                           data_lib.normalize(frames))
-        label = jnp.where(use[:, None, None], rl, label)
-        return {"x": shard(jnp.moveaxis(frames, 1, -1)), "y": shard(label)}
-    x = jnp.moveaxis(data_lib.normalize(frames), 1, -1)
-    return {"x": shard(x), "y": shard(label)}
+        x = jnp.where(use[:, None, None, None], data_lib.normalize(frames), x)
+        y = jnp.where(use[:, None, None], label, y)
+    return {"x": shard(jnp.moveaxis(x, 1, -1)), "y": shard(y)}
 
   def loss(self, params, batch_stats, batch, step, key):
     logits, stats = trainer.model_apply(self.model, params, batch_stats, batch["x"],
@@ -220,8 +219,8 @@ class EventsTask(Task):
                            int(self.config.eval_batch_size), mesh, pad="edge")
 
   def simulate_set(self, num: int, seed: int, mesh):
-    """A fixed simulated evaluation set: (frames [N, n, c, c] ADU, labels, sites,
-    has_event), simulated once."""
+    """A fixed simulated evaluation set, simulated once: (frames [N, n, c, c] ADU,
+    labels [N, c, c], sites: per crop [] or [(y, x)])."""
     bs = trainer.divisible_batch(int(self.config.eval_batch_size), mesh)
     data = NamedSharding(mesh, P("data"))
     sim, n = self.sim, self.n
@@ -238,8 +237,8 @@ class EventsTask(Task):
     return frames, labels, site_list
 
   def real_set(self, crops):
-    """Every frame of the given crops: (windows [N, n, H, W], truth [N, H, W], sites,
-    names); crops of different sizes are grouped by size by the caller."""
+    """Every frame of the given crops (of one size): (per crop: windows [T, n, H, W],
+    per crop: truth [T, H, W], per frame: sites, per frame: names)."""
     from smlm_jax.events import crops as crops_lib
     win, truth, sites, names = [], [], [], []
     for c in crops:
@@ -251,8 +250,9 @@ class EventsTask(Task):
     return win, truth, sites, names
 
   def evaluate_sets(self, state, mesh, sets) -> dict:
-    """{name: (sweeps, examples)} for sets {name: (list of windows arrays, list of
-    truth arrays, sites, names)}."""
+    """{name: {sweeps, median_distance_px, examples}} for sets {name: (blocks of
+    windows [N_i, n, H_i, W_i], blocks of truth [N_i, H_i, W_i], sites per frame, names
+    per frame)}; blocks may differ in frame size."""
     cfg = self.config.eval
     fn = self.predict_fn(mesh)
     out = {}
@@ -306,6 +306,7 @@ class EventsTask(Task):
                          "pixel": metrics_lib.summarize(r["sweeps"]["pixel"], threshold),
                          "median_distance_px": r["median_distance_px"]}
       metrics["threshold"] = threshold
+      metrics["selected_on"] = select
       self._last_eval = {"results": results, "select": select, "threshold": threshold,
                          "metrics": metrics, "step": int(jax.device_get(state["step"]))}
       return metrics
@@ -318,7 +319,7 @@ class EventsTask(Task):
 
   def summary(self, metrics, step):
     lines = [f"evaluation after step {step} (threshold {metrics.get('threshold', float('nan')):.2f}"
-             f" = max event-level F{self.config.eval.beta:g})",
+             f" = max event-level F{self.config.eval.beta:g} on {metrics.get('selected_on')})",
              f"{'set':<6}{'level':<7}{'precision':>10}{'recall':>8}{'F1':>7}"
              f"{'F_beta':>8}{'best F1':>9}"]
     for name in ("sim", "real"):
