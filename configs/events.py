@@ -98,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.split_seed = 0
   config.data.group_by = ""            # e.g. "source_file": all crops of a movie together
   config.data.real_fraction = 0.5      # 'mixed': probability that an example is real
+  config.data.positive_fraction = 0.5  # real windows placed around the annotated site
 
   config.sim = get_sim_config()
 

@@ -378,6 +378,21 @@ def test_event_metrics_on_a_hand_case():
   assert (s["tp"], s["fp"], s["fn"]) == (2, 0, 0)
 
 
+def test_host_windows_hold_the_site_half_of_the_time():
+  _need_shared()
+  from smlm_jax.events import data
+  records = [db_lib.read_folder(f) for f in db_lib.find_folders([SHARED])[0]]
+  sampler = data.HostSampler([data.load_crop(r) for r in records], 3, 64, seed=0,
+                             positive_fraction=0.5)
+  batch = sampler(0, 200)
+  assert batch["frames"].shape == (200, 3, 96, 96) and batch["label"].shape == (200, 96, 96)
+  np.testing.assert_array_equal(sampler(0, 200)["label"], batch["label"])   # reproducible
+  peaks = [np.unravel_index(np.argmax(l), l.shape) for l in batch["label"] if l.max() >= 0.5]
+  central = np.mean([32 <= y < 64 and 32 <= x < 64 for y, x in peaks])
+  # 35 of 40 frames are annotated: ~44% placed around the site, plus chance windows.
+  assert 0.4 < len(peaks) / 200 < 0.85 and central > 0.6
+
+
 # ----------------------------------------------------------------- end to end
 def test_train_two_steps_then_predict_cli(tmp_path):
   """Two steps on real crops from the database (host batches, on-device augmentation,
