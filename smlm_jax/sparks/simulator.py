@@ -184,15 +184,6 @@ def gaussian_2d(y_px, x_px, cy, cx, fwhm_px):
   return jnp.exp(-((y_px - cy) ** 2 + (x_px - cx) ** 2) / (2.0 * sigma ** 2))
 
 
-def cell_mask(scene: Scene, geom: Geometry):
-  """Soft cell mask [H, W] in [0, 1]."""
-  y = jnp.arange(geom.height_px, dtype=jnp.float32)[:, None]
-  x = jnp.arange(geom.width_px, dtype=jnp.float32)[None, :] - (geom.width_px - 1) / 2
-  top = scene.top_px + scene.top_slope * x
-  bottom = scene.bottom_px + scene.bottom_slope * x
-  return jax.nn.sigmoid(y - top) * jax.nn.sigmoid(bottom - y)
-
-
 def resting_f0(scene: Scene, geom: Geometry, edge_px: float = 1.0):
   """F0(y, x) in photons per pixel per frame (no bleaching), [H, W]."""
   y = jnp.arange(geom.height_px, dtype=jnp.float32)[:, None]
@@ -255,89 +246,109 @@ def labels_from_rel(rel, ev: Events, cell, spec: LabelSpec):
 
 
 # --------------------------------------------------------------------------- priors
-def _uniform(key, rng, shape=()):
-  return jax.random.uniform(key, shape, minval=rng[0], maxval=rng[1])
+class _Uniforms:
+  """Every uniform number of one scene from a single flat draw, handed out in order.
+
+  One flat ``jax.random.uniform`` call instead of dozens of small ones: the same
+  distribution, and XLA's CPU compiler handles one flat threefry draw in well under a
+  second while each multi-dimensional one (e.g. under ``vmap``) can take ~15 s.
+  """
+
+  def __init__(self, key, total: int):
+    self.u = jax.random.uniform(key, (total,))
+    self.i = 0
+
+  def take(self, n=None):
+    k = 1 if n is None else n
+    out = self.u[self.i:self.i + k]
+    self.i += k
+    return out[0] if n is None else out
+
+  def uniform(self, rng, n=None):
+    return rng[0] + (rng[1] - rng[0]) * self.take(n)
+
+  def log_uniform(self, rng, n=None):
+    return jnp.exp(self.uniform((math.log(rng[0]), math.log(rng[1])), n))
+
+  def bernoulli(self, p, n=None):
+    return self.take(n) < p
 
 
-def _log_uniform(key, rng, shape=()):
-  return jnp.exp(jax.random.uniform(key, shape, minval=math.log(rng[0]),
-                                    maxval=math.log(rng[1])))
+def num_uniforms(priors: Priors) -> int:
+  return 13 + 8 * priors.max_sparks + 9 * priors.max_puffs + 7 * priors.max_waves
 
 
 def draw_scene(key, priors: Priors, geom: Geometry) -> Scene:
   """One movie's parameters drawn from the priors (pure function of key)."""
-  ks = iter(jax.random.split(key, 40))
+  r = _Uniforms(key, num_uniforms(priors))
   T, H, W = geom.shape
   dt = geom.frame_interval_ms
   p = priors
-  top = _uniform(next(ks), p.cell_top_px) * H
-  bottom = _uniform(next(ks), p.cell_bottom_px) * H
-  top_slope = _uniform(next(ks), (-p.cell_edge_slope, p.cell_edge_slope))
-  bottom_slope = _uniform(next(ks), (-p.cell_edge_slope, p.cell_edge_slope))
+  top = r.uniform(p.cell_top_px) * H
+  bottom = r.uniform(p.cell_bottom_px) * H
+  top_slope = r.uniform((-p.cell_edge_slope, p.cell_edge_slope))
+  bottom_slope = r.uniform((-p.cell_edge_slope, p.cell_edge_slope))
 
-  def centres(k, n):
+  def centres(n):
     """Centres inside the cell band (between 15% and 85% of its local width)."""
-    k1, k2 = jax.random.split(k)
-    x = jax.random.uniform(k1, (n,), minval=0.0, maxval=W - 1.0)
+    x = r.uniform((0.0, W - 1.0), n)
     xc = x - (W - 1) / 2
     lo = jnp.maximum(top + top_slope * xc, 0.0)
     hi = jnp.minimum(bottom + bottom_slope * xc, H - 1.0)
-    u = jax.random.uniform(k2, (n,), minval=0.15, maxval=0.85)
-    return lo + u * (hi - lo), x
+    return lo + r.uniform((0.15, 0.85), n) * (hi - lo), x
 
   ns, npf, nw = p.max_sparks, p.max_puffs, p.max_waves
   t_ms = T * dt
-  # Sparks.
-  s_y, s_x = centres(next(ks), ns)
-  s_rise = _uniform(next(ks), p.spark_rise_ms, (ns,))
-  s_t0 = jax.random.uniform(next(ks), (ns,), minval=-s_rise - 2 * dt, maxval=t_ms)
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  # Sparks: the rise starts anywhere from just before the movie to its end.
+  s_y, s_x = centres(ns)
+  s_rise = r.uniform(p.spark_rise_ms, ns)
+  s_t0 = -s_rise - 2 * dt + r.take(ns) * (t_ms + s_rise + 2 * dt)
   sparks = dict(
-      kind=jnp.full((ns,), SPARK), active=jax.random.bernoulli(next(ks), p.spark_probability, (ns,)),
-      t0_ms=s_t0, y_px=s_y, x_px=s_x, fwhm_um=_uniform(next(ks), p.spark_fwhm_um, (ns,)),
-      rise_ms=s_rise, plateau_ms=jnp.zeros((ns,)), tau_ms=_uniform(next(ks), p.spark_tau_ms, (ns,)),
-      speed_um_per_s=jnp.zeros((ns,)), amplitude=_uniform(next(ks), p.spark_amplitude, (ns,)))
-  # Puffs.
-  f_y, f_x = centres(next(ks), npf)
-  f_plateau = _log_uniform(next(ks), p.puff_duration_ms, (npf,))
-  f_rise = _uniform(next(ks), p.puff_rise_ms, (npf,))
-  f_t0 = jax.random.uniform(next(ks), (npf,), minval=-(f_rise + f_plateau) * 0.8, maxval=t_ms)
+      kind=jnp.full((ns,), SPARK, jnp.int32), active=r.bernoulli(p.spark_probability, ns),
+      t0_ms=s_t0, y_px=s_y, x_px=s_x, fwhm_um=r.uniform(p.spark_fwhm_um, ns), rise_ms=s_rise,
+      plateau_ms=jnp.zeros((ns,)), tau_ms=r.uniform(p.spark_tau_ms, ns),
+      speed_um_per_s=jnp.zeros((ns,)), amplitude=r.uniform(p.spark_amplitude, ns))
+  # Puffs: may start before the movie (up to 80% of their rise + plateau).
+  f_y, f_x = centres(npf)
+  f_plateau = r.log_uniform(p.puff_duration_ms, npf)
+  f_rise = r.uniform(p.puff_rise_ms, npf)
+  lead = 0.8 * (f_rise + f_plateau)
+  f_t0 = -lead + r.take(npf) * (t_ms + lead)
   puffs = dict(
-      kind=jnp.full((npf,), PUFF), active=jax.random.bernoulli(next(ks), p.puff_probability, (npf,)),
-      t0_ms=f_t0, y_px=f_y, x_px=f_x, fwhm_um=_uniform(next(ks), p.puff_fwhm_um, (npf,)),
-      rise_ms=f_rise, plateau_ms=f_plateau, tau_ms=_uniform(next(ks), p.puff_tau_ms, (npf,)),
-      speed_um_per_s=jnp.zeros((npf,)), amplitude=_uniform(next(ks), p.puff_amplitude, (npf,)))
-  # Waves: the origin column anywhere from half a field left to half a field right.
-  w_speed = _uniform(next(ks), p.wave_speed_um_per_s, (nw,))
-  w_x0 = jax.random.uniform(next(ks), (nw,), minval=-0.5 * W, maxval=1.5 * W)
-  # Start so that the wave is (at least partly) inside the movie: arrival at the
-  # nearest column of the field between -crossing time and the movie's end.
+      kind=jnp.full((npf,), PUFF, jnp.int32), active=r.bernoulli(p.puff_probability, npf),
+      t0_ms=f_t0, y_px=f_y, x_px=f_x, fwhm_um=r.uniform(p.puff_fwhm_um, npf), rise_ms=f_rise,
+      plateau_ms=f_plateau, tau_ms=r.uniform(p.puff_tau_ms, npf),
+      speed_um_per_s=jnp.zeros((npf,)), amplitude=r.uniform(p.puff_amplitude, npf))
+  # Waves: origin column from half a field left to half a field right; the wave
+  # reaches the field's nearest column between -30% and +70% of the movie.
+  w_speed = r.uniform(p.wave_speed_um_per_s, nw)
+  w_x0 = r.uniform((-0.5 * W, 1.5 * W), nw)
   dist_um = jnp.maximum(jnp.maximum(-w_x0, w_x0 - (W - 1)), 0.0) * geom.pixel_size_um
-  lead_ms = dist_um / w_speed * 1000.0
-  w_t0 = jax.random.uniform(next(ks), (nw,), minval=-0.3 * t_ms, maxval=0.7 * t_ms) - lead_ms
+  w_t0 = r.uniform((-0.3 * t_ms, 0.7 * t_ms), nw) - dist_um / w_speed * 1000.0
   waves = dict(
-      kind=jnp.full((nw,), WAVE), active=jax.random.bernoulli(next(ks), p.wave_probability, (nw,)),
+      kind=jnp.full((nw,), WAVE, jnp.int32), active=r.bernoulli(p.wave_probability, nw),
       t0_ms=w_t0, y_px=jnp.zeros((nw,)), x_px=w_x0, fwhm_um=jnp.zeros((nw,)),
-      rise_ms=_uniform(next(ks), p.wave_rise_ms, (nw,)), plateau_ms=jnp.zeros((nw,)),
-      tau_ms=_uniform(next(ks), p.wave_tau_ms, (nw,)), speed_um_per_s=w_speed,
-      amplitude=_uniform(next(ks), p.wave_amplitude, (nw,)))
-  ev = Events(**{k: jnp.concatenate([jnp.asarray(d[k], jnp.float32 if k not in ("kind", "active")
-                                                 else d[k].dtype)
-                                     for d in (sparks, puffs, waves)])
-                 for k in sparks})
-  ev = ev.replace(kind=ev.kind.astype(jnp.int32))
-  return Scene(
-      f0_photons=_log_uniform(next(ks), p.f0_photons),
-      background_photons=_uniform(next(ks), p.background_photons),
+      rise_ms=r.uniform(p.wave_rise_ms, nw), plateau_ms=jnp.zeros((nw,)),
+      tau_ms=r.uniform(p.wave_tau_ms, nw), speed_um_per_s=w_speed,
+      amplitude=r.uniform(p.wave_amplitude, nw))
+  cat = {k: jnp.concatenate([d[k] for d in (sparks, puffs, waves)]) for k in sparks}
+  ev = Events(**{k: (v if k in ("kind", "active") else f32(v)) for k, v in cat.items()})
+  scene = Scene(
+      f0_photons=r.log_uniform(p.f0_photons),
+      background_photons=r.uniform(p.background_photons),
       top_px=top, bottom_px=bottom, top_slope=top_slope, bottom_slope=bottom_slope,
-      striation_spacing_um=_uniform(next(ks), p.striation_spacing_um),
-      striation_depth=_uniform(next(ks), p.striation_depth),
-      striation_angle_rad=jnp.deg2rad(_uniform(next(ks), (-p.striation_angle_deg,
-                                                          p.striation_angle_deg))),
-      striation_phase=_uniform(next(ks), (0.0, 2 * math.pi)),
-      tilt_y=_uniform(next(ks), (-p.illumination_tilt, p.illumination_tilt)),
-      tilt_x=_uniform(next(ks), (-p.illumination_tilt, p.illumination_tilt)),
-      bleach_rate_per_s=_uniform(next(ks), p.bleach_rate_per_s),
+      striation_spacing_um=r.uniform(p.striation_spacing_um),
+      striation_depth=r.uniform(p.striation_depth),
+      striation_angle_rad=jnp.deg2rad(r.uniform((-p.striation_angle_deg,
+                                                 p.striation_angle_deg))),
+      striation_phase=r.uniform((0.0, 2 * math.pi)),
+      tilt_y=r.uniform((-p.illumination_tilt, p.illumination_tilt)),
+      tilt_x=r.uniform((-p.illumination_tilt, p.illumination_tilt)),
+      bleach_rate_per_s=r.uniform(p.bleach_rate_per_s),
       events=ev)
+  assert r.i == r.u.shape[0], (r.i, r.u.shape)
+  return scene
 
 
 # --------------------------------------------------------------------------- render
