@@ -192,6 +192,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.events = get_events_config()
   config.infer = get_infer_config()
 
+  # Training-time gain jitter of the normalized input (log-uniform factor): robustness to
+  # the whole-movie normalization of long movies (bleaching, cell coverage).
+  config.input_scale = (0.75, 1.33)
+
   config.num_train_steps = 600
   config.batch_size = 4
   config.learning_rate = 3e-3

@@ -366,3 +366,39 @@ def test_predict_round_trip_and_bad_input(tiny_run, tmp_path, capsys):
   summary = open(os.path.join(out, "summary.csv")).read()
   assert "error:single_frame" in summary and "error:not_found" in summary
   assert summary.count(",ok") == 1
+
+
+def test_evaluate_scores_an_annotated_movie(tiny_run, tmp_path):
+  from smlm_jax.sparks import evaluate
+  workdir, _ = tiny_run
+  t, y, x = np.meshgrid(np.arange(24), np.arange(16), np.arange(24), indexing="ij")
+  spark = np.exp(-((y - 8) ** 2 + (x - 12) ** 2) / 20) * np.exp(-np.abs(t - 12) / 3)
+  movie = 100 + np.random.default_rng(1).poisson(20 * (1 + spark)).astype(np.float32)
+  labels = np.where(spark > 0.3, sim.SPARK, sim.BACKGROUND).astype(np.uint8)
+  labels[:2] = labels[-2:] = sim.IGNORE
+  mpath, lpath = str(tmp_path / "m.tif"), str(tmp_path / "l.tif")
+  tiff_io.write_image(mpath, movie, "TYX")
+  tiff_io.write_image(lpath, labels, "TYX")
+  out = str(tmp_path / "eval")
+  m = evaluate.evaluate_annotated(workdir, [mpath], [lpath], output=out, log=lambda *a, **k: None)
+  assert m["spark"]["tp"] + m["spark"]["fn"] == 1
+  assert m["wave"]["tp"] + m["wave"]["fn"] == 0
+  assert np.asarray(m["confusion"]).shape == (4, 4)
+  assert os.path.exists(os.path.join(out, "metrics.json"))
+  bad = np.zeros((3, 16, 24), np.uint8)
+  tiff_io.write_image(lpath, bad, "TYX")
+  with pytest.raises(tiff_io.MovieError, match="do not match"):
+    evaluate.evaluate_annotated(workdir, [mpath], [lpath], output=out)
+
+
+def test_predict_command_fails_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  r = subprocess.run([sys.executable, "-m", "smlm_jax.sparks.predict",
+                      f"--workdir={tmp_path / 'none'}", f"--input={tmp_path}",
+                      f"--output={tmp_path / 'out'}"], capture_output=True, text=True, env=env,
+                     timeout=120)
+  assert r.returncode == 2
+  lines = [l for l in r.stderr.splitlines() if l.strip() and "WARNING" not in l]
+  assert len(lines) == 1 and lines[0].startswith("error:") and "no checkpoints" in lines[0]

@@ -4,7 +4,8 @@ One step (inside the trainer's jitted step):
   per-movie keys fold_in(step_key, i), i < B, sharded on 'data'
   -> simulator.from_keys: resting cell + sparks / puffs / waves, exact Poisson + camera
      (ADU [B, T, H, W]), labels [B, T, H, W] in {0..4} (4 = ignore)
-  -> model_input: ADU -> photons -> divided by the movie's mean (one channel)
+  -> model_input: ADU -> photons -> [photons / movie mean (times a per-movie gain drawn
+     log-uniformly from config.input_scale: augmentation), dF/F0 estimate]
   -> model: logits [B, T, H, W, 4] (background, spark, wave, puff)
   -> loss (config.loss.name): weighted cross-entropy 'ce', softmax 'focal',
      Lovasz-softmax 'lovasz', or 'sum' = ce_weight CE + focal_weight focal +
@@ -14,6 +15,8 @@ events (smlm_jax.sparks.events) -> IoMin matching -> per-class precision, recall
 plus voxel IoU per class.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +32,28 @@ from smlm_jax.sparks import model as model_lib
 from smlm_jax.sparks import simulator as sim_lib
 
 LOSSES = ("ce", "focal", "lovasz", "sum")
+INPUT_CHANNELS = 2
 
 
 def model_input(adu, camera: Camera, eps: float = 1e-3):
-  """ADU [..., T, H, W] -> network input [..., T, H, W, 1]: photons divided by their
-  mean over the whole movie (so a long movie must be normalized before chunking)."""
+  """ADU [..., T, H, W] -> network input [..., T, H, W, 2], computed over the whole
+  movie (a long movie is normalized before it is cut into chunks):
+
+  * channel 0: photons divided by the movie's mean photons (cell, striations, events);
+  * channel 1: a dF/F0 estimate, photons / F0 - 1, with F0 the per-pixel temporal
+    median of the photons smoothed over 3 x 3 pixels and floored at a quarter of the
+    movie's mean (out-of-cell pixels then stay near -1 instead of exploding), clipped
+    to [-1, 4].
+  """
   photons = (adu - camera.offset_adu) / camera.adu_per_photon
-  mean = jnp.mean(photons, axis=(-3, -2, -1), keepdims=True)
-  return (photons / jnp.maximum(mean, eps))[..., None]
+  mean = jnp.maximum(jnp.mean(photons, axis=(-3, -2, -1), keepdims=True), eps)
+  f0 = jnp.median(photons, axis=-3, keepdims=True)
+  pad = [(0, 0)] * (f0.ndim - 2) + [(1, 1), (1, 1)]
+  fp = jnp.pad(f0, pad, mode="edge")
+  h, w = f0.shape[-2:]
+  f0 = sum(fp[..., i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+  dff = jnp.clip(photons / jnp.maximum(f0, 0.25 * mean) - 1.0, -1.0, 4.0)
+  return jnp.stack([photons / mean, dff], axis=-1)
 
 
 def segmentation_loss(logits, labels, loss_cfg, key=None):
@@ -89,13 +106,20 @@ class SparksTask(Task):
     return self.simulator.camera
 
   def init_variables(self, key):
-    x = jnp.zeros((1,) + self.simulator.geometry.shape + (1,), jnp.float32)
+    x = jnp.zeros((1,) + self.simulator.geometry.shape + (INPUT_CHANNELS,), jnp.float32)
     return self.model.init(key, x, train=False)
 
   def make_batch(self, key, host_batch, shard):
     keys = shard(sim_lib.movie_keys(key, jnp.arange(self.config.batch_size)))
     out = self.simulator.from_keys(keys)
     x = model_input(out["adu"], self.camera)
+    lo, hi = (float(v) for v in self.config.get("input_scale", (1.0, 1.0)))
+    if (lo, hi) != (1.0, 1.0):
+      # Per-movie gain jitter of the normalized input: on long real movies the whole-movie
+      # mean differs from a 64-frame crop's (bleaching, events, cell coverage).
+      u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), ()))(keys)
+      gain = jnp.exp(math.log(lo) + u * math.log(hi / lo))[:, None, None, None]
+      x = x.at[..., 0].multiply(gain)
     return shard({"x": x, "labels": out["labels"]})
 
   def loss(self, params, batch_stats, batch, step, key):
@@ -106,7 +130,7 @@ class SparksTask(Task):
 
   # ------------------------------------------------------------------- evaluation
   def predict_fn(self, mesh):
-    """Jitted (state, x [B, T, H, W, 1]) -> class probabilities [B, T, H, W, 4]."""
+    """Jitted (state, x [B, T, H, W, 2]) -> class probabilities [B, T, H, W, 4]."""
     data = NamedSharding(mesh, P("data"))
 
     def predict(state, x):
@@ -118,7 +142,7 @@ class SparksTask(Task):
     return jax.jit(predict)
 
   def simulate_set(self, num_movies: int, seed: int, mesh):
-    """A fixed, seeded set: dict of numpy arrays (x [N, T, H, W, 1], labels,
+    """A fixed, seeded set: dict of numpy arrays (x [N, T, H, W, 2], labels,
     instances [N, T, H, W], kind / active / amplitude [N, E])."""
     data = NamedSharding(mesh, P("data"))
     bs = trainer.divisible_batch(self.config.eval_batch_size, mesh)
@@ -137,7 +161,7 @@ class SparksTask(Task):
     return {k: np.concatenate([p[k] for p in parts])[:num_movies] for k in parts[0]}
 
   def predict(self, state, x, mesh):
-    """Class probabilities (numpy) of normalized movies x [N, T, H, W, 1]."""
+    """Class probabilities (numpy) of normalized movies x [N, T, H, W, 2]."""
     fn = self.predict_fn(mesh)
     return trainer.batched(lambda chunk: fn(state, chunk), x, self.config.eval_batch_size,
                            mesh)
