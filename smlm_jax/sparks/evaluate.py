@@ -120,7 +120,10 @@ def plot_amplitude(table: dict, path: str, title: str = ""):
     ax.plot(centers, [r["recall"] for r in rows], ":", alpha=0.6, label=f"{name} recall")
   ax.axhline(0.9, color="0.6", lw=0.8, ls="--")
   ax.set(xlabel="true peak dF/F0", ylabel="F1 / recall", ylim=(0, 1.05), title=title)
-  ax.legend(fontsize=7)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
+  else:
+    ax.text(0.5, 0.5, "no true events", ha="center", transform=ax.transAxes)
   plotting.save(fig, path)
 
 
