@@ -66,8 +66,14 @@ def main(argv):
   print(f"training wall-clock: {seconds:.0f} s; process CPU time: {cpu:.0f} s "
         f"(= {cpu / 2:.0f} s on 2 fully used cores)")
   t0 = time.time()
+  # Event extraction (post-processing) with --config's settings, so that they can be
+  # revised (on the validation seed) without retraining.
+  ev = config.events
+  print(f"event extraction: min_duration_ms={tuple(ev.min_duration_ms)} "
+        f"min_area_um2={tuple(ev.min_area_um2)} (spark, wave, puff); "
+        f"IoMin >= {ev.iomin_threshold}")
   m = evaluate_lib.evaluate_simulated(workdir, _NUM.value, _SEED.value,
-                                      os.path.join(workdir, "study"))
+                                      os.path.join(workdir, "study"), events_config=ev)
   print(f"test evaluation: {time.time() - t0:.0f} s")
   print(f"RESULT f1_sparks={m['spark']['f1']:.3f} f1_waves={m['wave']['f1']:.3f} "
         f"f1_puffs={m['puff']['f1']:.3f} seconds={seconds:.0f}")

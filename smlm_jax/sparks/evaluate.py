@@ -36,11 +36,16 @@ TEST_SEED = 777
 
 
 def evaluate_simulated(workdir: str, num_movies: int, seed: int, output: str | None = None,
-                       log=print) -> dict:
+                       log=print, events_config=None) -> dict:
+  """Scores the run on ``num_movies`` movies simulated from ``seed`` with its own priors;
+  ``events_config`` (a ``config.events`` ConfigDict) replaces the run's event-extraction
+  settings (post-processing only: the network is unchanged)."""
   from smlm_jax.core import trainer
-  from smlm_jax.sparks import events as events_lib
   mesh = trainer.make_mesh()
   config, task, state = trainer.load_run(workdir, mesh)
+  if events_config is not None:
+    config.events = events_config
+    task.config.events = events_config
   if seed in (int(config.eval_seed),):
     log(f"warning: --seed={seed} is the validation seed of this run", file=sys.stderr)
   data = task.simulate_set(num_movies, seed, mesh)
