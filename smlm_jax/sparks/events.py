@@ -55,8 +55,8 @@ class EventSpec:
   spark_min_distance_ms: float = 20.0
   smooth_sigma_px: float = 2.0
   smooth_sigma_frames: float = 1.0
-  min_duration_ms: tuple = (13.6, 20.0, 34.0)
-  min_area_um2: tuple = (0.36, 4.0, 0.36)
+  min_duration_ms: tuple = (13.6, 20.0, 81.6)   # as configs/sparks.py get_events_config
+  min_area_um2: tuple = (1.2, 20.0, 0.36)
   iomin_threshold: float = 0.5
 
   def min_frames(self, cls: int) -> int:
