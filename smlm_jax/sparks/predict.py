@@ -2,7 +2,7 @@
 
   python -m smlm_jax.sparks.predict --workdir=runs/sparks --input=movies/ --output=out/ \
       [--chunk_frames=256 --stride_frames=128] [--pixel_size_nm=200 --frame_interval_s=0.0068] \
-      [--camera_offset_adu=100 --camera_gain_adu_per_e=1] [--no_probabilities] [--no_plots]
+      [--camera_offset_adu=100 --camera_gain_adu_per_e=1] [--noprobabilities] [--noplots]
 
 Inputs: TIFF files or folders (searched recursively; shell globs work), each one
 movie [T, H, W] (one channel; any frame size and length, at least 8 frames), in
