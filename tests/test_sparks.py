@@ -402,3 +402,20 @@ def test_predict_command_fails_in_one_line(tmp_path):
   assert r.returncode == 2
   lines = [l for l in r.stderr.splitlines() if l.strip() and "WARNING" not in l]
   assert len(lines) == 1 and lines[0].startswith("error:") and "no checkpoints" in lines[0]
+
+
+def test_model_input_dff_channel_keeps_a_long_event():
+  """Channel 1 is photons / F0 - 1 with F0 a low temporal quantile: an event lasting 65%
+  of the movie (a median F0 would absorb it) still reads its dF/F0; channel 0 is the
+  photons over the movie's mean."""
+  camera = sim.simulator_from_config(sparks_config.get_config("tiny").sim).camera
+  photons = np.full((20, 12, 12), 20.0, np.float32)
+  photons[:13, 3:9, 3:9] *= 1.5                         # dF/F0 = 0.5 for 13 of 20 frames
+  adu = photons * camera.adu_per_photon + camera.offset_adu
+  x = np.asarray(task_lib.model_input(jnp.asarray(adu), camera))
+  assert x.shape == (20, 12, 12, task_lib.INPUT_CHANNELS)
+  np.testing.assert_allclose(x[:13, 5:7, 5:7, 1], 0.5, atol=1e-5)
+  np.testing.assert_allclose(x[13:, 5:7, 5:7, 1], 0.0, atol=1e-5)
+  np.testing.assert_allclose(x[:, 0, 0, 1], 0.0, atol=1e-5)
+  np.testing.assert_allclose(x[..., 0].mean(), 1.0, atol=1e-5)
+  assert float(np.median(photons[:, 5, 5])) == 30.0      # a median F0 would absorb it
