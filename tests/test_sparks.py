@@ -1,0 +1,421 @@
+"""Ca2+ release events: simulator physics and labels, losses with ignore, exact chunked
+inference, event extraction and IoMin matching, training and the command-line tools."""
+import csv
+import io
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import sparks as sparks_config
+from smlm_jax.core import tiff_io, trainer
+from smlm_jax.sparks import events as ev_lib
+from smlm_jax.sparks import inference, model as model_lib
+from smlm_jax.sparks import simulator as sim
+from smlm_jax.sparks import task as task_lib
+
+GEOM = sim.Geometry(num_frames=40, height_px=32, width_px=48)
+SPEC = sim.LabelSpec(event_fraction=0.3, ring_fraction=0.1, ignore_frames=3)
+
+
+def scene(events, **kw):
+  """A uniform cell filling the field (no striation, tilt or bleaching) with events."""
+  n = len(events)
+  cols = {k: jnp.asarray([e.get(k, 0.0) for e in events], jnp.float32)
+          for k in ("t0_ms", "y_px", "x_px", "fwhm_um", "rise_ms", "plateau_ms", "tau_ms",
+                    "speed_um_per_s", "amplitude")}
+  evs = sim.Events(kind=jnp.asarray([e["kind"] for e in events], jnp.int32),
+                   active=jnp.asarray([e.get("active", True) for e in events]), **cols)
+  base = dict(f0_photons=20.0, background_photons=1.0, top_px=-100.0, bottom_px=100.0,
+              top_slope=0.0, bottom_slope=0.0, striation_spacing_um=1.9,
+              striation_depth=0.0, striation_angle_rad=0.0, striation_phase=0.0,
+              tilt_y=0.0, tilt_x=0.0, bleach_rate_per_s=0.0)
+  base.update(kw)
+  return sim.Scene(events=evs, **{k: jnp.float32(v) for k, v in base.items()})
+
+
+_render = jax.jit(sim.render, static_argnums=(1, 2))
+
+
+def render(s, geom=GEOM, spec=SPEC):
+  return jax.tree.map(np.asarray, _render(s, geom, spec))
+
+
+# ----------------------------------------------------------------------------- physics
+def test_spark_amplitude_fwhm_and_decay_match_drawn_parameters():
+  dt = GEOM.frame_interval_ms
+  amp, fwhm_um, rise, tau = 0.8, 2.2, 9.0, 30.0
+  k_peak = 10
+  spark = dict(kind=sim.SPARK, t0_ms=k_peak * dt - rise, y_px=16.0, x_px=20.0,
+               fwhm_um=fwhm_um, rise_ms=rise, tau_ms=tau, amplitude=amp)
+  out = render(scene([spark], striation_depth=0.2, bleach_rate_per_s=0.5))
+  # dF/F0 recovered from the expected photons (background and bleached F0 removed).
+  t_s = np.arange(GEOM.num_frames) * dt / 1000
+  f0 = out["f0"][None] * np.exp(-0.5 * t_s)[:, None, None]
+  dff = (out["expected_photons"] - 1.0) / f0 - 1.0
+  np.testing.assert_allclose(dff, out["dff"], atol=1e-4)
+  trace = dff[:, 16, 20]
+  assert int(np.argmax(trace)) == k_peak
+  assert trace[k_peak] == pytest.approx(amp, rel=1e-4)
+  # FWHM: half-maximum crossings along x through the centre, linearly interpolated.
+  row = dff[k_peak, 16]
+  above = np.nonzero(row >= amp / 2)[0]
+  lo, hi = above[0], above[-1]
+  left = lo - 1 + (amp / 2 - row[lo - 1]) / (row[lo] - row[lo - 1])
+  right = hi + (row[hi] - amp / 2) / (row[hi] - row[hi + 1])
+  assert (right - left) * GEOM.pixel_size_um == pytest.approx(fwhm_um, rel=0.03)
+  # Decay: log-linear fit after the peak.
+  k = np.arange(k_peak + 1, k_peak + 12)
+  slope = np.polyfit(k * dt, np.log(trace[k]), 1)[0]
+  assert -1.0 / slope == pytest.approx(tau, rel=1e-3)
+  # Rise: linear over the drawn time to peak (the frame before the peak).
+  assert trace[k_peak - 1] == pytest.approx(amp * (rise - dt) / rise, rel=1e-3)
+
+
+def test_wave_travels_at_the_drawn_speed():
+  dt = GEOM.frame_interval_ms
+  v = 90.0    # um/s
+  wave = dict(kind=sim.WAVE, t0_ms=20.0, x_px=-5.0, rise_ms=15.0, tau_ms=120.0,
+              speed_um_per_s=v, amplitude=1.0)
+  out = render(scene([wave]))
+  dff = out["dff"][:, 10]                    # [T, W] at one row
+  t = np.arange(GEOM.num_frames) * dt
+  # Half-maximum arrival time at each column (interpolated on the rising edge).
+  arrivals, cols = [], []
+  for x in range(0, GEOM.width_px, 4):
+    tr = dff[:, x]
+    k = int(np.argmax(tr >= 0.5))
+    if k == 0 or tr[k] < 0.5:
+      continue
+    arrivals.append(t[k - 1] + (0.5 - tr[k - 1]) / (tr[k] - tr[k - 1]) * dt)
+    cols.append(x)
+  assert len(cols) >= 5
+  slope_ms_per_px = np.polyfit(cols, arrivals, 1)[0]
+  speed = GEOM.pixel_size_um / slope_ms_per_px * 1000.0
+  assert speed == pytest.approx(v, rel=0.02)
+  # The band covers every row of the cell at once.
+  assert np.allclose(out["dff"][:, 0], out["dff"][:, -1])
+  assert (out["labels"][5:-5] == sim.WAVE).any()
+
+
+def test_labels_cover_events_and_the_spark_ignore_ring():
+  dt = GEOM.frame_interval_ms
+  spark = dict(kind=sim.SPARK, t0_ms=10 * dt, y_px=16.0, x_px=12.0, fwhm_um=2.0,
+               rise_ms=10.0, tau_ms=25.0, amplitude=0.5)
+  puff = dict(kind=sim.PUFF, t0_ms=5 * dt, y_px=16.0, x_px=38.0, fwhm_um=2.0,
+              rise_ms=15.0, plateau_ms=100.0, tau_ms=30.0, amplitude=0.3)
+  off = dict(kind=sim.SPARK, active=False, t0_ms=10 * dt, y_px=5.0, x_px=40.0,
+             fwhm_um=2.0, rise_ms=10.0, tau_ms=25.0, amplitude=1.0)
+  s = scene([spark, puff, off])
+  out = render(s)
+  rel = np.asarray(jax.jit(sim.event_rel, static_argnums=1)(s.events, GEOM))
+  lab, inst = out["labels"], out["instances"]
+  inner = np.zeros(lab.shape, bool)
+  inner[SPEC.ignore_frames:-SPEC.ignore_frames] = True
+  core = (rel[0] >= 0.3) & inner
+  ring = (rel[0] >= 0.1) & (rel[0] < 0.3) & inner & (rel[1] < 0.3)
+  assert core.sum() > 100 and ring.sum() > 100
+  assert np.all(lab[core] == sim.SPARK) and np.all(inst[core] == 1)
+  assert np.all(lab[ring] == sim.IGNORE) and np.all(inst[ring] == 0)
+  puff_core = (rel[1] >= 0.3) & inner
+  assert np.all(lab[puff_core] == sim.PUFF) and np.all(inst[puff_core] == 2)
+  # The inactive slot leaves no trace; far voxels are background.
+  assert not np.any(inst == 3)
+  assert np.all(lab[inner & (rel[0] < 0.1) & (rel[1] < 0.3)] == sim.BACKGROUND)
+  # First/last frames are ignore with no instance.
+  for k in (0, SPEC.ignore_frames - 1, -1):
+    assert np.all(lab[k] == sim.IGNORE) and np.all(inst[k] == 0)
+  # Events exist only inside the cell: a cell ending at row 12 clips the spark.
+  out2 = render(scene([spark], bottom_px=12.0))
+  assert not np.any(out2["labels"][:, 14:] == sim.SPARK)
+  assert np.abs(out2["dff"][:, 20:] * out2["f0"][None, 20:]).max() < 1e-3 * 20
+
+
+def test_priors_and_activity_masks():
+  cfg = sparks_config.get_config()
+  simulator = sim.simulator_from_config(cfg.sim)
+  scenes = jax.jit(jax.vmap(lambda k: sim.draw_scene(k, simulator.priors,
+                                                     simulator.geometry)))(
+      jax.random.split(jax.random.key(1), 400))
+  e = jax.tree.map(np.asarray, scenes.events)
+  kinds = e.kind[0]
+  p = simulator.priors
+  assert list(kinds) == list(p.slot_classes())
+  sp = kinds == sim.SPARK
+  assert e.active[:, sp].mean() == pytest.approx(p.spark_probability, abs=0.04)
+  assert e.active[:, kinds == sim.WAVE].mean() == pytest.approx(p.wave_probability, abs=0.07)
+  assert p.spark_amplitude[0] <= e.amplitude[:, sp].min()
+  assert e.amplitude[:, sp].max() <= p.spark_amplitude[1]
+  assert p.spark_fwhm_um[0] <= e.fwhm_um[:, sp].min() <= e.fwhm_um[:, sp].max() <= p.spark_fwhm_um[1]
+  pf = kinds == sim.PUFF
+  assert p.puff_duration_ms[0] <= e.plateau_ms[:, pf].min()
+  assert e.plateau_ms[:, pf].max() <= p.puff_duration_ms[1]
+  # Centres lie inside the field.
+  assert e.y_px[:, sp].min() >= 0 and e.y_px[:, sp].max() <= simulator.geometry.height_px - 1
+
+
+# ----------------------------------------------------------------------------- losses
+def test_task_loss_hand_values_and_ignore():
+  cfg = sparks_config.get_config("tiny").loss
+  labels = jnp.asarray(np.random.default_rng(0).integers(0, 5, (2, 6, 5, 4)))
+  zeros = jnp.zeros(labels.shape + (4,))
+  for name, want in (("ce", math.log(4.0)), ("focal", 0.75 ** 2 * math.log(4.0)),
+                     ("lovasz", 0.75)):
+    c = cfg.copy_and_resolve_references()
+    c.name = name
+    c.lovasz_voxels = 0
+    loss = jax.jit(lambda lg: task_lib.segmentation_loss(lg, labels, c)[0])(zeros)
+    assert float(loss) == pytest.approx(want, rel=1e-5), name
+  # Ignored voxels: their logits change neither the loss nor the gradient elsewhere.
+  c = cfg.copy_and_resolve_references()
+  c.name, c.focal_weight, c.lovasz_voxels = "sum", 0.3, 0
+  logits = jax.random.normal(jax.random.key(2), labels.shape + (4,))
+  noise = jax.random.normal(jax.random.key(3), logits.shape) * 5.0
+  ignored = (labels == sim.IGNORE)[..., None]
+  moved = jnp.where(ignored, logits + noise, logits)
+  f = jax.jit(lambda lg: task_lib.segmentation_loss(lg, labels, c)[0])
+  assert float(f(logits)) == pytest.approx(float(f(moved)), rel=1e-6)
+  grad = jax.jit(jax.grad(f))
+  g1, g2 = grad(logits), grad(moved)
+  np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), atol=1e-7)
+  assert float(jnp.abs(jnp.where(ignored, g1, 0.0)).max()) == 0.0
+  # The sum is the weighted sum of its terms.
+  terms = jax.jit(lambda lg: task_lib.segmentation_loss(lg, labels, c)[1])(logits)
+  want = c.ce_weight * terms["ce"] + c.focal_weight * terms["focal"] + c.lovasz_weight * terms["lovasz"]
+  assert float(f(logits)) == pytest.approx(float(want), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- inference
+@pytest.fixture(scope="module")
+def tiny_model():
+  """(config, jitted softmax(model) on [B, T, 16, 24, 1], halo, alignment) of a
+  randomly initialized tiny network."""
+  cfg = sparks_config.get_config("tiny")
+  model = model_lib.build_model(cfg.model)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 16, 24, 1)))
+  f = jax.jit(lambda x: jax.nn.softmax(model.apply(params, x), -1))
+  return (cfg, lambda x: np.asarray(f(x)), model_lib.temporal_halo(cfg.model),
+          model_lib.time_alignment(cfg.model))
+
+
+def _movie(halo, align):
+  """A random normalized movie long enough for 4 exact chunks, and the chunking."""
+  chunk, stride = 2 * halo + 2 * align + 6, 2 * align
+  chunk += (-chunk) % align
+  T = chunk + 3 * stride
+  return np.asarray(jax.random.normal(jax.random.key(4), (T, 16, 24, 1))), chunk, stride
+
+
+def test_temporal_halo_bounds_the_receptive_field(tiny_model):
+  cfg, f, halo, align = tiny_model
+  x, _, _ = _movie(halo, align)
+  t0 = x.shape[0] // 2
+  y0 = f(x[None])
+  x1 = x.copy()
+  x1[t0] += 3.0
+  y1 = f(x1[None])
+  changed = np.nonzero(np.abs(y1 - y0).max(axis=(0, 2, 3, 4)) > 1e-6)[0]
+  assert changed.min() >= t0 - halo and changed.max() <= t0 + halo
+  assert changed.max() - changed.min() >= halo      # the bound is not loose by 2x
+
+
+def test_chunked_inference_equals_whole_movie(tiny_model):
+  cfg, predict_batch, halo, align = tiny_model
+  mesh = trainer.make_mesh()
+  x, chunk, stride = _movie(halo, align)
+  T = x.shape[0]
+  plan = inference.plan_chunks(T, chunk, stride, halo, align)
+  assert plan.exact, plan.reason
+  assert len(plan.starts) == 4
+  whole = predict_batch(x[None])[0]
+  chunked = inference.predict_chunked(predict_batch, x, plan, 2, mesh)
+  np.testing.assert_allclose(chunked, whole, atol=1e-4)  # float32 rounding
+  # Every frame is written exactly once and the kept ranges tile the movie.
+  assert plan.keep[0][0] == 0 and plan.keep[-1][1] == T
+  assert all(a[1] == b[0] for a, b in zip(plan.keep, plan.keep[1:]))
+  # Too little overlap is reported; a movie of any length (padded end) still works.
+  assert not inference.plan_chunks(T, chunk, chunk - 2, halo, align).exact
+  odd = inference.plan_chunks(T - 5, chunk, stride, halo, align)
+  out = inference.predict_chunked(predict_batch, x[:T - 5], odd, 2, mesh)
+  assert out.shape == (T - 5, 16, 24, 4) and np.all(np.isfinite(out))
+  np.testing.assert_allclose(out[:T - 5 - halo - align], whole[:T - 5 - halo - align],
+                             atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- events
+def test_iomin_matching_on_hand_made_instances():
+  shape = (10, 10, 10)
+  true = np.zeros(shape, np.int32)
+  pred = np.zeros(shape, np.int32)
+  ignore = np.zeros(shape, bool)
+  true_cls = np.array([0, sim.SPARK, sim.WAVE, sim.PUFF, sim.SPARK])
+  pred_cls = np.array([0, sim.SPARK, sim.PUFF, sim.PUFF, sim.SPARK, sim.SPARK])
+  true[0, 0, :10] = 1            # spark, 10 voxels
+  pred[0, 0, 4:10] = 1           # 6 of them,
+  pred[0, 1, 0:2] = 1            # plus 2 outside: IoMin 6 / min(10, 8) = 0.75 -> match
+  true[2, :4, :5] = 2            # wave, 20 voxels
+  pred[2, :4, :5] = 2            # predicted as a puff: class mismatch
+  true[4, 0, :10] = 3            # puff, 10 voxels
+  pred[4, 0, :4] = 3             # 4 of them,
+  pred[4, 1, :6] = 3             # plus 6 outside: IoMin 4 / 10 = 0.4 -> no match
+  true[6, 0, :4] = 4             # spark only in ignored voxels: not scored
+  ignore[6, 0, :4] = True
+  pred[6, 0, :4] = 4             # ... nor the prediction there
+  pred[8, 5, 5] = 5              # spurious spark
+  m = ev_lib.match_events(true, true_cls, pred, pred_cls, ignore, 0.5)
+  assert m["counts"][sim.SPARK] == (1, 1, 0)    # tp, fp (pred 5), fn
+  assert m["counts"][sim.WAVE] == (0, 0, 1)
+  assert m["counts"][sim.PUFF] == (0, 2, 1)
+  assert 4 not in m["true_ids"] and 4 not in m["pred_ids"]
+  conf = m["confusion"]
+  assert conf[sim.SPARK, sim.SPARK] == 1 and conf[sim.WAVE, sim.PUFF] == 1
+  assert conf[sim.PUFF, 0] == 1 and conf[0, sim.PUFF] == 1 and conf[0, sim.SPARK] == 1
+  assert conf.sum() == 5
+  # IoMin (not IoU): a small prediction inside a big true event matches.
+  true2 = np.zeros(shape, np.int32)
+  true2[:, :6, :6] = 1
+  pred2 = np.zeros(shape, np.int32)
+  pred2[3:5, 2:4, 2:4] = 1
+  m2 = ev_lib.match_events(true2, np.array([0, 2]), pred2, np.array([0, 2]),
+                           np.zeros(shape, bool))
+  assert m2["counts"][sim.WAVE] == (1, 0, 0)
+
+
+def test_extraction_splits_merged_sparks_and_drops_small_events():
+  spec = ev_lib.EventSpec()
+  T, H, W = 20, 24, 40
+  t, y, x = np.meshgrid(np.arange(T), np.arange(H), np.arange(W), indexing="ij")
+  dff = (np.exp(-((y - 12) ** 2 + (x - 12) ** 2) / 18 - (t - 8) ** 2 / 4)
+         + np.exp(-((y - 12) ** 2 + (x - 22) ** 2) / 18 - (t - 9) ** 2 / 4))
+  classes = np.zeros((T, H, W), np.uint8)
+  classes[dff > 0.3] = sim.SPARK                   # one merged component, two peaks
+  classes[15, 2, 2] = sim.SPARK                    # a 1-voxel speck: dropped
+  classes[2:14, 18:22, 30:34] = sim.PUFF           # 12 frames x 16 px puff: kept
+  assert ev_lib.ndimage.label(classes == sim.SPARK, structure=np.ones((3, 3, 3)))[1] == 2
+  inst, cls_of = ev_lib.instances_from_classes(classes, spec, dff)
+  events = ev_lib.describe(inst, cls_of, dff, spec)
+  sparks = sorted((e for e in events if e.cls == sim.SPARK), key=lambda e: e.x_px)
+  assert len(sparks) == 2 and sum(e.cls == sim.PUFF for e in events) == 1
+  assert (sparks[0].y_px, sparks[0].x_px) == (12, 12)
+  assert (sparks[1].y_px, sparks[1].x_px) == (12, 22)
+  assert sparks[0].amplitude == pytest.approx(dff[8, 12, 12])
+  puff = [e for e in events if e.cls == sim.PUFF][0]
+  assert (puff.t_start, puff.t_end) == (2, 13)
+  assert puff.duration_ms == pytest.approx(12 * spec.frame_interval_ms)
+  assert puff.area_um2 == pytest.approx(16 * 0.04)
+  # Without the peak map the merged sparks stay one event.
+  inst1, cls1 = ev_lib.instances_from_classes(classes, spec, None)
+  assert sum(c == sim.SPARK for c in cls1) == 1
+
+
+# ----------------------------------------------------------------------------- training + CLI
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  cfg = sparks_config.get_config("tiny")
+  workdir = str(tmp_path_factory.mktemp("sparks") / "run")
+  metrics = trainer.train_and_evaluate(cfg, workdir)
+  return workdir, metrics
+
+
+def test_two_training_steps_through_the_shared_trainer(tiny_run):
+  workdir, metrics = tiny_run
+  assert {"spark", "wave", "puff", "voxel_iou", "confusion"} <= set(metrics)
+  rows = [__import__("json").loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [r["step"] for r in rows if "loss" in r]
+  assert steps == [1, 2] and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+  assert any("eval/spark/f1" in r for r in rows)
+  config, task, state = trainer.load_run(workdir)
+  assert int(state["step"]) == 2 and config.task == "sparks"
+
+
+def test_predict_round_trip_and_bad_input(tiny_run, tmp_path, capsys):
+  from smlm_jax.sparks import predict
+  workdir, _ = tiny_run
+  # 40 frames (longer than the tiny run's 16-frame chunks): a cell with one spark.
+  t, y, x = np.meshgrid(np.arange(40), np.arange(16), np.arange(24), indexing="ij")
+  spark = 0.8 * np.exp(-((y - 8) ** 2 + (x - 12) ** 2) / 20) * np.exp(-np.abs(t - 20) / 4)
+  movie = 100 + np.random.default_rng(0).poisson(20 * (1 + spark)).astype(np.float32)
+  good = str(tmp_path / "cell.tif")
+  tiff_io.write_image(good, movie.astype(np.float32), "TYX", pixel_size_nm=200.0,
+                      frame_interval_s=0.0068)
+  flat = str(tmp_path / "frame.tif")
+  tiff_io.write_image(flat, movie[0], "YX")
+  out = str(tmp_path / "out")
+  code = predict.run(workdir, [good, flat, str(tmp_path / "missing.tif")], out,
+                     plots=True)
+  err = capsys.readouterr().err
+  assert code == 1
+  assert err.count("error:") == 2 and "single 2D frame" in err
+  classes = tiff_io.read_image(os.path.join(out, "cell_classes.tif"))
+  assert classes.data.shape == movie.shape and classes.data.max() <= 3
+  assert classes.pixel_size_nm == pytest.approx(200.0)
+  assert classes.frame_interval_s == pytest.approx(0.0068)
+  probs = tiff_io.read_image(os.path.join(out, "cell_probabilities.tif"))
+  assert probs.data.shape == (movie.shape[0], 4) + movie.shape[1:]
+  np.testing.assert_allclose(probs.data.sum(1), 1.0, atol=1e-4)
+  np.testing.assert_array_equal(np.argmax(probs.data, 1), classes.data)
+  text = open(os.path.join(out, "cell_events.csv")).read()
+  rows = list(csv.reader(l for l in io.StringIO(text) if not l.startswith("#")))
+  assert tuple(rows[0]) == predict.EVENT_COLUMNS
+  inst = tiff_io.read_image(os.path.join(out, "cell_instances.tif")).data
+  assert len(rows) - 1 == len(np.unique(inst[inst > 0]))
+  assert os.path.exists(os.path.join(out, "cell_events.png"))
+  summary = open(os.path.join(out, "summary.csv")).read()
+  assert "error:single_frame" in summary and "error:not_found" in summary
+  assert summary.count(",ok") == 1
+
+
+def test_evaluate_scores_an_annotated_movie(tiny_run, tmp_path):
+  from smlm_jax.sparks import evaluate
+  workdir, _ = tiny_run
+  t, y, x = np.meshgrid(np.arange(24), np.arange(16), np.arange(24), indexing="ij")
+  spark = np.exp(-((y - 8) ** 2 + (x - 12) ** 2) / 20) * np.exp(-np.abs(t - 12) / 3)
+  movie = 100 + np.random.default_rng(1).poisson(20 * (1 + spark)).astype(np.float32)
+  labels = np.where(spark > 0.3, sim.SPARK, sim.BACKGROUND).astype(np.uint8)
+  labels[:2] = labels[-2:] = sim.IGNORE
+  mpath, lpath = str(tmp_path / "m.tif"), str(tmp_path / "l.tif")
+  tiff_io.write_image(mpath, movie, "TYX")
+  tiff_io.write_image(lpath, labels, "TYX")
+  out = str(tmp_path / "eval")
+  m = evaluate.evaluate_annotated(workdir, [mpath], [lpath], output=out, log=lambda *a, **k: None)
+  assert m["spark"]["tp"] + m["spark"]["fn"] == 1
+  assert m["wave"]["tp"] + m["wave"]["fn"] == 0
+  assert np.asarray(m["confusion"]).shape == (4, 4)
+  assert os.path.exists(os.path.join(out, "metrics.json"))
+  bad = np.zeros((3, 16, 24), np.uint8)
+  tiff_io.write_image(lpath, bad, "TYX")
+  with pytest.raises(tiff_io.MovieError, match="do not match"):
+    evaluate.evaluate_annotated(workdir, [mpath], [lpath], output=out)
+
+
+def test_predict_command_fails_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  r = subprocess.run([sys.executable, "-m", "smlm_jax.sparks.predict",
+                      f"--workdir={tmp_path / 'none'}", f"--input={tmp_path}",
+                      f"--output={tmp_path / 'out'}"], capture_output=True, text=True, env=env,
+                     timeout=120)
+  assert r.returncode == 2
+  lines = [l for l in r.stderr.splitlines() if l.strip() and "WARNING" not in l]
+  assert len(lines) == 1 and lines[0].startswith("error:") and "no checkpoints" in lines[0]
+
+
+def test_model_input_dff_channel_keeps_a_long_event():
+  """Channel 1 is photons / F0 - 1 with F0 a low temporal quantile: an event lasting 65%
+  of the movie (a median F0 would absorb it) still reads its dF/F0; channel 0 is the
+  photons over the movie's mean."""
+  camera = sim.simulator_from_config(sparks_config.get_config("tiny").sim).camera
+  photons = np.full((20, 12, 12), 20.0, np.float32)
+  photons[:13, 3:9, 3:9] *= 1.5                         # dF/F0 = 0.5 for 13 of 20 frames
+  adu = photons * camera.adu_per_photon + camera.offset_adu
+  x = np.asarray(task_lib.model_input(jnp.asarray(adu), camera))
+  assert x.shape == (20, 12, 12, task_lib.INPUT_CHANNELS)
+  np.testing.assert_allclose(x[:13, 5:7, 5:7, 1], 0.5, atol=1e-5)
+  np.testing.assert_allclose(x[13:, 5:7, 5:7, 1], 0.0, atol=1e-5)
+  np.testing.assert_allclose(x[:, 0, 0, 1], 0.0, atol=1e-5)
+  np.testing.assert_allclose(x[..., 0].mean(), 1.0, atol=1e-5)
+  assert float(np.median(photons[:, 5, 5])) == 30.0      # a median F0 would absorb it
