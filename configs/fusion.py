@@ -107,6 +107,11 @@ def get_model_config() -> ml_collections.ConfigDict:
   model.upsample = "transpose"
   model.pool_factors = ((1, 2, 2), (2, 2, 2))      # unet3d only
   model.residual_blocks = False
+  # 'factorized': (2+1)D convs (a k x k conv per slice, then a k-tap conv along z; see
+  # smlm_jax/nn/unet.py), ~4x faster training steps than true 3D convs on CPU
+  # (1.06 vs 4.55 s per step of 4 x 24 x 32 x 32 on 2 cores), so ~5x more examples fit
+  # the CPU budget. 'full': true 3D convs (the gpu variant).
+  model.conv = "factorized"
   # Extra input channel: depth of each slice below the surface / depth_scale_um.
   model.depth_channel = False
   model.depth_scale_um = 100.0
@@ -131,18 +136,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Noiseless simulated examples reused with fresh noise and flips (0: simulate every
   # example inside the step, as on GPU).
   config.pool_size = 128
-  config.num_train_steps = 160
+  config.num_train_steps = 800
   config.batch_size = 4
   config.accumulate_steps = 1
   config.learning_rate = 3e-3
-  config.warmup_steps = 15
+  config.warmup_steps = 40
   config.weight_decay = 1e-4
   config.grad_clip_norm = 1.0
   config.schedule = "cosine"
 
   config.log_every_steps = 10
-  config.eval_every_steps = 80
-  config.checkpoint_every_steps = 80
+  config.eval_every_steps = 400
+  config.checkpoint_every_steps = 400
   config.max_to_keep = 2
   config.eval_num_volumes = 16
   config.eval_batch_size = 8
@@ -157,6 +162,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == "gpu":
     config.sim.shape = (64, 128, 128)
     config.model.kind = "unet3d"
+    config.model.conv = "full"
     config.pool_size = 0
     config.model.base_width = 32
     config.model.depth = 3

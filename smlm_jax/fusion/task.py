@@ -86,7 +86,8 @@ def build_model(model_cfg, sim_shape):
               convs_per_level=int(model_cfg.get("convs_per_level", 2)),
               norm=model_cfg.norm, upsample=model_cfg.get("upsample", "transpose"),
               pool_factors=tuple(tuple(p) for p in pool) if pool else None,
-              residual=bool(model_cfg.get("residual_blocks", False)))
+              residual=bool(model_cfg.get("residual_blocks", False)),
+              conv=model_cfg.get("conv", "full"))
 
 
 def fixed_slices(model_cfg, sim_shape) -> int | None:
