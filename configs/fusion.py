@@ -132,6 +132,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.kind = "ssim_l1"          # or 'n_ssim'
   config.loss.l1_weight = 1.0
   config.loss.ssim_weight = 1.0
+  # Percentile-normalize the prediction again inside the loss (as the metric does),
+  # and train against the noiseless fused view (see smlm_jax/fusion/task.py).
+  config.loss.renormalize = False
+  config.loss.clean_target = False
 
   # Noiseless simulated examples reused with fresh noise and flips (0: simulate every
   # example inside the step, as on GPU).
