@@ -14,9 +14,10 @@ One step (inside the trainer's jitted step; ``B`` = batch):
   -> model input [B, Z, Y, X, C]: the normalized view, and with model.depth_channel the
      depth of each slice below the surface / model.depth_scale_um
   -> U-Net (residual: prediction = normalized view + U-Net output): model.kind
-     'unet3d' (3D convolutions, any size) or 'unet2d_z' (a 2D U-Net over y, x with the
-     Z slices as channels: every layer sees the whole z column; XLA's 3D convolutions
-     on CPU run ~40x slower per step, see configs/fusion.py)
+     'unet3d' (any size; model.conv 'full' = true 3D convolutions, or 'factorized' =
+     (2+1)D convolutions, ~4x faster training steps on CPU, the CPU default) or
+     'unet2d_z' (a 2D U-Net over y, x with the Z slices as channels: every layer sees
+     the whole z column; cheapest, but it learned far less per example)
   -> loss: loss.l1_weight * L1 + loss.ssim_weight * (1 - SSIM), SSIM as the challenge's
      metric (7^3 uniform window, data_range 1); or loss.kind = 'n_ssim': -N_SSIM per
      volume (the input's SSIM is a constant per volume) + L1.
