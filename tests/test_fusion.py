@@ -265,6 +265,44 @@ def test_model_kinds_and_depth_channel():
     task_lib.build_model(cfg.model, (12, 16, 16))
 
 
+def test_clean_target_and_renormalized_loss_options(monkeypatch):
+  from smlm_jax.core import noise
+  from smlm_jax.fusion import task as task_lib
+  cfg = fusion_config.get_config("tiny")
+  cfg.loss.clean_target = True
+  task = task_lib.FusionTask(cfg)
+  rng = np.random.default_rng(6)
+  shape = (2,) + tuple(cfg.sim.shape)
+  host = {"view_photons": jnp.asarray(5 + 50 * rng.random(shape), jnp.float32),
+          "fused_photons": jnp.asarray(5 + 500 * rng.random(shape), jnp.float32),
+          "depth_um": jnp.zeros(shape[:2])}
+  make = jax.jit(lambda k: task.make_batch(k, host, lambda t: t))
+  b1, b2 = make(jax.random.key(1)), make(jax.random.key(2))
+  # Fresh noise on the view, none on the target: the normalized expected ADU.
+  assert _maxabs(b1["x"] - b2["x"]) > 0.01
+  np.testing.assert_array_equal(b1["target"], b2["target"])
+  ref = metrics.percentile_normalize(np.asarray(noise.expected_adu(
+      host["fused_photons"][0], task.sim.camera)))
+  np.testing.assert_allclose(b1["target"][0], ref, rtol=1e-5, atol=1e-5)
+  # loss.renormalize: the loss sees the prediction percentile-normalized, as the metric
+  # does, so it is blind to a gain and offset of the prediction. (The model is replaced
+  # by one that returns its "params".)
+  monkeypatch.setattr(task_lib, "apply_model", lambda model, params, *a, **k: (params, {}))
+  pred = jnp.asarray(rng.random(shape), jnp.float32)
+  for renormalize in (False, True):
+    cfg.loss.renormalize = renormalize
+    loss = jax.jit(lambda p: task.loss(p, {}, b1, 0, None)[0])
+    a, b = float(loss(pred)), float(loss(3.0 * pred + 1.0))
+    if renormalize:
+      assert a == pytest.approx(b, abs=1e-5)
+    else:
+      assert abs(a - b) > 0.1
+
+
+def _maxabs(a):
+  return float(np.abs(np.asarray(a)).max())
+
+
 def test_predict_keeps_voxel_size_metadata_and_reports_bad_inputs(tiny_fusion_run, tmp_path):
   workdir, _ = tiny_fusion_run
   rng = np.random.default_rng(4)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,6 +179,73 @@ def test_unet_rejects_bad_configs():
     snn.UNet(out_channels=1, spatial_dims=3).init(_key(), jnp.zeros((1, 8, 8, 1)))
   with pytest.raises(ValueError, match="norm"):
     snn.UNet(out_channels=1, norm="weight").init(_key(), jnp.zeros((1, 8, 8, 1)))
+
+
+def test_factorized_conv_is_a_3d_conv_with_an_outer_product_kernel():
+  # FactorizedConv = a (kh, kw) conv per slice then a kd-tap conv along D, both linear
+  # and zero-padded ('SAME'), so it must equal ONE 3D conv whose kernel is
+  # K[d, h, w, c, g] = sum_f spatial[h, w, c, f] * axial[d, 0, f, g], at the borders too.
+  c, f = 3, 4
+  x = _normal(10, (2, 5, 6, 7, c))
+  spatial = np.asarray(_normal(11, (3, 5, c, f)))          # kh = 3, kw = 5
+  axial = np.asarray(_normal(12, (3, 1, f, f)))            # kd = 3
+  bias = np.asarray(_normal(13, (f,)))
+  conv = snn.unet.FactorizedConv(f, (3, 3, 5))
+  out = conv.apply({"params": {"spatial": {"kernel": spatial},
+                               "axial": {"kernel": axial, "bias": bias}}}, x)
+  kernel = np.einsum("hwcf,dfg->dhwcg", spatial, axial[:, 0])
+  ref = flax_nn.Conv(f, (3, 3, 5)).apply({"params": {"kernel": kernel, "bias": bias}}, x)
+  assert out.shape == (2, 5, 6, 7, f)
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="3D kernel"):
+    snn.unet.FactorizedConv(f, (3, 3)).init(_key(), jnp.zeros((1, 4, 4, 4, c)))
+
+
+def test_pixel_transpose_and_reshape_pool_equal_flax_ops():
+  # PixelTranspose (kernel = stride) equals nn.ConvTranspose given the same weights:
+  # the dense kernel [C, f1*f2*f3*F] holds the transposed conv's kernel [f1, f2, f3,
+  # C, F] flipped in space (lax.conv_transpose correlates with the un-flipped kernel,
+  # so output offset i within a block gets tap f - 1 - i).
+  c, f, factors = 3, 2, (1, 2, 2)
+  x = _normal(14, (2, 3, 4, 5, c))
+  kernel = np.asarray(_normal(15, factors + (c, f)))
+  bias = np.asarray(_normal(16, (f,)))
+  ref = flax_nn.ConvTranspose(f, factors, strides=factors, padding="VALID").apply(
+      {"params": {"kernel": kernel, "bias": bias}}, x)
+  dense = np.transpose(kernel[::-1, ::-1, ::-1], (3, 0, 1, 2, 4)).reshape(c, -1)
+  out = snn.unet.PixelTranspose(f, factors).apply(
+      {"params": {"dense": {"kernel": dense, "bias": np.tile(bias, 4)}}}, x)
+  assert out.shape == ref.shape == (2, 3, 8, 10, f)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  y = _normal(17, (2, 4, 6, 8, 3))
+  np.testing.assert_array_equal(snn.unet._max_pool_reshape(y, (2, 2, 2)),
+                                flax_nn.max_pool(y, (2, 2, 2), strides=(2, 2, 2)))
+
+
+def test_unet_factorized_option():
+  factors = ((1, 2, 2), (2, 2, 2))
+  model = snn.UNet(out_channels=1, spatial_dims=3, depth=2, base_width=4,
+                   convs_per_level=1, pool_factors=factors, norm="group",
+                   conv="factorized")
+  x = _normal(18, (1, 6, 9, 10, 2))
+  variables = _init(model, x)
+  out, grads = _out_and_grad(model, variables, x)
+  assert out.shape == (1, 6, 9, 10, 1)
+  assert _all_finite(out) and _all_finite(grads)
+  assert all(_maxabs(g) > 0 for g in jax.tree_util.tree_leaves(grads))
+  p = variables["params"]
+  assert p["enc0"]["conv0"]["spatial"]["kernel"].shape == (3, 3, 2, 4)
+  assert p["enc0"]["conv0"]["axial"]["kernel"].shape == (3, 1, 4, 4)
+  assert p["up1"]["dense"]["kernel"].shape == (16, 8 * 8)      # 2x2x2 blocks of 8
+  # The default is unchanged: true 3D kernels under the same names.
+  full = jax.eval_shape(snn.UNet(out_channels=1, spatial_dims=3, depth=2, base_width=4,
+                                 convs_per_level=1, pool_factors=factors).init, _key(), x)
+  assert full["params"]["enc0"]["conv0"]["kernel"].shape == (3, 3, 3, 2, 4)
+  assert full["params"]["up1"]["kernel"].shape == (2, 2, 2, 16, 8)
+  with pytest.raises(ValueError, match="conv"):
+    snn.UNet(out_channels=1, conv="separable").init(_key(), jnp.zeros((1, 8, 8, 1)))
+  with pytest.raises(ValueError, match="spatial_dims=3"):
+    snn.UNet(out_channels=1, conv="factorized").init(_key(), jnp.zeros((1, 8, 8, 1)))
 
 
 # ------------------------------------------------------------------------------ regression
