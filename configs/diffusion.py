@@ -78,7 +78,7 @@ def get_sim_config() -> ml_collections.ConfigDict:
   return sim
 
 
-def get_model_config(name: str = "blurformer") -> ml_collections.ConfigDict:
+def get_model_config(name: str = "locformer") -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
   model.name = name
   return model
