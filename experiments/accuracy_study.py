@@ -32,10 +32,12 @@ For the crlb row, median_abs_relative_error and rmse_lnD are those of an unbiase
 Gaussian estimator at the bound (0.674 x and 1 x the relative SE). The model row also
 gets the coverage of its 68% interval.
 
-Writes DIR/accuracy/accuracy.csv (D_low, D_high, estimator, n, relative_bias,
-relative_rmse, median_abs_relative_error, rmse_lnD, over_cve, over_crlb, coverage_68),
-accuracy.md (relative RMSE table with model/CVE and model/CRLB, median |rel| and
-RMSE ln D tables, and the issue-11 table per decade) and accuracy.png.
+Writes DIR/accuracy/ (DIR/accuracy_independent/ for the independent simulator):
+accuracy.csv (D_low, D_high, estimator, n, relative_bias, relative_rmse),
+accuracy_stats.csv (those and median_abs_relative_error, rmse_lnD, over_cve,
+over_crlb, coverage_68), accuracy.md (relative RMSE table with model/CVE and
+model/CRLB, median |rel| and RMSE ln D tables, the issue-11 table per decade) and
+accuracy.png.
 
 Last line: RESULT model_relative_rmse=<float> cve_relative_rmse=<float>
 crlb_relative_se=<float> worst_bin_model_over_cve=<float> model_coverage_68=<float>
@@ -222,15 +224,22 @@ def _label(a, b):
   return "all" if b / a > 100 else f"{a:.3g}-{b:.3g}"
 
 
-def write_outputs(rows, data, out_dir, title):
-  os.makedirs(out_dir, exist_ok=True)
+def _csv(rows, columns):
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
-  w.writerow(COLUMNS)
+  w.writerow(columns)
   for r in rows:
     w.writerow([f"{r['D_low']:.4g}", f"{r['D_high']:.4g}", r["estimator"], r["n"]]
-               + [_fmt(r[c]) for c in COLUMNS[4:]])
-  cli.atomic_write_text(os.path.join(out_dir, "accuracy.csv"), buf.getvalue())
+               + [_fmt(r[c]) for c in columns[4:]])
+  return buf.getvalue()
+
+
+def write_outputs(rows, out_dir, title, data=None):
+  """accuracy.csv (the first six COLUMNS, as before), accuracy_stats.csv (all COLUMNS),
+  accuracy.md (returned) and accuracy.png; ``data`` adds the per-decade table."""
+  os.makedirs(out_dir, exist_ok=True)
+  cli.atomic_write_text(os.path.join(out_dir, "accuracy.csv"), _csv(rows, COLUMNS[:6]))
+  cli.atomic_write_text(os.path.join(out_dir, "accuracy_stats.csv"), _csv(rows, COLUMNS))
 
   bins = sorted({(r["D_low"], r["D_high"]) for r in rows},
                 key=lambda ab: (ab[1] / ab[0] > 100, ab[0]))
@@ -260,10 +269,11 @@ def write_outputs(rows, data, out_dir, title):
       md.append(f"| {_label(a, b)} | "
                 + " | ".join(f"{get(a, b, n)[key]:.3f}" for n in ESTIMATORS) + " |")
   # The issue-11 table: per decade, model vs MLE localization + CVE.
-  md += ["", "Per decade (issue 11 format): model vs MLE localization + CVE", "",
-         "| D (um^2/s) | model rel. RMSE | CVE rel. RMSE | model median abs rel. err "
-         "| CVE median abs rel. err |", "|---|---|---|---|---|"]
-  for a, b in metrics.DECADES:
+  if data is not None:
+    md += ["", "Per decade (issue 11 format): model vs MLE localization + CVE", "",
+           "| D (um^2/s) | model rel. RMSE | CVE rel. RMSE | model median abs rel. err "
+           "| CVE median abs rel. err |", "|---|---|---|---|---|"]
+  for a, b in metrics.DECADES if data is not None else ():
     m = (data["D"] >= a) & (data["D"] < b)
     if not m.any():
       continue
@@ -327,8 +337,8 @@ def main(argv):
                                  f.simulator)
   out_dir = os.path.join(f.workdir, "accuracy" if f.simulator == "project"
                          else f"accuracy_{f.simulator}")
-  text = write_outputs(rows, data, out_dir, f"{config.model.name}, {f.num_movies} test "
-                       f"movies ({f.simulator} simulator, seed {f.seed})")
+  text = write_outputs(rows, out_dir, f"{config.model.name}, {f.num_movies} test "
+                       f"movies ({f.simulator} simulator, seed {f.seed})", data)
   print(text)
   print(f"wrote {out_dir}/accuracy.csv, accuracy.md, accuracy.png in {time.time() - t0:.0f} s")
   print(result_line(rows))

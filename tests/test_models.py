@@ -1,6 +1,7 @@
 """locformer physics: the in-model spot fit reaches its stated precision and sees the
 blur, the tridiagonal track likelihood is the exact Gaussian likelihood of blurred
 positions (gaps included), and the untrained model's posterior is already calibrated."""
+import functools
 import math
 
 import jax
@@ -63,39 +64,51 @@ def test_track_likelihood_is_exact_and_a_lost_frame_is_marginalized():
   keep = np.delete(np.arange(T), 4)
   without = np.array([_dense_loglik(pos, var, math.exp(l) * DT, keep) for l in lnD])
   diff = ll_gap - without
-  assert np.ptp(diff) < 0.02, diff
+  # (float32: the 1e3 px^2 variance cancels to ~1e-4 px^2 in the next pivot)
+  assert np.ptp(diff) < 0.05, diff
   assert diff.mean() == pytest.approx(-math.log(models.INVALID_VAR_PX2), abs=0.05)
 
 
-def _static_and_blurred_movies(D, n_movies, photons=1500.0, background=8.0, seed=0):
+@functools.lru_cache(maxsize=1)
+def _fit_movies_fn():
+  """jit((keys [N], D) -> (spot fit, true frame positions px, background)) for 8-frame
+  32x32 movies of one spot: 1500 photons on 8 photons/px, FWHM 225 nm, near the centre."""
   cfg = diffusion.get_config()
   cfg.sim.num_frames, cfg.sim.height_px, cfg.sim.width_px = 8, 32, 32
   sim = sim_lib.simulator_from_config(cfg.sim)
-  keys = jax.random.split(jax.random.key(seed), n_movies)
+  model = models.build_model(diffusion.get_model_config("locformer"),
+                             **models.physics_context(sim))
 
-  def one(key):
+  def one(key, D):
     k_start, k_movie = jax.random.split(key)
     start = 1600.0 + jax.random.uniform(k_start, (2,), minval=-100.0, maxval=100.0)
-    em = sim_lib.Emitter(D_um2_per_s=jnp.float32(D), photons=jnp.float32(photons),
-                         background_photons=jnp.float32(background),
+    em = sim_lib.Emitter(D_um2_per_s=D, photons=jnp.float32(1500.0),
+                         background_photons=jnp.float32(8.0),
                          background_gradient=jnp.zeros(2), psf_fwhm_nm=jnp.float32(225.0),
                          start_nm=start)
     return sim_lib.simulate_movie(k_movie, em, sim.camera, sim.geometry)
 
-  frames, truth = jax.jit(jax.vmap(one))(keys)
-  x, _, _ = normalize.model_input(frames, sim.camera)
-  model = models.build_model(diffusion.get_model_config("locformer"),
-                             **models.physics_context(sim))
-  fit, _, bg = jax.jit(model.spot_features)(x)
-  true_px = sim_lib.Geometry  # noqa: F841  (documentation: positions in nm / 100 nm px)
-  pos = np.asarray(truth["positions_nm"]).reshape(n_movies, 8, -1, 2).mean(2) / 100.0
-  return fit, pos, np.asarray(bg)
+  @jax.jit
+  def run(keys, D):
+    frames, truth = jax.vmap(one, in_axes=(0, None))(keys, D)
+    x, _, _ = normalize.model_input(frames, sim.camera)
+    fit, _, bg = model.spot_features(x)
+    n = keys.shape[0]
+    return fit, truth["positions_nm"].reshape(n, 8, -1, 2).mean(2) / 100.0, bg
+
+  return run
+
+
+def _fit_movies(D, n_movies, seed):
+  fit, pos, bg = _fit_movies_fn()(jax.random.split(jax.random.key(seed), n_movies),
+                                  jnp.float32(D))
+  return jax.tree.map(np.asarray, fit), np.asarray(pos), np.asarray(bg)
 
 
 def test_spot_fit_precision_matches_its_standard_errors_and_sees_the_blur():
-  fit, true_px, bg = _static_and_blurred_movies(1e-6, 12)
-  th, se = np.asarray(fit["theta"]), np.asarray(fit["se"])
-  assert np.asarray(fit["valid"]).all()
+  fit, true_px, bg = _fit_movies(1e-6, 12, seed=0)
+  th, se = fit["theta"], fit["se"]
+  assert fit["valid"].all()
   z = (th[..., :2] - true_px) / se[..., :2]                     # 96 frames x 2 axes
   assert abs(z.mean()) < 0.35 and 0.6 < np.mean(z ** 2) < 1.6, (z.mean(), np.mean(z ** 2))
   # ~1500 photons on 8 photons/px background: the Mortensen bound is ~3-4 nm.
@@ -104,29 +117,35 @@ def test_spot_fit_precision_matches_its_standard_errors_and_sees_the_blur():
   assert 5.0 < np.median(bg) < 13.0
   # Width of the static spot: PSF sigma 0.955 px (+ 1/12 px^2 of pixel integration).
   var_static = np.exp(2 * th[..., 4:6]).mean()
-  assert var_static == pytest.approx(0.955 ** 2 + 1 / 12, rel=0.12)
-  # Motion blur at D = 3 um^2/s adds D t_exp / 3 = 1.0 px^2 per axis on average.
-  fit_b, _, _ = _static_and_blurred_movies(3.0, 12, seed=1)
-  thb = np.asarray(fit_b["theta"])
-  excess = np.exp(2 * thb[..., 4:6]).mean() - var_static
-  assert 0.6 < excess < 1.4, excess
+  assert var_static == pytest.approx(0.955 ** 2 + 1 / 12, rel=0.1)
+  # Motion blur at D = 3 um^2/s adds D t_exp / 3 = 1.0 px^2 per axis on average
+  # (measured 1.15 for this seed; the per-frame blur varies by ~60%).
+  fit_b, _, _ = _fit_movies(3.0, 12, seed=1)
+  excess = np.exp(2 * fit_b["theta"][..., 4:6]).mean() - var_static
+  assert 0.7 < excess < 1.4, excess
 
 
 def test_untrained_locformer_posterior_is_calibrated():
-  """Before any training the model's output is the exact-likelihood posterior of the
-  localized track: unbiased in ln D and with honest 68% intervals."""
+  """Before any training (zero-initialized head) the model's output is the posterior of
+  the localized track under the exact likelihood and the log-uniform prior: unbiased
+  in ln D, with honest 68% intervals, on movies from the training prior."""
   cfg = diffusion.get_config()
   sim = sim_lib.simulator_from_config(cfg.sim)
-  frames, truth = jax.jit(lambda k: sim.batch(k, 96))(jax.random.key(3))
-  x, _, _ = normalize.model_input(frames, sim.camera)
   model = models.build_model(cfg.model, **models.physics_context(sim))
-  variables = model.init(jax.random.key(0), x[:2])
-  mean, log_var = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
-  err = np.asarray(mean) - np.log(np.asarray(truth["D_um2_per_s"]))
-  sd = np.sqrt(np.exp(np.asarray(log_var)))
+
+  @jax.jit
+  def run(key):
+    frames, truth = sim.batch(key, 64)
+    x, _, _ = normalize.model_input(frames, sim.camera)
+    fit, _, _ = model.spot_features(x)
+    _, m0, v0 = model.track_posterior(fit)
+    return m0, v0, truth["D_um2_per_s"]
+
+  m0, v0, D = map(np.asarray, run(jax.random.key(3)))
+  err, sd = m0 - np.log(D), np.sqrt(v0)
   assert np.sqrt(np.mean(err ** 2)) < 0.45
   assert abs(err.mean()) < 0.12
-  assert 0.55 < np.mean(np.abs(err) <= sd) < 0.82
+  assert 0.52 < np.mean(np.abs(err) <= sd) < 0.84     # 68% +- 2.5 binomial sd (n = 64)
   assert 0.15 < np.median(sd) < 0.45
 
 

@@ -3,22 +3,27 @@
 Every model maps a normalized movie ``x`` [B, T, H, W] (see ``smlm_jax.diffusion.normalize``) to
 ``(mean, log_var)`` of the natural log of D in um^2/s, each [B], and is trained with the
 Gaussian negative log-likelihood. Models are registered by name in ``MODELS`` and
-built with ``build_model(config.model)``; extra fields of ``config.model`` are passed
-to the constructor.
+built with ``build_model(config.model, **physics_context(simulator))``; extra fields of
+``config.model`` are passed to the constructor, and the physics context (pixel size,
+frame timing, D prior, camera noise) fills the fields a model declares for it.
 
+* ``locformer`` (default, issue 11): localizes the spot in every frame with a
+  Fisher-scoring Gaussian fit inside the jitted step, evaluates the exact likelihood of
+  the blurred track on a grid of ln D, and refines that posterior with a transformer
+  over per-frame tokens (position, precision, blur covariance, crop embedding). It
+  beats MLE localization + CVE in every D bin; see :class:`LocFormer` for the design.
 * ``resnet2d``: frames stacked as channels, a small pre-activation ResNet.
 * ``park_cnn``: Park-style conv-BN-swish blocks with max pooling (frames as channels).
 * ``cnn3d``: a genuinely spatio-temporal 3D CNN over (t, y, x); its time axis is
   convolved and pooled, unlike a 2D net with a dummy time axis.
-* ``blurformer`` (new, default): a per-frame CNN encoder followed by a transformer
-  over time. D enters a movie in two places: the *shape* of each frame (motion blur
-  widens and elongates the spot as 2 D t_exp / 6 per axis) and the *displacements
-  between frames* (4 D dt). The shared per-frame encoder with coordinate channels
-  (CoordConv) sees the blur and encodes where the spot is; self-attention across the
-  16 frame embeddings can then compare positions at every lag, as an MSD or
-  covariance estimator would, and pool evidence from all frames. Sharing the encoder
-  over frames makes it parameter-efficient and frame-order aware (learned temporal
-  position embeddings), which a frames-as-channels network is not.
+* ``blurformer`` (the default before issue 11): a per-frame CNN encoder followed by a
+  transformer over time. D enters a movie in two places: the *shape* of each frame
+  (motion blur widens and elongates the spot as 2 D t_exp / 6 per axis) and the
+  *displacements between frames* (4 D dt). The shared per-frame encoder with
+  coordinate channels (CoordConv) sees the blur and encodes where the spot is;
+  self-attention across the 16 frame embeddings can then compare positions at every
+  lag. Its strided encoder squeezes 64x64 px into a 4x4 map, too coarse for the
+  ~5 nm positions slow molecules need: it loses to CVE below 3 um^2/s.
 """
 from __future__ import annotations
 
@@ -409,6 +414,26 @@ class LocFormer(nn.Module):
     fit = jax.tree.map(jax.lax.stop_gradient, fit)
     return fit, jax.lax.stop_gradient(noise_var), jax.lax.stop_gradient(bg)
 
+  def track_posterior(self, fit, log_var_factor=0.0):
+    """(log-likelihood [B, K] on the ln D grid, posterior mean and variance of ln D [B])
+    of the localized tracks under the log-uniform prior (no parameters).
+
+    Frame variances: Fisher se^2 x exp(log_var_factor) [B, T] (or a scalar); frames
+    whose fit is not valid get INVALID_VAR_PX2 (marginalized out).
+    """
+    valid, se = fit["valid"], fit["se"]
+    factor = jnp.exp(jnp.asarray(log_var_factor, jnp.float32))
+    factor = jnp.broadcast_to(factor, valid.shape)[..., None]
+    var = jnp.where(valid[..., None], se[..., :2] ** 2 * factor + 1e-5, INVALID_VAR_PX2)
+    grid, cell = self.lnD_grid()
+    lnD_px = grid - 2.0 * math.log(self.pixel_size_nm * 1e-3)
+    R = self.exposure_s / (6.0 * self.frame_interval_s)
+    ll = track_log_likelihood(fit["theta"][..., :2], var, lnD_px, self.frame_interval_s, R)
+    post = jax.nn.softmax(ll, axis=-1)
+    m0 = jnp.sum(post * grid, -1)
+    v0 = jnp.sum(post * (grid - m0[:, None]) ** 2, -1) + cell ** 2 / 12.0
+    return ll, m0, v0
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     b, t, _, _ = x.shape
@@ -439,15 +464,7 @@ class LocFormer(nn.Module):
     # Per-frame localization variance: Fisher se^2 times a learned factor (1 at init).
     g = nn.Dense(1, kernel_init=nn.initializers.zeros, name="var_factor")(
         nn.swish(nn.Dense(32, name="var_hidden")(frame_feats)))[..., 0]
-    var = jnp.where(valid[..., None], se[..., :2] ** 2 * jnp.exp(g)[..., None] + 1e-5,
-                    INVALID_VAR_PX2)
-    grid, cell = self.lnD_grid()
-    lnD_px = grid - 2.0 * math.log(self.pixel_size_nm * 1e-3)
-    R = self.exposure_s / (6.0 * self.frame_interval_s)
-    ll = track_log_likelihood(pos, var, lnD_px, self.frame_interval_s, R)    # [B, K]
-    post = jax.nn.softmax(ll, axis=-1)
-    m0 = jnp.sum(post * grid, -1)
-    v0 = jnp.sum(post * (grid - m0[:, None]) ** 2, -1) + cell ** 2 / 12.0
+    ll, m0, v0 = self.track_posterior(fit, g)
 
     crop = jnp.arcsinh(fit["crop"]).reshape((b * t,) + fit["crop"].shape[2:] + (1,))
     c = nn.swish(nn.Conv(16, (3, 3))(crop))
