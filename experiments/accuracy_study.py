@@ -34,6 +34,8 @@ gets the coverage of its 68% interval.
 
 Writes DIR/accuracy/ (DIR/accuracy_independent/ for the independent simulator):
 accuracy.csv (D_low, D_high, estimator, n, relative_bias, relative_rmse),
+accuracy_data.npz (per movie: true D, every estimate, the model's mean and log-variance
+of ln D, the CRLB),
 accuracy_stats.csv (those and median_abs_relative_error, rmse_lnD, over_cve,
 over_crlb, coverage_68), accuracy.md (relative RMSE table with model/CVE and
 model/CRLB, median |rel| and RMSE ln D tables, the issue-11 table per decade) and
@@ -145,7 +147,8 @@ def run_study(workdir, num_movies, seed, num_bins, chunk, simulator_name="projec
 
   model_input = jax.jit(lambda frames: normalize.model_input(frames, cam)[0])
 
-  out = {k: [] for k in ("D", "model", "lo", "hi", "cve", "msd", "cve_true", "crlb")}
+  out = {k: [] for k in ("D", "model", "lo", "hi", "cve", "msd", "cve_true", "crlb",
+                         "mean_lnD", "log_var")}
   bar = cli.progress(total=num_movies, desc=f"accuracy study ({simulator_name})",
                      unit="movie")
   for start in range(0, num_movies, chunk):
@@ -168,7 +171,8 @@ def run_study(workdir, num_movies, seed, num_bins, chunk, simulator_name="projec
     n = min(chunk, num_movies - start)
     for k, v in (("D", D), ("model", D_model), ("lo", lo), ("hi", hi),
                  ("cve", est["D_cve_um2_per_s"]), ("msd", est["D_msd_um2_per_s"]),
-                 ("cve_true", np.asarray(D_true_cve)), ("crlb", crlb)):
+                 ("cve_true", np.asarray(D_true_cve)), ("crlb", crlb),
+                 ("mean_lnD", mean), ("log_var", log_var)):
       out[k].append(np.asarray(v, np.float64)[:n])
     bar.update(n)
   bar.close()
@@ -339,6 +343,7 @@ def main(argv):
                          else f"accuracy_{f.simulator}")
   text = write_outputs(rows, out_dir, f"{config.model.name}, {f.num_movies} test "
                        f"movies ({f.simulator} simulator, seed {f.seed})", data)
+  np.savez_compressed(os.path.join(out_dir, "accuracy_data.npz"), **data)
   print(text)
   print(f"wrote {out_dir}/accuracy.csv, accuracy.md, accuracy.png in {time.time() - t0:.0f} s")
   print(result_line(rows))
