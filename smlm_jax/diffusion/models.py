@@ -10,8 +10,11 @@ frame timing, D prior, camera noise) fills the fields a model declares for it.
 * ``locformer`` (default, issue 11): localizes the spot in every frame with a
   Fisher-scoring Gaussian fit inside the jitted step, evaluates the exact likelihood of
   the blurred track on a grid of ln D, and refines that posterior with a transformer
-  over per-frame tokens (position, precision, blur covariance, crop embedding). It
-  beats MLE localization + CVE in every D bin; see :class:`LocFormer` for the design.
+  over per-frame tokens (position, precision, blur covariance, crop embedding). After
+  the default CPU training (1,000 steps) it beats MLE localization + CVE in every D
+  bin: relative RMSE 0.27 vs 0.43 overall, model/CVE 0.49-0.69 over six bins, at the
+  track CRLB (0.97x) with 68% coverage 0.69 (``experiments/accuracy_study.py``, 1,024
+  movies). See :class:`LocFormer` for the design.
 * ``resnet2d``: frames stacked as channels, a small pre-activation ResNet.
 * ``park_cnn``: Park-style conv-BN-swish blocks with max pooling (frames as channels).
 * ``cnn3d``: a genuinely spatio-temporal 3D CNN over (t, y, x); its time axis is
