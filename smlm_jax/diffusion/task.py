@@ -33,7 +33,9 @@ class DiffusionTask(Task):
   def __init__(self, config):
     super().__init__(config)
     self.simulator = sim_lib.simulator_from_config(config.sim)   # applies a calibration
-    self.model = models.build_model(config.model)
+    # Physics-aware models (locformer) take the geometry, D prior and camera noise of
+    # the simulator they are trained on.
+    self.model = models.build_model(config.model, **models.physics_context(self.simulator))
 
   def init_variables(self, key):
     x = jnp.zeros((2,) + self.simulator.geometry.shape, jnp.float32)
