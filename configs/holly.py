@@ -1,0 +1,140 @@
+"""HOLLy (task 'holly', smlm_jax/holly/): 3D point cloud from 2D projections.
+
+Train (default: 2-core CPU, about 15 minutes; images simulated from the bunny):
+
+  python -m smlm_jax.train --config=configs/holly.py --workdir=runs/bunny \
+      [--config.data.obj=../shared/real-data/holly/objs/teapot_large.obj]
+  python -m smlm_jax.holly.evaluate --workdir=runs/bunny \
+      --reference=../shared/real-data/holly/objs/bunny_large.obj
+
+Expected result: see the study (experiments/holly_study.py) for the measured Chamfer
+distances; the evaluation prints ``RESULT chamfer=<float> seconds=<float>``.
+Real images: --config.data.images=DIR (HOLLy's layout DIR/<sigma>/*.fits, or a plain
+folder with --config.data.image_sigma=PX). Variants: ``:gpu`` (bigger), ``:tiny``.
+
+Field choices:
+* Images: 128x128 px, HOLLy's size and that of the CEP152 renders; the field of view
+  spans [-1.1, 1.1] normalized units (the unit ball, any pose of a normalized shape,
+  fits with a 10% margin), i.e. 58.2 px per unit. The pose CNN looks at 64x64
+  (``model.pool = 2``) on CPU, the loss compares the full 128x128 images.
+* Sigma curriculum (px at 128 px): HOLLy's bunny schedule 10 -> 1.41 (x ~0.9 per
+  stage, run/sigma_bunny.csv of github.com/OniDaito/HOLLy), interpolated per step
+  over the first 80% of training. The last value, 1.41 px = 24 nm at 17 nm/px, is
+  about the localization precision of good STORM data.
+* Structure perturbations (data.*, normalized units, farthest point at radius 1):
+  off by default (clean images of every site), like HOLLy's baseline runs; the
+  SMLM-faithful study turns on dropout 0.1, 2 fluorophores per site spread 0.01,
+  wobble 0.005, 2000 localizations with precision 0.01 (~0.6 px) and camera noise.
+  For a 200 nm structure (radius 1 = 100 nm) 0.01 = 1 nm... scale these to your
+  structure: precision = sigma_loc_nm / radius_nm.
+* Camera (SMLM variant only): sCMOS, QE 0.9, 2 ADU/e-, 1.6 e- read noise, offset 100
+  ADU (as configs/diffusion.py); photons per image and background per pixel set the
+  SNR.
+* Learned cloud: 350 points (HOLLy's --num-points 350), initialized uniformly in a
+  ball of radius 0.5; Adam with its own learning rate (points move ~lr per step).
+"""
+import ml_collections
+
+SHARED = "../shared/real-data/holly"
+HOLLY_BUNNY_SIGMAS = (10.0, 9.0, 8.1, 7.29, 6.56, 5.9, 5.31, 4.78, 4.3, 3.87, 3.65, 3.28,
+                      2.95, 2.66, 2.39, 2.15, 1.94, 1.743, 1.57, 1.41)
+
+
+def get_data_config() -> ml_collections.ConfigDict:
+  data = ml_collections.ConfigDict()
+  data.obj = f"{SHARED}/objs/bunny_large.obj"   # ground truth to simulate from
+  data.images = ""             # or a folder of FITS/TIFF images (then obj is unused)
+  data.image_sigma = 0.0       # sigma (px) of a plain folder's images
+  data.augment_rotation = True  # folder images: random in-plane rotation
+  data.size = 128
+  data.fov = 1.1
+  data.max_shift = 0.05
+  data.dropout = 0.0
+  data.fluorophores = 1
+  data.fluorophore_spread = 0.0
+  data.wobble = 0.0
+  data.localizations = 0
+  data.precision = 0.0
+  data.photons = 0.0
+  data.background_photons = 0.0
+  data.camera = ml_collections.ConfigDict()
+  data.camera.model = "scmos"
+  data.camera.qe = 0.9
+  data.camera.gain_adu_per_e = 2.0
+  data.camera.offset_adu = 100.0
+  data.camera.read_noise_e = 1.6
+  data.camera.em_gain = 300.0
+  return data
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Variants: None/'cpu' (default), 'gpu', 'tiny' (unit tests)."""
+  variant = arg or "cpu"
+  if variant not in ("cpu", "gpu", "tiny"):
+    raise ValueError(f"unknown config variant {variant!r}; use cpu, gpu or tiny")
+  config = ml_collections.ConfigDict()
+  config.task = "holly"
+  config.seed = 0
+  config.data = get_data_config()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.widths = (16, 32, 64, 128)
+  config.model.dense = 256
+  config.model.hypotheses = 1
+  config.model.pool = 2
+  config.model.predict_sigma = False
+
+  config.num_points = 350
+  config.init_radius = 0.5
+  config.sigma = ml_collections.ConfigDict()
+  config.sigma.stages = HOLLY_BUNNY_SIGMAS
+  config.sigma.anneal_fraction = 0.8
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = "multiscale"
+  config.loss.scales = (2.0, 4.0)
+  config.loss.hypothesis_weight = 0.05
+
+  config.num_train_steps = 3000
+  config.batch_size = 32
+  config.learning_rate = 1e-3
+  config.points_learning_rate = 1e-2
+  config.warmup_steps = 100
+  config.weight_decay = 1e-4
+  config.grad_clip_norm = 1.0
+
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
+  config.max_to_keep = 3
+  config.eval_batch_size = 64
+  config.eval_num_images = 64
+  config.eval_seed = 12345
+  config.eval_align_starts = 24
+
+  if variant == "gpu":
+    config.model.pool = 1
+    config.model.widths = (16, 32, 64, 128, 256)
+    config.model.dense = 512
+    config.num_train_steps = 20000
+    config.batch_size = 64
+    config.eval_every_steps = 2000
+    config.checkpoint_every_steps = 2000
+    config.eval_num_images = 256
+  elif variant == "tiny":
+    config.data.size = 32
+    config.data.fov = 1.1
+    config.sigma.stages = (3.0, 1.0)
+    config.model.widths = (8, 16)
+    config.model.dense = 32
+    config.model.pool = 1
+    config.num_points = 32
+    config.num_train_steps = 2
+    config.batch_size = 8
+    config.warmup_steps = 1
+    config.log_every_steps = 1
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = 1
+    config.eval_batch_size = 8
+    config.eval_num_images = 8
+    config.eval_align_starts = 4
+  return config
