@@ -37,7 +37,14 @@ import ml_collections
 
 SHARED = "../shared/real-data/holly"
 HOLLY_BUNNY_SIGMAS = (10.0, 9.0, 8.1, 7.29, 6.56, 5.9, 5.31, 4.78, 4.3, 3.87, 3.65, 3.28,
-                      2.95, 2.66, 2.39, 2.15, 1.94, 1.743, 1.57, 1.41)
+                      2.95, 2.66, 2.39, 2.15, 1.94, 1.743, 1.57, 1.41)   # px at 128 px
+
+
+def holly_sigmas(size: int, last: int | None = None) -> tuple:
+  """HOLLy's bunny schedule rescaled to images of ``size`` px (same field of view),
+  optionally cut after stage ``last``."""
+  s = tuple(round(v * size / 128.0, 4) for v in HOLLY_BUNNY_SIGMAS)
+  return s if last is None else s[:last]
 
 
 def get_data_config() -> ml_collections.ConfigDict:
@@ -93,6 +100,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.name = "multiscale"
   config.loss.scales = (2.0, 4.0)
   config.loss.hypothesis_weight = 0.05
+  config.loss.distill_weight = 0.1
+  config.search = ml_collections.ConfigDict()
+  config.search.num_rotations = 512
+  config.search.factor = 2
+  config.search.sigma_coarse_px = 1.5
+  config.refine = ml_collections.ConfigDict()
+  config.refine.extra_sigmas_px = (3.0, 1.5, 0.0)
+  config.refine.damping = 0.01
 
   config.num_train_steps = 3000
   config.batch_size = 32
@@ -137,4 +152,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 8
     config.eval_num_images = 8
     config.eval_align_starts = 4
+    config.search.num_rotations = 16
+    config.search.factor = 1
+    config.refine.extra_sigmas_px = (1.0, 0.0)
   return config

@@ -9,7 +9,8 @@ Layouts (``--config.data.images=DIR``):
     sub-folders); their sigma is ``config.data.image_sigma`` (px).
 Files: ``.fits``/``.fit``/``.fts`` (astropy; the primary HDU, or the first image HDU)
 and ``.tif``/``.tiff`` (a 2D image, or a stack [T, H, W] giving T images). Every image
-must be square; all must have the same size. Each image is made unit-mass (divided by
+must be square; all must have the same size (sum-binned by an integer factor to
+``config.data.size`` when it divides theirs; the sigmas scale with it). Each image is made unit-mass (divided by
 its sum) after negative values are clipped to 0 (render backgrounds are 0; subtract a
 camera offset before if there is one).
 
@@ -50,6 +51,17 @@ class ImageSet:
     (so blurring further can match it exactly), else the smallest."""
     ok = np.nonzero(self.sigmas <= sigma_px + 1e-6)[0]
     return int(ok[-1]) if len(ok) else 0
+
+
+def bin_to(image_set: ImageSet, size: int) -> ImageSet:
+  """Sum-bins the images to ``size`` px when their size is a multiple of it (sigmas
+  scale by the same factor: a pixel-integrated splat image of width s binned f x f is
+  the one of width s/f); otherwise returns the set unchanged."""
+  f = image_set.size // size if size > 0 else 0
+  if f <= 1 or image_set.size != f * size:
+    return image_set
+  binned = [a.reshape(len(a), size, f, size, f).sum(axis=(2, 4)) for a in image_set.images]
+  return ImageSet(image_set.sigmas / f, binned, image_set.paths)
 
 
 def _read_fits(path):

@@ -48,6 +48,7 @@ from jax.scipy.special import erf
 
 from smlm_jax.core import noise
 from smlm_jax.holly import rotations
+from smlm_jax.holly.prng import fast_prng
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -137,6 +138,7 @@ class SimParams:
                background_photons=float(data.background_photons), camera=camera)
 
 
+@fast_prng
 def random_pose(key, max_shift: float):
   """(R [3, 3] Haar-uniform, t [2] uniform in [-max_shift, max_shift]^2)."""
   k_r, k_t = jax.random.split(key)
@@ -144,6 +146,7 @@ def random_pose(key, max_shift: float):
           jax.random.uniform(k_t, (2,), minval=-max_shift, maxval=max_shift))
 
 
+@fast_prng
 def dyes(key, sites, p: SimParams):
   """Dye positions [S * F, 3] and weights [S * F] (0 for dropped sites) in the object frame."""
   k_drop, k_fluor, k_wob = jax.random.split(key, 3)
@@ -161,6 +164,7 @@ def dyes(key, sites, p: SimParams):
   return pts, w
 
 
+@fast_prng
 def simulate_image(key, sites, sigma_px, p: SimParams):
   """One unit-mass image [size, size] of ``sites`` [S, 3] and its pose (R, t)."""
   k_pose, k_dye, k_loc, k_prec, k_cam = jax.random.split(key, 5)
@@ -184,6 +188,7 @@ def simulate_image(key, sites, sigma_px, p: SimParams):
   return image, R, t
 
 
+@fast_prng
 def simulate_batch(keys, sites, sigma_px, p: SimParams):
   """vmap of :func:`simulate_image` over keys [B]: images [B, size, size], R [B, 3, 3],
   t [B, 2]."""

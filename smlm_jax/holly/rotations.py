@@ -22,9 +22,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from smlm_jax.holly.prng import fast_prng
+
 _EPS = 1e-8
 
 
+@fast_prng
 def random_quaternion(key, shape=()) -> jax.Array:
   """Uniform random unit quaternions (w, x, y, z), [*shape, 4], w >= 0."""
   q = jax.random.normal(key, tuple(shape) + (4,))
@@ -66,6 +69,7 @@ def quaternion_from_matrix(R) -> jax.Array:
   return q * jnp.where(q[..., :1] < 0, -1.0, 1.0)
 
 
+@fast_prng
 def random_rotation(key, shape=()) -> jax.Array:
   """Haar-uniform rotation matrices [*shape, 3, 3]."""
   return matrix_from_quaternion(random_quaternion(key, shape))
@@ -98,3 +102,12 @@ def geodesic_angle(R1, R2) -> jax.Array:
   """Angle (rad, in [0, pi]) of the rotation R1 R2^T: the geodesic distance on SO(3)."""
   tr = jnp.trace(R1 @ jnp.swapaxes(R2, -1, -2), axis1=-2, axis2=-1)
   return jnp.arccos(jnp.clip(0.5 * (tr - 1.0), -1.0, 1.0))
+
+
+def exp_map(omega) -> jax.Array:
+  """Rotation vector [..., 3] (axis * angle, rad) -> rotation [..., 3, 3]; smooth at 0
+  (so Gauss-Newton can linearize about the identity)."""
+  theta = jnp.sqrt(jnp.sum(omega * omega, -1, keepdims=True) + 1e-24)
+  w = jnp.cos(0.5 * theta)
+  v = 0.5 * jnp.sinc(theta / (2 * jnp.pi)) * omega     # sin(theta/2) / theta * omega
+  return matrix_from_quaternion(jnp.concatenate([w, v], -1))

@@ -55,6 +55,8 @@ from smlm_jax.core.task import Task
 from smlm_jax.holly import align as align_lib
 from smlm_jax.holly import images as images_lib
 from smlm_jax.holly import models
+from smlm_jax.holly import pose_search
+from smlm_jax.holly.prng import fast_prng
 from smlm_jax.holly import render
 from smlm_jax.holly import rotations
 from smlm_jax.holly import shapes
@@ -123,11 +125,15 @@ class HollyTask(Task):
     data = config.data
     self.image_set = None
     self.sites = None
+    for name in ("obj", "images"):      # absolute, so evaluate works from anywhere
+      if data.get(name, ""):
+        data[name] = os.path.abspath(data[name])
     if data.get("images", ""):
       self.image_set = images_lib.load_folder(data.images, float(data.get("image_sigma", 0)))
+      self.image_set = images_lib.bin_to(self.image_set, int(data.size))
       if int(data.size) != self.image_set.size:
         print(f"holly: using the folder's image size {self.image_set.size} px "
-              f"(config.data.size was {int(data.size)})")
+              f"(config.data.size {int(data.size)} does not divide it)")
       self.size = self.image_set.size
     else:
       if not data.get("obj", ""):
@@ -150,6 +156,7 @@ class HollyTask(Task):
       raise ValueError("config.num_points must be >= 1")
 
   # --------------------------------------------------------------------- variables
+  @fast_prng
   def init_variables(self, key):
     k_net, k_pts = jax.random.split(key)
     x = jnp.zeros((2, self.size, self.size), jnp.float32)
@@ -190,6 +197,7 @@ class HollyTask(Task):
       out["native_sigma"] = np.full((b,), self.image_set.sigmas[g], np.float32)
     return out
 
+  @fast_prng
   def make_batch(self, key, host_batch, shard):
     b = int(self.config.batch_size)
     keys = shard(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b)))
@@ -216,46 +224,126 @@ class HollyTask(Task):
     x = image / jnp.maximum(jnp.max(image, axis=(-2, -1), keepdims=True), 1e-12)
     return self.model.apply({"params": net_params}, x, train=False)
 
-  def hypothesis_losses(self, params, batch):
-    """(per-image, per-hypothesis losses [B, K], rotations [B, K, 3, 3], outputs)."""
+  def render_losses(self, points, R, t, sigma, image):
+    """Per-image, per-hypothesis losses [B, H] of the cloud rendered at R [B, H, 3, 3],
+    t [B, H, 2] or [B, 2], sigma [B] against the images [B, N, N]."""
+    h = R.shape[1]
+    t = jnp.broadcast_to(t[:, None] if t.ndim == 2 else t, R.shape[:2] + (2,))
+
+    def one(Rk, tk, s):
+      return jax.vmap(lambda r, tt: render.render(points, r, tt, s, self.size, self.fov))(
+          Rk, tk)
+    pred = jax.vmap(one)(R, t, sigma)                             # [B, H, N, N]
+    target = jnp.broadcast_to(image[:, None], pred.shape)
+    lcfg = self.config.loss
+    return image_loss(pred, target, jnp.broadcast_to(sigma[:, None], (sigma.shape[0], h)),
+                      lcfg.name, tuple(lcfg.scales))
+
+  def hypothesis_losses(self, params, batch, key=None):
+    """(per-image, per-hypothesis losses [B, H], rotations [B, H, 3, 3], CNN outputs).
+
+    H = K CNN hypotheses (at the CNN's translation), plus the pose search's best
+    rotation when ``key`` is given and ``config.search.num_rotations > 0`` (last)."""
     out = self.predict(params["net"], batch["image"])
     R = rotations.matrix_from_6d(out["r6"])                       # [B, K, 3, 3]
     sigma = batch["sigma"]
     if "log_sigma_scale" in out:
       sigma = sigma * jnp.exp(out["log_sigma_scale"])
-    pts = params["points"]
-    k = R.shape[1]
+    scfg = self.config.search
+    if key is not None and int(scfg.num_rotations) > 0:
+      R_s, _ = pose_search.search(params["points"], batch["image"], batch["sigma"], key,
+                                  int(scfg.num_rotations), int(scfg.factor),
+                                  float(scfg.sigma_coarse_px), self.fov)
+      R = jnp.concatenate([R, jax.lax.stop_gradient(R_s)[:, None]], axis=1)
+    return self.render_losses(params["points"], R, out["t"], sigma, batch["image"]), R, out
 
-    def one(Rk, t, s):
-      return jax.vmap(lambda r: render.render(pts, r, t, s, self.size, self.fov))(Rk)
-    pred = jax.vmap(one)(R, out["t"], sigma)                      # [B, K, N, N]
-    target = jnp.broadcast_to(batch["image"][:, None], pred.shape)
-    lcfg = self.config.loss
-    losses = image_loss(pred, target, jnp.broadcast_to(sigma[:, None], (sigma.shape[0], k)),
-                        lcfg.name, tuple(lcfg.scales))
-    return losses, R, out
+  def refined_poses(self, params, batch, key):
+    """Search + Gauss-Newton: (R [B, 3, 3], t [B, 2], index of the winning candidate
+    [B] (K = the search's), CNN outputs, CNN rotations [B, K, 3, 3]); no gradient flows
+    into the poses."""
+    sg = jax.lax.stop_gradient
+    out = self.predict(params["net"], batch["image"])
+    R_cnn = rotations.matrix_from_6d(out["r6"])
+    pts = sg(params["points"])
+    image, sigma = batch["image"], batch["sigma"]
+    R = sg(R_cnn)
+    scfg = self.config.search
+    if int(scfg.num_rotations) > 0:
+      R_s, _ = pose_search.search(pts, image, sigma, key, int(scfg.num_rotations),
+                                  int(scfg.factor), float(scfg.sigma_coarse_px), self.fov)
+      R = jnp.concatenate([R, R_s[:, None]], axis=1)
+    t = jax.vmap(lambda r, im: pose_search.centroid_translation(pts, r, im[None], self.size,
+                                                                self.fov))(R, image)
+    losses = self.render_losses(pts, R, t, sigma, image)
+    i = jnp.argmin(losses, axis=1)
+    R0 = jnp.take_along_axis(R, i[:, None, None, None], axis=1)[:, 0]
+    t0 = jnp.take_along_axis(t, i[:, None, None], axis=1)[:, 0]
+    extra = tuple(float(e) for e in self.config.refine.extra_sigmas_px)
+    R_ref, t_ref = jax.vmap(lambda im, r, tt, s: pose_search.refine(
+        pts, im, r, tt, s, self.size, self.fov, extra, float(self.config.refine.damping)))(
+            image, R0, t0, sigma)
+    return sg(R_ref), sg(t_ref), i, out, R_cnn
 
+  @fast_prng
   def loss(self, params, batch_stats, batch, step, key):
-    losses, _, _ = self.hypothesis_losses(params, batch)
-    best = jnp.min(losses, axis=1)
-    loss = jnp.mean(best)
-    k = losses.shape[1]
-    meas = {"image_loss": loss, "sigma_px": jnp.mean(batch["sigma"])}
+    if len(self.config.refine.extra_sigmas_px) == 0:
+      loss, meas = self._holly_loss(params, batch, key)
+      return loss, meas, batch_stats
+    k = int(self.config.model.hypotheses)
+    R_ref, t_ref, i, out, R_cnn = self.refined_poses(params, batch, key)
+    img = jax.vmap(lambda r, t, s: render.render(params["points"], r, t, s, self.size,
+                                                 self.fov))(R_ref, t_ref, batch["sigma"])
+    lcfg = self.config.loss
+    shape_loss = jnp.mean(image_loss(img, batch["image"], batch["sigma"], lcfg.name,
+                                     tuple(lcfg.scales)))
+    # the CNN learns the refined poses: its closest hypothesis (squared Frobenius
+    # distance = 4 (1 - cos angle)) and the translation
+    frob = jnp.sum((R_cnn - R_ref[:, None]) ** 2, axis=(-2, -1))      # [B, K]
+    pose_loss = jnp.mean(jnp.min(frob, axis=1))
     if k > 1:
-      # keep every hypothesis slightly trained so none is left far from the data
-      loss = loss + float(self.config.loss.hypothesis_weight) * jnp.mean(losses)
-      choice = jnp.argmin(losses, axis=1)
-      meas["hypothesis_entropy"] = _entropy(jnp.bincount(choice, length=k) / choice.shape[0])
+      pose_loss = pose_loss + float(lcfg.hypothesis_weight) * jnp.mean(frob)
+    shift = max(float(self.config.data.max_shift), 1e-3)
+    trans_loss = jnp.mean(jnp.sum((out["t"] - t_ref) ** 2, axis=-1)) / shift ** 2
+    loss = shape_loss + float(lcfg.distill_weight) * (pose_loss + 0.1 * trans_loss)
+    angle = 2 * jnp.degrees(jnp.arcsin(jnp.clip(0.5 * jnp.sqrt(jnp.min(frob, 1) / 2), 0, 1)))
+    meas = {"image_loss": shape_loss, "sigma_px": jnp.mean(batch["sigma"]),
+            "cnn_to_refined_deg": jnp.mean(angle), "search_wins": jnp.mean(i >= k)}
     return loss, meas, batch_stats
 
+  def _holly_loss(self, params, batch, key):
+    """HOLLy's training (no refinement): render loss at the CNN's hypotheses (+ the
+    search's best), the minimum per image; the CNN is pulled towards the search's
+    pose where that explains the image better."""
+    losses, R, _ = self.hypothesis_losses(params, batch, key)
+    k = int(self.config.model.hypotheses)
+    best = jnp.min(losses, axis=1)
+    loss = jnp.mean(best)
+    meas = {"image_loss": loss, "sigma_px": jnp.mean(batch["sigma"])}
+    cnn = losses[:, :k]
+    i_cnn = jnp.argmin(cnn, axis=1)
+    if losses.shape[1] > k:
+      won = (losses[:, k] < jnp.min(cnn, axis=1)).astype(jnp.float32)
+      R_cnn = jnp.take_along_axis(R, i_cnn[:, None, None, None], axis=1)[:, 0]
+      frob = jnp.sum((R_cnn - R[:, k]) ** 2, axis=(-2, -1))
+      loss = loss + float(self.config.loss.distill_weight) * jnp.mean(won * frob)
+      meas["search_wins"] = jnp.mean(won)
+      meas["cnn_loss"] = jnp.mean(jnp.min(cnn, axis=1))
+    if k > 1:
+      loss = loss + float(self.config.loss.hypothesis_weight) * jnp.mean(cnn)
+      meas["hypothesis_entropy"] = _entropy(jnp.bincount(i_cnn, length=k) / i_cnn.shape[0])
+    return loss, meas
+
   # --------------------------------------------------------------------- evaluation
+  @fast_prng
   def eval_batch(self, sigma_px: float, num: int, seed: int):
     """A seeded set of simulated images at sigma (host numpy): image, R, t."""
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(num))
-    sites = jnp.asarray(self.sites)
+    if getattr(self, "_sim_fn", None) is None:
+      sites = jnp.asarray(self.sites)
+      self._sim_fn = jax.jit(fast_prng(lambda seed_, idx, sig_: jax.vmap(
+          lambda i, s: render.simulate_image(jax.random.fold_in(jax.random.key(seed_), i),
+                                             sites, s, self.sim))(idx, sig_)))
     sig = jnp.full((num,), sigma_px, jnp.float32)
-    image, R, t = jax.jit(jax.vmap(lambda k, s: render.simulate_image(k, sites, s, self.sim))
-                          )(keys, sig)
+    image, R, t = self._sim_fn(seed, jnp.arange(num), sig)
     return {"image": np.asarray(image), "sigma": np.asarray(sig), "R": np.asarray(R),
             "t": np.asarray(t)}
 
@@ -269,9 +357,23 @@ class HollyTask(Task):
               out["t"])
     return jax.jit(fn)
 
+  def refined_poses_fn(self):
+    """jitted (params, batch, seed) -> refined rotations [B, 3, 3] (search + GN) or the
+    CNN's best when refinement is off."""
+    if len(self.config.refine.extra_sigmas_px) == 0:
+      best = self.best_poses_fn()
+      return lambda params, batch, seed: best(params, batch)[0]
+
+    @jax.jit
+    @fast_prng
+    def fn(params, batch, seed):
+      return self.refined_poses(params, batch, jax.random.key(seed))[0]
+    return fn
+
   def make_evaluator(self, mesh):
     cfg = self.config
     fn = self.best_poses_fn()
+    refined_fn = self.refined_poses_fn()
     bs = int(cfg.eval_batch_size)
 
     def poses(params, batch):
@@ -297,9 +399,14 @@ class HollyTask(Task):
       pts = np.asarray(params["points"])
       al = align_lib.align(pts, self.sites, num_starts=int(cfg.eval_align_starts))
       err = align_lib.pose_errors_deg(R_best, batch["R"], al)
+      R_ref = trainer.batched(lambda c: refined_fn(params, c, int(cfg.eval_seed)),
+                              {"image": batch["image"], "sigma": batch["sigma"]}, bs, mesh)
+      err_ref = align_lib.pose_errors_deg(R_ref, batch["R"], al)
       return {"chamfer": al.chamfer_rel, "pose_error_deg": {
                   "median": float(np.median(err)), "mean": float(np.mean(err)),
                   "frac_below_10": float(np.mean(err < 10))},
+              "refined_pose_error_deg": {"median": float(np.median(err_ref)),
+                                         "frac_below_2": float(np.mean(err_ref < 2))},
               "image_loss": float(np.mean(loss)), "sigma_px": sigma,
               "seconds": self.elapsed()}
     return evaluate

@@ -1,0 +1,143 @@
+"""HOLLy study: Chamfer distance of point clouds learned from images only.
+
+  flock /tmp/smlm_cpu.lock python experiments/holly_study.py --out=runs/holly_study \
+      [--runs=teapot,bunny,points,smlm,holly,cep152] [--steps=N]
+
+Each run trains ``configs/holly.py`` (the CPU default unless stated) with
+``python -m smlm_jax.train`` and scores it with ``python -m smlm_jax.holly.evaluate``:
+  teapot / bunny   default config, images simulated from teapot_large.obj /
+                   bunny_large.obj; Chamfer vs. training time from the in-training
+                   evaluations (every eval_every_steps) and the final evaluation
+  points           bunny with num_points in --points (Chamfer vs. number of points)
+  smlm             bunny with the SMLM-faithful simulator (dropout, 2 fluorophores per
+                   site, wobble, 2000 localizations of 1.5% precision, camera noise)
+  holly            bunny without the pose search (HOLLy's pure render-loss training)
+  cep152           the ten real CEP152 FITS renders (sigma 2 px); pictures only (no
+                   ground truth)
+Prints one table per question and ends with
+``RESULT chamfer_teapot=... chamfer_bunny=... chamfer_smlm=... seconds_teapot=...
+seconds_bunny=...`` (nan for runs not made). Times are wall-clock on this machine
+(2-core CPU in our setting; run under the lock so they mean something).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "real-data", "holly")
+OBJS = {"teapot": os.path.join(SHARED, "objs", "teapot_large.obj"),
+        "bunny": os.path.join(SHARED, "objs", "bunny_large.obj")}
+SMLM = ["--config.data.dropout=0.1", "--config.data.fluorophores=2",
+        "--config.data.fluorophore_spread=0.01", "--config.data.wobble=0.005",
+        "--config.data.localizations=2000", "--config.data.precision=0.015",
+        "--config.data.photons=3000", "--config.data.background_photons=1"]
+
+
+def run(cmd, log_path):
+  t0 = time.time()
+  with open(log_path, "w") as log:
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+  if proc.returncode != 0:
+    print(f"  FAILED ({proc.returncode}): see {log_path}", flush=True)
+  return proc.returncode, time.time() - t0
+
+
+def train_and_score(name, out, overrides, reference, steps=None):
+  """Trains (or resumes a finished run) and evaluates; returns a result dict."""
+  workdir = os.path.join(out, name)
+  os.makedirs(workdir, exist_ok=True)
+  cmd = [sys.executable, "-m", "smlm_jax.train", "--config=configs/holly.py",
+         f"--workdir={workdir}"] + list(overrides)
+  if steps:
+    cmd.append(f"--config.num_train_steps={steps}")
+  print(f"[{name}] training: {' '.join(cmd[2:])}", flush=True)
+  rc, wall = run(cmd, os.path.join(workdir, "train.log"))
+  res = {"name": name, "wall_s": wall, "chamfer": float("nan"), "seconds": float("nan")}
+  if rc != 0:
+    return res
+  cmd = [sys.executable, "-m", "smlm_jax.holly.evaluate", f"--workdir={workdir}"]
+  if reference:
+    cmd.append(f"--reference={reference}")
+  rc, _ = run(cmd, os.path.join(workdir, "evaluate.log"))
+  if rc == 0:
+    m = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+    res.update(chamfer=m.get("chamfer", float("nan")), seconds=m.get("train_seconds"),
+               pose=m.get("pose_error_deg", {}).get("median", float("nan")),
+               points=m.get("num_points"))
+  res["curve"] = curve(workdir)
+  print(f"[{name}] chamfer {res['chamfer']:.4f}, train {res['seconds']:.0f} s", flush=True)
+  return res
+
+
+def curve(workdir):
+  """[(step, seconds, chamfer, median pose error)] from the in-training evaluations."""
+  rows = []
+  try:
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+      r = json.loads(line)
+      if "eval/chamfer" in r:
+        rows.append((r["step"], r.get("eval/seconds", float("nan")), r["eval/chamfer"],
+                     r.get("eval/pose_error_deg/median", float("nan"))))
+  except (OSError, ValueError):
+    pass
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default="runs/holly_study")
+  ap.add_argument("--runs", default="teapot,bunny,points,smlm,holly,cep152")
+  ap.add_argument("--steps", type=int, default=None, help="override num_train_steps")
+  ap.add_argument("--points", default="100,200,700")
+  args = ap.parse_args()
+  runs = args.runs.split(",")
+  os.makedirs(args.out, exist_ok=True)
+  results = {}
+  for shape in ("teapot", "bunny"):
+    if shape in runs:
+      results[shape] = train_and_score(shape, args.out, [f"--config.data.obj={OBJS[shape]}"],
+                                       OBJS[shape], args.steps)
+  if "points" in runs:
+    for m in [int(x) for x in args.points.split(",")]:
+      results[f"points_{m}"] = train_and_score(
+          f"bunny_points_{m}", args.out,
+          [f"--config.data.obj={OBJS['bunny']}", f"--config.num_points={m}"],
+          OBJS["bunny"], args.steps)
+  if "smlm" in runs:
+    results["smlm"] = train_and_score("bunny_smlm", args.out,
+                                      [f"--config.data.obj={OBJS['bunny']}"] + SMLM,
+                                      OBJS["bunny"], args.steps)
+  if "holly" in runs:
+    results["holly"] = train_and_score("bunny_holly_no_search", args.out,
+                                       [f"--config.data.obj={OBJS['bunny']}",
+                                        "--config.search.num_rotations=0"],
+                                       OBJS["bunny"], args.steps)
+  if "cep152" in runs:
+    results["cep152"] = train_and_score(
+        "cep152", args.out, [f"--config.data.images={os.path.join(SHARED, 'fits')}"],
+        None, args.steps)
+  json.dump(results, open(os.path.join(args.out, "study.json"), "w"), indent=1)
+
+  print("\nChamfer (fraction of the bounding-box diagonal) vs. training time")
+  print(f"{'run':<24}{'step':>7}{'seconds':>10}{'chamfer':>10}{'pose err (deg)':>16}")
+  for key, r in results.items():
+    for step, sec, cd, pe in r.get("curve", []):
+      print(f"{r['name']:<24}{step:>7}{sec:>10.0f}{cd:>10.4f}{pe:>16.1f}")
+  print("\nFinal evaluation (python -m smlm_jax.holly.evaluate)")
+  print(f"{'run':<24}{'points':>7}{'train s':>10}{'chamfer':>10}{'median pose err':>17}")
+  for key, r in results.items():
+    print(f"{r['name']:<24}{str(r.get('points', '')):>7}{r['seconds']:>10.0f}"
+          f"{r['chamfer']:>10.4f}{r.get('pose', float('nan')):>17.1f}")
+  get = lambda k, f: results.get(k, {}).get(f, float("nan"))
+  print(f"RESULT chamfer_teapot={get('teapot', 'chamfer'):.5f} "
+        f"chamfer_bunny={get('bunny', 'chamfer'):.5f} chamfer_smlm={get('smlm', 'chamfer'):.5f} "
+        f"seconds_teapot={get('teapot', 'seconds'):.0f} seconds_bunny={get('bunny', 'seconds'):.0f}")
+
+
+if __name__ == "__main__":
+  main()
