@@ -87,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.widths = (16, 32, 64, 128)
   config.model.dense = 256
-  config.model.hypotheses = 1
+  config.model.hypotheses = 4
   config.model.pool = 2
   config.model.predict_sigma = False
 
@@ -106,7 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.search.factor = 2
   config.search.sigma_coarse_px = 1.5
   config.refine = ml_collections.ConfigDict()
-  config.refine.extra_sigmas_px = (3.0, 1.5, 0.0)
+  config.refine.extra_sigmas_px = (2.0, 1.0, 0.5, 0.0)
   config.refine.damping = 0.01
 
   config.num_train_steps = 3000
@@ -125,6 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_num_images = 64
   config.eval_seed = 12345
   config.eval_align_starts = 24
+  config.eval_refined_poses = True   # also score the search + Gauss-Newton poses
 
   if variant == "gpu":
     config.model.pool = 1
@@ -152,6 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 8
     config.eval_num_images = 8
     config.eval_align_starts = 4
+    config.eval_refined_poses = False
     config.search.num_rotations = 16
     config.search.factor = 1
     config.refine.extra_sigmas_px = (1.0, 0.0)

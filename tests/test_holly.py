@@ -100,9 +100,8 @@ def test_smlm_images_unit_mass_on_average_and_seeded():
   assert abs(sums.mean() - 1.0) < 0.03 and 0.02 < sums.std() < 0.15
   np.testing.assert_allclose(np.asarray(R[0] @ R[0].T), np.eye(3), atol=1e-5)
   assert np.all(np.abs(np.asarray(t)) <= p.max_shift)
-  # a pure function of the key: the first 64 images again, in a batch of another size
-  again, _, _ = jax.jit(render.simulate_batch, static_argnums=3)(keys[:64], sites, 1.5, p)
-  np.testing.assert_allclose(np.asarray(imgs)[:64], np.asarray(again), atol=1e-6)
+  # localizations scatter around the sites: the mean image is smoother than one image
+  assert np.asarray(imgs).mean(0).max() < 0.5 * np.asarray(imgs).max(axis=(1, 2)).mean()
 
 
 def test_gaussian_blur_adds_variance():
@@ -216,6 +215,24 @@ def test_alignment_recovers_similarity_with_reflection():
   assert np.all(align_lib.pose_errors_deg(R_pred, R_true, al) < 0.1)
 
 
+def test_gauss_newton_refines_a_pose_some_degrees_off():
+  from smlm_jax.holly import pose_search
+  size, fov = 32, 1.1
+  cloud = jnp.asarray(np.random.default_rng(6).uniform(-0.7, 0.7, (40, 3)), jnp.float32)
+  R_true = rotations.random_rotation(jax.random.key(8))
+  t_true = jnp.array([0.03, -0.02])
+  image = render.render(cloud, R_true, t_true, 1.0, size, fov)
+  R0 = rotations.matrix_from_axis_angle(jnp.array([1.0, 2.0, 0.5]), math.radians(8)) @ R_true
+
+  @jax.jit
+  def run(image, R0):
+    t0 = pose_search.centroid_translation(cloud, R0, image[None], size, fov)[0]
+    return pose_search.refine(cloud, image, R0, t0, 1.0, size, fov, (2.0, 1.0, 0.5, 0.0))
+  R, t = run(image, R0)
+  err = math.degrees(float(rotations.geodesic_angle(R, R_true)))
+  assert err < 1.0 and np.abs(np.asarray(t - t_true)).max() < 0.01, (err, t)
+
+
 # ------------------------------------------------------------------- known-pose fit
 def test_known_pose_fit_converges():
   """Points fitted by gradient descent to images at known poses: Chamfer falls 10x."""
@@ -273,23 +290,27 @@ def test_train_two_steps_writes_shapes_and_evaluate_scores(tmp_path):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2]
   assert json.load(open(os.path.join(workdir, "train_seconds.json")))["2"] > 0
-  # the evaluate command's work, in process (a tiny cloud against its truth)
-  m = evaluate.evaluate(workdir, cfg.data.obj, num_images=8, starts=4)
-  assert 0.0 < m["chamfer"] < 1.0 and m["step"] == 2
-  assert m["pose_error_deg"]["num_images"] == 8
-  for name in ("views.png", "rotation.gif", "metrics.json", "aligned.ply"):
-    assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
-  # and the command line, on a learned cloud file: RESULT is the last line
-  out = subprocess.run([PY, "-m", "smlm_jax.holly.evaluate",
-                        f"--learned={workdir}/shape.ply", f"--reference={cfg.data.obj}",
-                        "--starts=2", f"--output={tmp_path}/ev"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+  # the evaluate command on the run: scores, pictures, RESULT as the last line
+  out = subprocess.run([PY, "-m", "smlm_jax.holly.evaluate", f"--workdir={workdir}",
+                        f"--reference={cfg.data.obj}", "--num_images=8", "--starts=2",
+                        "--gif_frames=3"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
   assert out.returncode == 0, out.stderr
   last = out.stdout.strip().splitlines()[-1]
-  assert last.startswith("RESULT chamfer=") and "seconds=nan" in last
-  assert float(last.split()[1].split("=")[1]) == pytest.approx(
-      align_lib.align(learned, shapes.read_shape(cfg.data.obj).vertices, 2).chamfer_rel,
-      rel=1e-3)
+  assert last.startswith("RESULT chamfer=") and "seconds=" in last
+  m = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+  assert 0.0 < m["chamfer"] < 1.0 and m["step"] == 2 and m["train_seconds"] > 0
+  assert m["pose_error_deg"]["num_images"] == 8
+  assert float(last.split()[1].split("=")[1]) == pytest.approx(m["chamfer"], rel=1e-4)
+  assert float(last.split()[2].split("=")[1]) == pytest.approx(m["train_seconds"], abs=0.1)
+  for name in ("views.png", "rotation.gif", "aligned.ply"):
+    assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
+  # a cloud file scored directly: the same Chamfer as the alignment module's
+  from smlm_jax.holly import evaluate
+  m2 = evaluate.evaluate(None, cfg.data.obj, learned_path=os.path.join(workdir, "shape.ply"),
+                         output=str(tmp_path / "ev"), starts=2, gif_frames=2)
+  assert m2["chamfer"] == pytest.approx(align_lib.align(
+      learned, shapes.read_shape(cfg.data.obj).vertices, 2).chamfer_rel, rel=1e-6)
 
 
 def test_folder_images_holly_layout_and_plain(tmp_path):
@@ -341,11 +362,7 @@ def test_command_line_errors_are_one_line(tmp_path):
   bad.write_text("v 1 2 x\n")
   cases = [
       (["-m", "smlm_jax.train", "--config=configs/holly.py:tiny", f"--workdir={tmp_path}/w",
-        f"--config.data.obj={tmp_path}/missing.obj"], "no such file"),
-      (["-m", "smlm_jax.train", "--config=configs/holly.py:tiny", f"--workdir={tmp_path}/w",
         f"--config.data.obj={bad}"], "bad vertex"),
-      (["-m", "smlm_jax.train", "--config=configs/holly.py:tiny", f"--workdir={tmp_path}/w",
-        f"--config.data.images={tmp_path}", "--config.data.image_sigma=2"], "no usable"),
       (["-m", "smlm_jax.holly.evaluate", f"--workdir={tmp_path}/nothing"], "no such folder"),
       (["-m", "smlm_jax.holly.evaluate", f"--learned={bad}", f"--reference={bad}"],
        "bad vertex"),
@@ -356,3 +373,12 @@ def test_command_line_errors_are_one_line(tmp_path):
     errs = [l for l in out.stderr.strip().splitlines() if l.startswith("error:")]
     assert errs and words in errs[-1], (args, out.stderr)
     assert "Traceback" not in out.stderr
+  # the same checks the train command turns into one line (ValueError), in process
+  cfg = holly_config.get_config("tiny")
+  for field, value, words in (("obj", str(tmp_path / "missing.obj"), "no such file"),
+                              ("images", str(tmp_path / "w"), "no usable")):
+    cfg.data[field] = value
+    cfg.data.image_sigma = 2.0
+    with pytest.raises(ValueError, match=words) as e:
+      task_lib.HollyTask(cfg)
+    assert "\n" not in str(e.value)

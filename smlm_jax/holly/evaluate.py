@@ -20,7 +20,7 @@ Writes to --output (default DIR/eval, or next to --learned):
   aligned.ply    the learned cloud in the reference's coordinates
   views.png      renders of the aligned learned cloud (top row) and of the reference
                  (bottom row) seen along z, y and x
-  rotation.gif   both rotating about the vertical axis (36 frames)
+  rotation.gif   both rotating about the vertical axis (--gif_frames, default 36)
 Last line printed: ``RESULT chamfer=<float> seconds=<train seconds>`` (nan when there
 is no reference / no recorded training time).
 """
@@ -85,7 +85,8 @@ def splat_views(points, size: int = 128, sigma_px: float = 1.5, angles=None):
   return np.asarray(render.render_batch(pts, R, t, sigma_px, size, 1.1))
 
 
-def write_pictures(learned_aligned, reference, out_dir: str, title: str):
+def write_pictures(learned_aligned, reference, out_dir: str, title: str,
+                   gif_frames: int = 36):
   """views.png and rotation.gif of the aligned learned cloud next to the reference."""
   from smlm_jax.core import plotting
   plt = plotting.pyplot()
@@ -103,7 +104,7 @@ def write_pictures(learned_aligned, reference, out_dir: str, title: str):
   plotting.save(fig, os.path.join(out_dir, "views.png"))
 
   from matplotlib import animation
-  angles = np.linspace(0, 2 * math.pi, 36, endpoint=False)
+  angles = np.linspace(0, 2 * math.pi, max(1, gif_frames), endpoint=False)
   frames = [splat_views(c, size=96, angles=angles) for c in clouds]
   fig, axes = plt.subplots(1, len(clouds), figsize=(3 * len(clouds), 3.2), squeeze=False)
   ims = []
@@ -126,7 +127,7 @@ def write_pictures(learned_aligned, reference, out_dir: str, title: str):
 
 def evaluate(workdir: str | None, reference_path: str | None, learned_path: str | None = None,
              output: str | None = None, num_images: int = 256, seed: int = 777,
-             starts: int = 48) -> dict:
+             starts: int = 48, gif_frames: int = 36) -> dict:
   """Scores and pictures (see the module doc); returns the metrics dict."""
   reference = None
   if reference_path:
@@ -169,7 +170,7 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
     aligned = points
     metrics["chamfer"] = float("nan")
     title = "learned cloud (no reference)"
-  write_pictures(aligned, reference, out, title)
+  write_pictures(aligned, reference, out, title, gif_frames)
   cli.atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
   print(f"learned cloud: {len(points)} points" + (f", step {metrics['step']}"
                                                   if metrics.get("step") is not None else ""))
@@ -199,6 +200,7 @@ def _define_flags():
   flags.DEFINE_integer("num_images", 256, "Simulated images for the pose error (0: skip).")
   flags.DEFINE_integer("seed", 777, "Seed of those images (differs from validation).")
   flags.DEFINE_integer("starts", 48, "Initial rotations per handedness for ICP.")
+  flags.DEFINE_integer("gif_frames", 36, "Frames of the rotating GIF.")
 
 
 def main(argv):
@@ -218,7 +220,8 @@ def main(argv):
     except shapes.ShapeError as e:
       cli.fail(f"--reference: {e}")
   try:
-    evaluate(f.workdir, f.reference, f.learned, f.output, f.num_images, f.seed, f.starts)
+    evaluate(f.workdir, f.reference, f.learned, f.output, f.num_images, f.seed, f.starts,
+             max(1, f.gif_frames))
   except shapes.ShapeError as e:
     cli.fail(str(e))
   except (FileNotFoundError, ValueError) as e:

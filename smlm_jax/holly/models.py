@@ -26,22 +26,17 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
-
-from smlm_jax.holly import rotations
 
 
 def _initial_hypotheses(k: int) -> np.ndarray:
   """6D of k well-spread fixed rotations (identity first), [k, 6]."""
   if k == 1:
     return np.array([[1, 0, 0, 0, 1, 0]], np.float32)
-  rng = np.random.default_rng(0)
-  q = rng.normal(size=(k, 4))
-  q[0] = [1, 0, 0, 0]
-  q /= np.linalg.norm(q, axis=1, keepdims=True)
-  R = np.asarray(rotations.matrix_from_quaternion(jnp.asarray(q, jnp.float32)))
+  from scipy.spatial.transform import Rotation
+  R = Rotation.random(k, random_state=0).as_matrix()
+  R[0] = np.eye(3)
   return np.concatenate([R[:, :, 0], R[:, :, 1]], axis=1).astype(np.float32)
 
 

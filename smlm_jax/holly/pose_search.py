@@ -76,37 +76,55 @@ def centroid_translation(points, R, images, size: int, fov: float):
 
 
 def refine(points, image, R0, t0, sigma_px, size: int, fov: float,
-           extra_sigmas_px=(3.0, 1.5, 0.0), damping: float = 1e-2):
+           extra_sigmas_px=(2.0, 1.0, 0.5, 0.0), damping: float = 1e-2,
+           coarse_min_sigma_px: float = 0.8):
   """Gauss-Newton (Levenberg-Marquardt) refinement of one image's pose.
 
   Minimizes the L2 distance between the image and the render of the (fixed) cloud
   over a rotation increment (rotation vector, applied on the left: exp(w) R0) and a
   translation increment, one iteration per entry of ``extra_sigmas_px``: both image
   and render are widened by that extra blur (coarse to fine, so that a start some
-  degrees off is still inside the basin). A step that does not lower the loss is not
+  degrees off is still inside the basin). Iterations whose total width stays above
+  ``coarse_min_sigma_px`` at half resolution run there (2x2-binned image; 4x cheaper,
+  no information lost at that blur). A step that does not lower the loss is not
   taken. Returns (R [3, 3], t [2])."""
   pts = jax.lax.stop_gradient(points)
   image = jax.lax.stop_gradient(image)
   R0 = jax.lax.stop_gradient(R0)
   t0 = jax.lax.stop_gradient(t0)
   theta = jnp.zeros(5, jnp.float32)
+  half = sum_pool(image, 2) if size % 2 == 0 else None
   for extra in extra_sigmas_px:
     s = jnp.sqrt(sigma_px ** 2 + extra ** 2)
-    target = render.gaussian_blur(image, extra, size) if extra > 0 else image
-    scale = jnp.sqrt(4 * jnp.pi) * s                  # residuals of a scale-free L2
+    coarse = half is not None and extra > 0
+    # the binned image has width s / 2: use it only when that is still >= the minimum
+    # (decided per step at run time; both branches are traced)
+    n = size // 2 if coarse else size
 
-    def residual(th, target=target, s=s, scale=scale):
-      R = rotations.exp_map(th[:3]) @ R0
-      img = render.render(pts, R, t0 + th[3:], s, size, fov)
-      return scale * (img - target).reshape(-1)
+    def make(img, f, n=n, extra=extra, s=s):
+      target = render.gaussian_blur(img, extra / f, n) if extra > 0 else img
+      scale = jnp.sqrt(4 * jnp.pi) * s / f
 
-    r, jvp = jax.linearize(residual, theta)
-    J = jax.vmap(jvp, out_axes=1)(jnp.eye(5, dtype=jnp.float32))      # [N^2, 5]
-    H = J.T @ J
-    g = J.T @ r
-    H = H + damping * (jnp.trace(H) / 5.0 + 1e-12) * jnp.eye(5)
-    step = -jnp.linalg.solve(H, g)
-    new = theta + step
-    better = jnp.sum(residual(new) ** 2) < jnp.sum(r ** 2)
-    theta = jnp.where(better, new, theta)
+      def residual(th):
+        R = rotations.exp_map(th[:3]) @ R0
+        out = render.render(pts, R, t0 + th[3:], s / f, n, fov)
+        return scale * (out - target).reshape(-1)
+      return residual
+
+    def gn_step(residual, theta=theta):
+      r, jvp = jax.linearize(residual, theta)
+      J = jax.vmap(jvp, out_axes=1)(jnp.eye(5, dtype=jnp.float32))      # [n^2, 5]
+      H = J.T @ J
+      g = J.T @ r
+      H = H + damping * (jnp.trace(H) / 5.0 + 1e-12) * jnp.eye(5)
+      new = theta - jnp.linalg.solve(H, g)
+      better = jnp.sum(residual(new) ** 2) < jnp.sum(r ** 2)
+      return jnp.where(better, new, theta)
+
+    if coarse:
+      theta = jax.lax.cond(s / 2 >= coarse_min_sigma_px,
+                           lambda: gn_step(make(half, 2)),
+                           lambda: gn_step(make(image, 1, n=size)))
+    else:
+      theta = gn_step(make(image, 1))
   return rotations.exp_map(theta[:3]) @ R0, t0 + theta[3:]

@@ -224,9 +224,10 @@ class HollyTask(Task):
     x = image / jnp.maximum(jnp.max(image, axis=(-2, -1), keepdims=True), 1e-12)
     return self.model.apply({"params": net_params}, x, train=False)
 
-  def render_losses(self, points, R, t, sigma, image):
+  def render_losses(self, points, R, t, sigma, image, name=None):
     """Per-image, per-hypothesis losses [B, H] of the cloud rendered at R [B, H, 3, 3],
-    t [B, H, 2] or [B, 2], sigma [B] against the images [B, N, N]."""
+    t [B, H, 2] or [B, 2], sigma [B] against the images [B, N, N] (``name``: the loss,
+    default config.loss.name)."""
     h = R.shape[1]
     t = jnp.broadcast_to(t[:, None] if t.ndim == 2 else t, R.shape[:2] + (2,))
 
@@ -237,7 +238,7 @@ class HollyTask(Task):
     target = jnp.broadcast_to(image[:, None], pred.shape)
     lcfg = self.config.loss
     return image_loss(pred, target, jnp.broadcast_to(sigma[:, None], (sigma.shape[0], h)),
-                      lcfg.name, tuple(lcfg.scales))
+                      name or lcfg.name, tuple(lcfg.scales))
 
   def hypothesis_losses(self, params, batch, key=None):
     """(per-image, per-hypothesis losses [B, H], rotations [B, H, 3, 3], CNN outputs).
@@ -274,7 +275,7 @@ class HollyTask(Task):
       R = jnp.concatenate([R, R_s[:, None]], axis=1)
     t = jax.vmap(lambda r, im: pose_search.centroid_translation(pts, r, im[None], self.size,
                                                                 self.fov))(R, image)
-    losses = self.render_losses(pts, R, t, sigma, image)
+    losses = self.render_losses(pts, R, t, sigma, image, name="l2")
     i = jnp.argmin(losses, axis=1)
     R0 = jnp.take_along_axis(R, i[:, None, None, None], axis=1)[:, 0]
     t0 = jnp.take_along_axis(t, i[:, None, None], axis=1)[:, 0]
@@ -399,14 +400,16 @@ class HollyTask(Task):
       pts = np.asarray(params["points"])
       al = align_lib.align(pts, self.sites, num_starts=int(cfg.eval_align_starts))
       err = align_lib.pose_errors_deg(R_best, batch["R"], al)
-      R_ref = trainer.batched(lambda c: refined_fn(params, c, int(cfg.eval_seed)),
-                              {"image": batch["image"], "sigma": batch["sigma"]}, bs, mesh)
-      err_ref = align_lib.pose_errors_deg(R_ref, batch["R"], al)
+      extra = {}
+      if bool(cfg.get("eval_refined_poses", True)):
+        R_ref = trainer.batched(lambda c: refined_fn(params, c, int(cfg.eval_seed)),
+                                {"image": batch["image"], "sigma": batch["sigma"]}, bs, mesh)
+        err_ref = align_lib.pose_errors_deg(R_ref, batch["R"], al)
+        extra["refined_pose_error_deg"] = {"median": float(np.median(err_ref)),
+                                           "frac_below_2": float(np.mean(err_ref < 2))}
       return {"chamfer": al.chamfer_rel, "pose_error_deg": {
                   "median": float(np.median(err)), "mean": float(np.mean(err)),
-                  "frac_below_10": float(np.mean(err < 10))},
-              "refined_pose_error_deg": {"median": float(np.median(err_ref)),
-                                         "frac_below_2": float(np.mean(err_ref < 2))},
+                  "frac_below_10": float(np.mean(err < 10))}, **extra,
               "image_loss": float(np.mean(loss)), "sigma_px": sigma,
               "seconds": self.elapsed()}
     return evaluate
