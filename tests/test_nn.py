@@ -4,8 +4,9 @@ Reference values are written out (by hand, in comments) or computed with plain
 math/numpy in the test, never with the function under test. Models are tiny. Compiling
 flax's random initialisers of a whole U-Net takes many seconds on CPU, so most tests
 trace ``init`` (``jax.eval_shape``, which runs the module's setup code) and fill the
-parameters with scaled numpy noise; ``test_unet_batch_norm_train_and_eval`` uses the
-real ``init`` (with a fast-compiling ``rbg`` key).
+parameters with scaled numpy noise; ``test_real_init_and_count_params_by_hand`` runs
+the real ``init`` (with a fast-compiling ``rbg`` key). Checks convert to numpy, as an
+eager jnp op compiles once per shape.
 """
 from __future__ import annotations
 
@@ -53,7 +54,6 @@ def _maxabs(a):
 
 
 def _all_finite(tree):
-  # numpy, not jnp: an eager jnp op compiles once per leaf shape, which adds up.
   return all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(tree))
 
 
@@ -77,8 +77,13 @@ def test_unet_2d_keeps_odd_and_even_sizes():
   assert out.shape == (2, 37, 40, 3)
   assert _all_finite(out) and _all_finite(grads)
   assert all(_maxabs(g) > 0 for g in jax.tree_util.tree_leaves(grads))
-  out = jax.jit(model.apply)(variables, x[:1, :32, :32])
-  assert out.shape == (1, 32, 32, 3) and _all_finite(out)
+  # Even size (no padding), and where padding goes: height 37 is reflect-padded to 40,
+  # one row before and two after, so the 37x40 output is rows 1..37 of the output for
+  # the explicitly padded 40x40 input.
+  padded = np.pad(np.asarray(x), ((0, 0), (1, 2), (0, 0), (0, 0)), mode="reflect")
+  out40 = jax.jit(model.apply)(variables, jnp.asarray(padded))
+  assert out40.shape == (2, 40, 40, 3)
+  np.testing.assert_allclose(out, np.asarray(out40)[:, 1:38], rtol=1e-5, atol=1e-5)
   # The first conv has the 5x5 kernel, the others 3x3.
   assert variables["params"]["enc0"]["conv0"]["kernel"].shape == (5, 5, 2, 4)
   assert variables["params"]["dec0"]["conv0"]["kernel"].shape == (3, 3, 8, 4)
@@ -144,7 +149,8 @@ def test_unet_dropout_uses_rng_only_in_training():
   x = _normal(5, (1, 8, 8, 1))
   variables = _init(model, x)
   apply = jax.jit(lambda v, x, k: model.apply(v, x, train=True, rngs={"dropout": k}))
-  a, b, c = apply(variables, x, _key(1)), apply(variables, x, _key(1)), apply(variables, x, _key(2))
+  a, b = apply(variables, x, _key(1)), apply(variables, x, _key(1))
+  c = apply(variables, x, _key(2))
   np.testing.assert_array_equal(a, b)
   assert _maxabs(a - c) > 0
   ev = jax.jit(model.apply)(variables, x)
@@ -261,7 +267,8 @@ def test_dice_2x2():
   assert abs(float(losses.dice_loss(logits, targets)) - 1.6 / 5.8) < 1e-5
   # Mask out the 0.2/0 pixel: sum p = 1.6, sum pt = 1.6, sum t = 3: 1 - 4.2/5.6 = 0.25.
   mask = jnp.array([[1.0, 0.0], [1.0, 1.0]])
-  assert abs(float(losses.dice_loss(probs, targets, mask=mask, from_logits=False)) - 0.25) < 1e-6
+  got = losses.dice_loss(probs, targets, mask=mask, from_logits=False)
+  assert abs(float(got) - 0.25) < 1e-6
 
 
 def test_multiclass_dice_with_ignore():
@@ -319,6 +326,9 @@ def test_lovasz_softmax_by_hand():
   # Mean over the two present classes: 0.4958333 (= 119/240).
   got = losses.lovasz_softmax(probs, labels, from_logits=False)
   assert abs(float(got) - 119 / 240) < 1e-6
+  # A given class list: class 1 alone.
+  assert abs(float(losses.lovasz_softmax(probs, labels, from_logits=False, classes=[1]))
+             - 0.4916667) < 1e-6
   # From logits: log-probabilities are logits of the same softmax.
   assert abs(float(losses.lovasz_softmax(jnp.log(probs), labels)) - 119 / 240) < 1e-6
   # Only class 1 present: loss_1 alone; "all" averages over both classes anyway.
@@ -366,7 +376,8 @@ def test_lovasz_ignore_equals_explicit_filtering():
   # Per image: the mean of the per-image losses on the filtered pixels.
   per_image = lovasz(jnp.asarray(logits), jnp.asarray(labels), ignore_label=255,
                      per_image=True)
-  expected = np.mean([_numpy_lovasz(probs[i][valid[i]], labels[i][valid[i]]) for i in range(2)])
+  expected = np.mean([_numpy_lovasz(probs[i][valid[i]], labels[i][valid[i]])
+                      for i in range(2)])
   np.testing.assert_allclose(per_image, expected, rtol=1e-5)
 
 
@@ -404,6 +415,10 @@ def test_losses_jit_and_grad_are_finite():
   fns = {
       "bce": lambda x, lg: losses.binary_cross_entropy(x, t),
       "focal": lambda x, lg: losses.soft_focal_loss(x, t),
+      # Saturated logits make 1 - p_t exactly 0, where d/db b**gamma is NaN or inf.
+      "focal_saturated": lambda x, lg: losses.soft_focal_loss(10 * x, t > 0.5, gamma=0.5),
+      "softmax_focal_saturated": lambda x, lg: losses.softmax_focal_loss(
+          10 * lg, labels, gamma=0.0),
       "dice": lambda x, lg: losses.dice_loss(x, t),
       "l1": lambda x, lg: losses.l1_loss(x, t),
       "ce": lambda x, lg: losses.softmax_cross_entropy(lg, labels),
@@ -493,7 +508,8 @@ def test_ssim_offset_and_scale_single_window():
               / (((1 + a ** 2) * mx ** 2 + c1) * ((1 + a ** 2) * vx + c2)))
   got = losses.ssim(jnp.asarray(x, jnp.float32), jnp.asarray(a * x, jnp.float32))
   assert abs(float(got) - expected) < 1e-5 and expected < 0.95
-  assert abs(float(losses.ssim_loss(jnp.asarray(x), jnp.asarray(a * x))) - (1 - expected)) < 1e-5
+  loss = losses.ssim_loss(jnp.asarray(x), jnp.asarray(a * x))
+  assert abs(float(loss) - (1 - expected)) < 1e-5
 
 
 def test_ssim_3d():
@@ -505,6 +521,17 @@ def test_ssim_3d():
   assert same.shape == (2,)
   np.testing.assert_allclose(same, 1.0, rtol=1e-6)
   assert float(value.max()) < 0.9
+  # skimage's algorithm (gaussian_weights=True, use_sample_covariance=False): scipy
+  # Gaussian filter (sigma 1.5, truncate 3.5 -> 11 taps) with reflection, then drop the
+  # 5-pixel border where the window leaves the volume, and average.
+  ndi = pytest.importorskip("scipy.ndimage")
+  a, b = np.asarray(vol[1], np.float64), np.asarray(noisy[1], np.float64)
+  filt = lambda im: ndi.gaussian_filter(im, sigma=1.5, truncate=3.5, mode="reflect")
+  ua, ub = filt(a), filt(b)
+  va, vb, vab = filt(a * a) - ua * ua, filt(b * b) - ub * ub, filt(a * b) - ua * ub
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  s_map = ((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua ** 2 + ub ** 2 + c1) * (va + vb + c2))
+  np.testing.assert_allclose(value[1], s_map[5:-5, 5:-5, 5:-5].mean(), rtol=1e-4)
   grad = jax.jit(jax.grad(lambda v: losses.ssim_loss(v, vol, spatial_dims=3)))(noisy)
   assert _all_finite(grad) and _maxabs(grad) > 0
   with pytest.raises(ValueError, match="win_size"):

@@ -33,7 +33,7 @@ def _chi2_pvalue(samples, pmf_counts_fn):
   return stats.chi2.sf(chi2, len(obs_b) - 1)
 
 
-@pytest.mark.parametrize("lam", [0.1, 3.0, 30.0, 300.0, 3000.0])
+@pytest.mark.parametrize("lam", [0.1, 3.0, 29.9, 30.0, 300.0, 3000.0])
 def test_poisson_matches_numpy_and_theory(lam):
   ours = np.asarray(jax.jit(noise.poisson)(jax.random.key(7), jnp.full((N,), lam)))
   ref = np.random.default_rng(7).poisson(lam, N)
@@ -67,6 +67,45 @@ def test_poisson_mixed_means_and_edge_values():
   assert np.all(x[:, :2] == 0)
   for j, m in [(2, 9.999), (3, 10.0), (4, 1e4)]:
     assert abs(x[:, j].mean() - m) < 5 * np.sqrt(m / len(x))
+
+
+def test_bright_elements_beyond_one_compaction_round():
+  """Bright elements (lam >= 30, drawn by compacted PTRS) in every tile and far more of
+  them than one round's buffer holds: still exact, and the dim ones untouched."""
+  n = 32_768
+  lam = jnp.where(jnp.arange(n) % 3 == 0, 2.0, 120.0)          # 2/3 bright
+  x = np.asarray(jax.jit(noise.poisson)(jax.random.key(5), lam))
+  bright, dim = x[np.asarray(lam) == 120.0], x[np.asarray(lam) == 2.0]
+  assert np.all(bright == np.round(bright)) and bright.min() > 0
+  for sample, m in ((bright, 120.0), (dim, 2.0)):
+    assert abs(sample.mean() - m) < 5 * np.sqrt(m / sample.size)
+    assert abs(sample.var() / m - 1) < 5 * np.sqrt(2.0 / sample.size)
+  assert _chi2_pvalue(bright, lambda ks: stats.poisson.pmf(ks, 120.0) * bright.size) > 1e-3
+  assert _chi2_pvalue(dim, lambda ks: stats.poisson.pmf(ks, 2.0) * dim.size) > 1e-3
+
+
+@pytest.mark.parametrize("lam", [0.5, 8.0, 25.0, 200.0])
+def test_normals_are_standard_and_independent_of_the_counts(lam):
+  """The read-noise normals (the inversion's residual uniform below 30, separate draws
+  above) are N(0, 1) and independent of the Poisson count they come with."""
+  k, z = jax.jit(noise.poisson_and_normal)(jax.random.key(11), jnp.full((N,), lam))
+  k, z = np.asarray(k), np.asarray(z)
+  assert abs(z.mean()) < 5 / np.sqrt(N) and abs(z.var() - 1) < 5 * np.sqrt(2 / N)
+  assert stats.kstest(z, "norm").pvalue > 1e-3
+  assert abs(np.corrcoef(k, z)[0, 1]) < 5 / np.sqrt(N)
+  assert abs(np.corrcoef(k, z ** 2)[0, 1]) < 5 / np.sqrt(N)
+  # The normals' distribution is the same below and above the median count.
+  low, high = z[k <= np.median(k)], z[k > np.median(k)]
+  assert stats.ks_2samp(low, high).pvalue > 1e-3
+
+
+def test_camera_output_is_always_finite():
+  """Millions of draws over means 0-60 (both samplers, the residual normal at its clip
+  limits): every ADU value is finite, for both camera models."""
+  lam = jnp.tile(jnp.linspace(0.0, 60.0, 1000), 2000)
+  for cam in (noise.Camera(), noise.Camera(model="emccd", em_gain=100.0, read_noise_e=30.0)):
+    adu = np.asarray(jax.jit(lambda k: noise.apply_camera(k, lam, cam))(jax.random.key(2)))
+    assert np.all(np.isfinite(adu)), cam.model
 
 
 def test_poisson_on_sharded_batch():

@@ -113,9 +113,15 @@ def test_same_key_batched_and_jit_consistency():
   single = jax.jit(sim.simulate_random_movie, static_argnums=(1, 3, 4))
   stacked = np.stack([np.asarray(single(jax.random.fold_in(key, b), s.priors, s.camera,
                                         s.geometry, True)[0]) for b in range(4)])
-  np.testing.assert_allclose(np.asarray(f1), stacked, rtol=1e-5, atol=1e-3)
+  # Eager, jitted and vmapped code round differently (fused multiply-adds); the
+  # read-noise normal comes from the inversion's residual uniform (u - F(k-1)) / p(k),
+  # which amplifies a last-bit difference by 1 / p(k) in the Poisson tail. So a few
+  # pixels may differ by ~0.01 ADU (the read-noise sd is 3.2 ADU); all others match.
+  # How many depends on the CPU's instruction set (0.35% on the CI machine, 0.1% here).
   jitted = jax.jit(lambda k: s.batch(k, 4))(key)[0]
-  np.testing.assert_allclose(np.asarray(jitted), np.asarray(f1), rtol=1e-5, atol=1e-3)
+  for other_way in (stacked, np.asarray(jitted)):
+    np.testing.assert_allclose(np.asarray(f1), other_way, rtol=1e-5, atol=0.05)
+    assert np.mean(np.isclose(np.asarray(f1), other_way, rtol=1e-6, atol=1e-4)) > 0.98
   other = s.batch(jax.random.key(43), 4)[0]
   assert not np.allclose(np.asarray(other), np.asarray(f1))
   assert f1.shape == (4, 4, 24, 24) and f1.dtype == jnp.float32

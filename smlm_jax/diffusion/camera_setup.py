@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 from smlm_jax.core.noise import Camera
 
@@ -44,7 +45,24 @@ def read_calibration(path: str) -> dict:
         raise CalibrationError(f"{path}: {key} must be a finite number, got {cal[key]!r}")
   if "camera_gain_adu_per_e" in cal and scalar(cal["camera_gain_adu_per_e"]) <= 0:
     raise CalibrationError(f"{path}: camera_gain_adu_per_e must be > 0")
+  # A negative baseline is physically impossible; calibrate only writes one when the
+  # user passed --allow_implausible, and then the file lists it under "implausible".
+  if ("camera_offset_adu" in cal and scalar(cal["camera_offset_adu"]) < 0
+      and not cal.get("implausible")):
+    raise CalibrationError(
+        f"{path}: camera_offset_adu={scalar(cal['camera_offset_adu']):g} is negative, "
+        "which no camera has; recalibrate (calibrate now checks this) or give "
+        "--camera_offset_adu")
   return cal
+
+
+def implausible_note(cal: dict, path: str = "calibration file") -> str | None:
+  """One line when the file was written with --allow_implausible, else None."""
+  bad = cal.get("implausible") or []
+  if not bad:
+    return None
+  return (f"warning: {path} was written with --allow_implausible and fails "
+          f"{len(bad)} plausibility check(s): {bad[0]}")
 
 
 def scalar(value):
@@ -113,6 +131,9 @@ def apply_calibration(sim_cfg):
   if not path:
     return sim_cfg
   cal = read_calibration(path)
+  note = implausible_note(cal, path)
+  if note:
+    print(note, file=sys.stderr)
   missing = [k for k in ("psf_fwhm_nm", "photons", "background_photons",
                          "camera_offset_adu", "camera_gain_adu_per_e", "read_noise_e")
              if k not in cal]

@@ -54,6 +54,18 @@ def _combine(a, b):
   return jnp.asarray(a, jnp.float32) * jnp.asarray(b, jnp.float32)
 
 
+def _focal_factor(base, gamma):
+  """``base**gamma`` for ``base`` in [0, 1] with finite gradients at ``base == 0``.
+
+  Confident predictions make ``base = 1 - p_t`` exactly 0, where the derivative of
+  ``x**gamma`` is NaN (``gamma = 0``) or inf (``gamma < 1``); the value there is the
+  limit (``0**gamma``: 1 if ``gamma == 0`` else 0) with zero gradient.
+  """
+  positive = base > 0
+  at_zero = jnp.where(jnp.asarray(gamma) == 0, 1.0, 0.0).astype(base.dtype)
+  return jnp.where(positive, jnp.where(positive, base, 1.0) ** gamma, at_zero)
+
+
 def _valid_labels(labels, ignore_label):
   """(valid mask, labels with ignored entries replaced by class 0)."""
   labels = jnp.asarray(labels)
@@ -114,7 +126,7 @@ def soft_focal_loss(logits, targets, alpha: float | None = 0.25, gamma: float = 
   """
   ce = _bce_elementwise(logits, targets)
   one_minus_pt = targets * jax.nn.sigmoid(-logits) + (1.0 - targets) * jax.nn.sigmoid(logits)
-  loss = ce * one_minus_pt ** gamma
+  loss = ce * _focal_factor(one_minus_pt, gamma)
   if alpha is not None:
     loss = (targets * alpha + (1.0 - targets) * (1.0 - alpha)) * loss
   return _weighted_mean(loss, mask)
@@ -131,7 +143,8 @@ def dice_loss(inputs, targets, mask=None, eps: float = 1.0, from_logits: bool = 
   """
   p = jax.nn.sigmoid(inputs) if from_logits else inputs
   targets = jnp.broadcast_to(jnp.asarray(targets, p.dtype), p.shape)
-  w = jnp.ones_like(p) if mask is None else jnp.broadcast_to(jnp.asarray(mask, p.dtype), p.shape)
+  w = jnp.ones_like(p) if mask is None else jnp.asarray(mask, p.dtype)
+  w = jnp.broadcast_to(w, p.shape)
   p = jnp.where(w != 0, p * w, 0.0)
   t = jnp.where(w != 0, targets * w, 0.0)
   inter = jnp.sum(p * targets, axis=axis)
@@ -190,7 +203,7 @@ def softmax_focal_loss(logits, labels, gamma: float = 2.0, alpha=None,
   valid, safe = _valid_labels(labels, ignore_label)
   logp = jax.nn.log_softmax(logits, axis=-1)
   logp_y = jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-  loss = -(-jnp.expm1(logp_y)) ** gamma * logp_y
+  loss = -_focal_factor(-jnp.expm1(logp_y), gamma) * logp_y
   if alpha is not None:
     loss = jnp.asarray(alpha, loss.dtype)[safe] * loss
   return _weighted_mean(loss, _combine(valid.astype(loss.dtype), mask))

@@ -24,12 +24,13 @@ Contract:
 * Up-sampling is ``"transpose"`` (transposed conv with kernel = stride = the factor),
   or ``"nearest"`` / ``"linear"`` (``jax.image.resize`` to the skip's shape, then a
   conv); skips are joined by concatenation along channels.
-* Norms: ``"batch"`` (``BatchNorm``; call with ``train=True, mutable=["batch_stats"]``
-  to update running averages, ``train=False`` uses them), ``"group"`` (the largest
-  number of groups <= min(8, channels) that divides channels), ``"instance"``
-  (``GroupNorm`` with group size 1), ``"layer"`` (``LayerNorm`` over the channels of
-  each position, as in ConvNeXt; independent of image size and padding) or
-  ``"none"`` (convs then carry biases).
+* Norms: ``"batch"`` (``BatchNorm``, momentum 0.9, i.e. PyTorch's 0.1, so running
+  averages settle within tens of steps; call with ``train=True,
+  mutable=["batch_stats"]`` to update them, ``train=False`` uses them), ``"group"``
+  (the largest number of groups <= min(8, channels) that divides channels),
+  ``"instance"`` (``GroupNorm`` with group size 1), ``"layer"`` (``LayerNorm`` over
+  the channels of each position, as in ConvNeXt) or ``"none"`` (convs then carry
+  biases). Group/instance/batch statistics include the padded border.
 * ``dropout`` is applied after the bottleneck and after each decoder level; it draws
   from the ``'dropout'`` rng when ``train=True``.
 * The default activation is swish (SiLU): smooth, non-saturating like ReLU but
@@ -57,8 +58,9 @@ def count_params(variables) -> int:
   (leaves ``jax.ShapeDtypeStruct``), which counts without allocating anything.
   """
   tree = variables["params"] if "params" in variables else variables
-  shapes = [getattr(leaf, "shape", jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]
-  return int(sum(math.prod(shape) for shape in shapes))
+  leaves = jax.tree_util.tree_leaves(tree)
+  return int(sum(math.prod(leaf.shape if hasattr(leaf, "shape") else jnp.shape(leaf))
+                 for leaf in leaves))
 
 
 def _num_groups(channels: int) -> int:
@@ -97,7 +99,8 @@ class ConvBlock(nn.Module):
     use_bias = self.norm == "none"
     h = x
     for i in range(self.num_convs):
-      kernel = self.first_kernel_size if (i == 0 and self.first_kernel_size) else self.kernel_size
+      first = i == 0 and self.first_kernel_size is not None
+      kernel = self.first_kernel_size if first else self.kernel_size
       h = nn.Conv(self.features, tuple(kernel), use_bias=use_bias, name=f"conv{i}")(h)
       h = _make_norm(self.norm, self.features, train, f"norm{i}")(h)
       if self.residual and i == self.num_convs - 1:

@@ -1,0 +1,226 @@
+"""Simulated division events: tubular mitochondria that constrict and divide, in JAX.
+
+``simulate(key, params, num_frames) -> (frames [n, S, S] ADU, truth)`` is a pure function
+of the key (jit/vmap-able, static shapes); ``batch(keys, params, n)`` vmaps it. The last
+of the ``n`` frames is the "current" one: ``truth["label"]`` [S, S] is its event map, a
+Gaussian of ``sigma_px`` (peak 1, 0 below 0.1, as :mod:`.annotate` makes from
+annotations) centred on the division site, or all zeros when the crop holds no event.
+So the detector can be checked where the truth is known.
+
+Scene (lengths in px of ``pixel_size_nm``; defaults in ``configs/events.py``):
+
+* ``num_tubules`` tubules (uniform integer range), each a quadratic Bezier curve of
+  length ``length_um`` and bend up to ``bend`` x length, sampled at K points. A tubule
+  of diameter d is a line of fluorophores whose cross-section is the projection of a
+  filled cylinder (variance d^2 / 16) blurred by the PSF (``psf_sigma_nm``): each sample
+  is a 2D Gaussian of ``sigma = sqrt(psf^2 + d^2 / 16)`` carrying photons proportional
+  to d^2 (the labelled volume) times the arc length it stands for. The peak of a straight
+  tubule of the nominal diameter is ``photons`` (per pixel, before QE).
+* Along each tubule the labelling varies smoothly (three sinusoids, relative amplitude
+  up to ``modulation``: nucleoids, cristae), and with probability ``static_dip_prob`` a
+  tubule has a constriction of depth up to ``static_dip_depth`` that does not change in
+  time (a stable constriction, or a thin tubule segment): a hard negative.
+* Every tubule drifts by ``drift_px`` (rms, per frame and axis); the brightness of
+  every frame fluctuates by ``flicker`` (relative rms; illumination, focus).
+* With probability ``event_fraction`` tubule 0 divides at a site inside the crop
+  (at least ``margin_px`` from the edge). Progress ``q`` grows by ``rate`` per frame
+  and is ``q_now`` in the current frame: for ``q < 1`` the diameter at arc distance u
+  from the site is ``d (1 - q exp(-u^2 / 2 w^2))`` (a neck of half-width ``w =
+  neck_px``, narrower and dimmer as q -> 1: Kleele et al., Nature 593, 435 (2021)
+  describe division by gradual constriction to ~100 nm before scission); for ``q >= 1``
+  the tubule is cut and the two ends retract by ``retract_px`` per unit of ``q - 1``.
+  The event map is present in the current frame while ``q_now`` lies in ``q_range``
+  (from a visible neck to just after scission: the frames an annotator marks).
+* Background ``background_photons`` per pixel, exact Poisson shot noise and an sCMOS
+  read-out (:func:`smlm_jax.core.noise.apply_camera`).
+
+Defaults are set to match the shared iSIM crops (56 nm pixels, COS-7 mitochondria
+~10-15 px wide, tubule peaks ~130 and background ~5 photo-electrons at ~2.5 ADU/e-,
+offset 100 ADU: measured from their frame-to-frame variance vs. mean).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from smlm_jax.core import noise
+
+CUTOFF = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class SimParams:
+  """Static simulation parameters (hashable; built from ``config.sim``)."""
+  size_px: int = 64
+  pixel_size_nm: float = 56.0
+  psf_sigma_nm: float = 70.0
+  diameter_nm: tuple = (400.0, 900.0)
+  length_um: tuple = (1.5, 5.0)
+  bend: float = 0.35
+  num_tubules: tuple = (1, 4)
+  points_per_tubule: int = 96
+  modulation: float = 0.3
+  static_dip_prob: float = 0.5
+  static_dip_depth: tuple = (0.2, 0.7)
+  drift_px: float = 0.5
+  flicker: float = 0.05
+  event_fraction: float = 0.5
+  margin_px: float = 6.0
+  q_now: tuple = (0.4, 1.6)
+  q_range: tuple = (0.4, 1.6)
+  rate: tuple = (0.15, 0.4)
+  neck_px: tuple = (2.0, 4.0)
+  retract_px: float = 6.0
+  photons: tuple = (20.0, 200.0)
+  background_photons: tuple = (1.0, 15.0)
+  sigma_px: float = 2.0
+  qe: float = 0.8
+  gain_adu_per_e: float = 2.5
+  offset_adu: float = 100.0
+  read_noise_e: float = 1.5
+
+  @classmethod
+  def from_config(cls, sim) -> "SimParams":
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+              for k, v in dict(sim).items() if k in names}
+    return cls(**values)
+
+  @property
+  def camera(self) -> noise.Camera:
+    return noise.Camera(qe=self.qe, gain_adu_per_e=self.gain_adu_per_e,
+                        offset_adu=self.offset_adu, read_noise_e=self.read_noise_e)
+
+
+def _log_uniform(key, lo_hi, shape=()):
+  lo, hi = lo_hi
+  return jnp.exp(jax.random.uniform(key, shape, minval=math.log(lo), maxval=math.log(hi)))
+
+
+def _uniform(key, lo_hi, shape=()):
+  return jax.random.uniform(key, shape, minval=lo_hi[0], maxval=lo_hi[1])
+
+
+def gaussian_map(center_yx, shape, sigma_px: float, cutoff: float = CUTOFF):
+  """[H, W] exp(-d^2 / 2 sigma^2) around center (pixel centres at integers), 0 below
+  cutoff: the same map :func:`smlm_jax.events.annotate.gaussian_spots` draws."""
+  y = jnp.arange(shape[0], dtype=jnp.float32)[:, None]
+  x = jnp.arange(shape[1], dtype=jnp.float32)[None, :]
+  g = jnp.exp(-((y - center_yx[0]) ** 2 + (x - center_yx[1]) ** 2) / (2.0 * sigma_px ** 2))
+  return jnp.where(g >= cutoff, g, 0.0)
+
+
+def _bezier(p0, p1, p2, s):
+  s = s[:, None]
+  return (1 - s) ** 2 * p0 + 2 * s * (1 - s) * p1 + s ** 2 * p2
+
+
+def _render(yx, sigma, mass, size):
+  """Sum over samples of mass * N(yx, sigma^2 I) on the pixel grid: [S, S].
+
+  Separable: image = (Gy * w)^T Gx with Gy [K, S], Gx [K, S]; a matrix product.
+  """
+  grid = jnp.arange(size, dtype=jnp.float32)
+  gy = jnp.exp(-0.5 * ((grid[None, :] - yx[:, :1]) / sigma[:, None]) ** 2)
+  gx = jnp.exp(-0.5 * ((grid[None, :] - yx[:, 1:]) / sigma[:, None]) ** 2)
+  w = mass / (2.0 * math.pi * sigma ** 2)
+  return jnp.einsum("ky,kx->yx", gy * w[:, None], gx, precision=jax.lax.Precision.HIGHEST)
+
+
+def simulate(key, p: SimParams, num_frames: int, has_event=None):
+  """One crop: (frames [n, S, S] float32 ADU, truth dict: label [S, S], has_event,
+  site_yx [2] px, q_now, expected_photons [n, S, S] (before QE and noise)).
+  ``has_event`` (bool array) overrides the Bernoulli draw."""
+  s, n, k_pts = p.size_px, num_frames, p.points_per_tubule
+  m = p.num_tubules[1]
+  keys = iter(jax.random.split(key, 24))
+  px = p.pixel_size_nm
+  if has_event is None:
+    has_event = jax.random.bernoulli(next(keys), p.event_fraction)
+  n_tub = jax.random.randint(next(keys), (), p.num_tubules[0], m + 1)
+  present = (jnp.arange(m) < n_tub) | ((jnp.arange(m) == 0) & has_event)
+
+  # Geometry of every tubule (px): length, direction, bend; arc-length samples.
+  length = _uniform(next(keys), p.length_um, (m,)) * 1000.0 / px
+  theta = jax.random.uniform(next(keys), (m,), maxval=2 * math.pi)
+  u = jnp.stack([jnp.sin(theta), jnp.cos(theta)], -1)
+  normal = jnp.stack([-u[:, 1], u[:, 0]], -1)
+  bend = jax.random.uniform(next(keys), (m,), minval=-p.bend, maxval=p.bend) * length
+  t = jnp.linspace(0.0, 1.0, k_pts)
+  p0 = -0.5 * length[:, None] * u
+  p2 = 0.5 * length[:, None] * u
+  p1 = bend[:, None] * normal
+  curve = jax.vmap(_bezier, (0, 0, 0, None))(p0, p1, p2, t)          # [m, K, 2]
+  seg = jnp.linalg.norm(jnp.diff(curve, axis=1), axis=-1)
+  arc = jnp.concatenate([jnp.zeros((m, 1)), jnp.cumsum(seg, axis=1)], axis=1)
+  ds = jnp.concatenate([seg[:, :1] / 2, (seg[:, 1:] + seg[:, :-1]) / 2, seg[:, -1:] / 2], 1)
+
+  # Placement: tubule 0 through the division site (inside the crop), others anywhere.
+  site_s = jax.random.uniform(next(keys), (), minval=0.3, maxval=0.7)
+  site_k = jnp.clip(jnp.round(site_s * (k_pts - 1)).astype(jnp.int32), 0, k_pts - 1)
+  site = jax.random.uniform(next(keys), (2,), minval=p.margin_px, maxval=s - 1 - p.margin_px)
+  centres = jax.random.uniform(next(keys), (m, 2), minval=-0.15 * s, maxval=1.15 * s)
+  centres = centres.at[0].set(site - curve[0, site_k])
+  curve = curve + centres[:, None, :]
+  site_arc = arc[0, site_k]
+
+  # Labelling: nominal diameter, smooth modulation, static dips.
+  diameter = _uniform(next(keys), p.diameter_nm, (m,)) / px
+  freq = jax.random.uniform(next(keys), (m, 3), minval=1.0 / 40, maxval=1.0 / 8)
+  phase = jax.random.uniform(next(keys), (m, 3), maxval=2 * math.pi)
+  amp = jax.random.uniform(next(keys), (m, 1), maxval=p.modulation)
+  waves = jnp.sin(2 * math.pi * freq[:, None, :] * arc[..., None] + phase[:, None, :])
+  labelling = jnp.clip(1.0 + amp * waves.mean(-1), 0.2, None)
+  dip_on = jax.random.bernoulli(next(keys), p.static_dip_prob, (m,))
+  dip_depth = _uniform(next(keys), p.static_dip_depth, (m,)) * dip_on
+  dip_at = jax.random.uniform(next(keys), (m,), minval=0.15, maxval=0.85) * arc[:, -1]
+  dip_w = _uniform(next(keys), p.neck_px, (m,))
+  dip = 1.0 - dip_depth[:, None] * jnp.exp(-0.5 * ((arc - dip_at[:, None]) / dip_w[:, None]) ** 2)
+  # Tubule 0 carries the event instead of a static dip when it divides.
+  dip = dip.at[0].set(jnp.where(has_event, 1.0, dip[0]))
+
+  # Event progress per frame (current frame = n - 1).
+  q_now = _uniform(next(keys), p.q_now)
+  rate = _uniform(next(keys), p.rate)
+  q = q_now - rate * (n - 1 - jnp.arange(n))                            # [n]
+  neck = _uniform(next(keys), p.neck_px)
+  dist = jnp.abs(arc[0] - site_arc)                                     # [K]
+
+  def event_factor(qj):
+    narrowing = 1.0 - jnp.clip(qj, 0.0, 1.0) * jnp.exp(-0.5 * (dist / neck) ** 2)
+    gap = neck + p.retract_px * jnp.maximum(qj - 1.0, 0.0)
+    return jnp.where((qj >= 1.0) & (dist < gap), 0.0, narrowing)
+
+  psf = p.psf_sigma_nm / px
+  peak = _log_uniform(next(keys), p.photons)
+  background = _log_uniform(next(keys), p.background_photons)
+  drift = p.drift_px * jax.random.normal(next(keys), (m, 2))
+  flicker = 1.0 + p.flicker * jax.random.normal(next(keys), (n,))
+
+  def frame(j):
+    factor = jnp.where(has_event, event_factor(q[j]), 1.0)              # [K]
+    d = diameter[:, None] * dip
+    d = d.at[0].multiply(factor)                                        # [m, K]
+    sigma = jnp.sqrt(psf ** 2 + d ** 2 / 16.0) + 1e-3
+    sigma0 = jnp.sqrt(psf ** 2 + diameter ** 2 / 16.0)
+    # Line density so that a straight tubule of nominal diameter peaks at `peak`.
+    density = peak * math.sqrt(2 * math.pi) * sigma0[:, None] * (d / diameter[:, None]) ** 2
+    mass = density * labelling * ds * present[:, None]
+    shift = (j - (n - 1)) * drift
+    yx = (curve + shift[:, None, :]).reshape(-1, 2)
+    return _render(yx, sigma.reshape(-1), mass.reshape(-1), s) * flicker[j]
+
+  photons = jax.vmap(frame)(jnp.arange(n)) + background
+  frames = noise.apply_camera(next(keys), photons, p.camera)
+  on = has_event & (q_now >= p.q_range[0]) & (q_now <= p.q_range[1])
+  label = gaussian_map(site, (s, s), p.sigma_px) * on
+  return frames, {"label": label, "has_event": on, "site_yx": site, "q_now": q_now,
+                  "expected_photons": photons}
+
+
+def batch(keys, p: SimParams, num_frames: int):
+  """vmap of :func:`simulate` over keys [B]: frames [B, n, S, S], truth of [B, ...]."""
+  return jax.vmap(lambda k: simulate(k, p, num_frames))(keys)
