@@ -13,20 +13,26 @@ Real images: --config.data.images=DIR (HOLLy's layout DIR/<sigma>/*.fits, or a p
 folder with --config.data.image_sigma=PX). Variants: ``:gpu`` (bigger), ``:tiny``.
 
 Field choices:
-* Images: 128x128 px, HOLLy's size and that of the CEP152 renders; the field of view
-  spans [-1.1, 1.1] normalized units (the unit ball, any pose of a normalized shape,
-  fits with a 10% margin), i.e. 58.2 px per unit. The pose CNN looks at 64x64
-  (``model.pool = 2``) on CPU, the loss compares the full 128x128 images.
-* Sigma curriculum (px at 128 px): HOLLy's bunny schedule 10 -> 1.41 (x ~0.9 per
-  stage, run/sigma_bunny.csv of github.com/OniDaito/HOLLy), interpolated per step
-  over the first 80% of training. The last value, 1.41 px = 24 nm at 17 nm/px, is
-  about the localization precision of good STORM data.
+* Images: 64x64 px on CPU (default), 128x128 (HOLLy's size and that of the CEP152
+  renders) in the ``gpu`` variant; the field of view spans [-1.1, 1.1] normalized
+  units (the unit ball, any pose of a normalized shape, fits with a 10% margin), i.e.
+  29.1 px per unit at 64 px. 64 px keeps a 2-core CPU run within 15 minutes (the
+  renders and the pose search cost O(size^2)); the curriculum is HOLLy's rescaled to
+  the same field of view (sigma in px halves). Folder images of 128 px are 2x2-binned
+  to 64 px (their sigma halves too).
+* Sigma curriculum: HOLLy's bunny schedule 10 -> 1.41 px at 128 px (x ~0.9 per
+  stage, run/sigma_bunny.csv of github.com/OniDaito/HOLLy), i.e. 5 -> 0.705 px at
+  64 px, interpolated per step over the first 80% of training. The last value,
+  1.41 px at 128 px = 24 nm at 17 nm/px, is about the localization precision of good
+  STORM data.
 * Structure perturbations (data.*, normalized units, farthest point at radius 1):
   off by default (clean images of every site), like HOLLy's baseline runs; the
-  SMLM-faithful study turns on dropout 0.1, 2 fluorophores per site spread 0.01,
-  wobble 0.005, 2000 localizations with precision 0.01 (~0.6 px) and camera noise.
-  For a 200 nm structure (radius 1 = 100 nm) 0.01 = 1 nm... scale these to your
-  structure: precision = sigma_loc_nm / radius_nm.
+  SMLM-faithful study turns on dropout 0.1 (labelling efficiency 90%), 2
+  fluorophores per site spread 0.01, wobble 0.005, 2000 localizations with precision
+  0.015 (0.44 px at 64 px) and camera noise (3000 photons, 1 background photon/px).
+  Lengths are fractions of the structure's radius: scale them to yours, e.g.
+  precision = sigma_loc_nm / radius_nm (a 12 nm precision on a 125 nm-radius
+  centriole is 0.1, much worse than the study's 0.015).
 * Camera (SMLM variant only): sCMOS, QE 0.9, 2 ADU/e-, 1.6 e- read noise, offset 100
   ADU (as configs/diffusion.py); photons per image and background per pixel set the
   SNR.
@@ -53,7 +59,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   data.images = ""             # or a folder of FITS/TIFF images (then obj is unused)
   data.image_sigma = 0.0       # sigma (px) of a plain folder's images
   data.augment_rotation = True  # folder images: random in-plane rotation
-  data.size = 128
+  data.size = 64               # CPU default; 128 (HOLLy's) in the gpu variant
   data.fov = 1.1
   data.max_shift = 0.05
   data.dropout = 0.0
@@ -88,13 +94,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.widths = (16, 32, 64, 128)
   config.model.dense = 256
   config.model.hypotheses = 4
-  config.model.pool = 2
+  config.model.pool = 1
   config.model.predict_sigma = False
 
   config.num_points = 350
   config.init_radius = 0.5
   config.sigma = ml_collections.ConfigDict()
-  config.sigma.stages = HOLLY_BUNNY_SIGMAS
+  config.sigma.stages = holly_sigmas(64)
   config.sigma.anneal_fraction = 0.8
   config.loss = ml_collections.ConfigDict()
   config.loss.name = "multiscale"
@@ -109,8 +115,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.refine.extra_sigmas_px = (2.0, 1.0, 0.5, 0.0)
   config.refine.damping = 0.01
 
-  config.num_train_steps = 3000
-  config.batch_size = 32
+  config.num_train_steps = 1500
+  config.batch_size = 16
   config.learning_rate = 1e-3
   config.points_learning_rate = 1e-2
   config.warmup_steps = 100
@@ -118,7 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.grad_clip_norm = 1.0
 
   config.log_every_steps = 50
-  config.eval_every_steps = 500
+  config.eval_every_steps = 250
   config.checkpoint_every_steps = 500
   config.max_to_keep = 3
   config.eval_batch_size = 64
@@ -128,7 +134,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_refined_poses = True   # also score the search + Gauss-Newton poses
 
   if variant == "gpu":
-    config.model.pool = 1
+    config.data.size = 128
+    config.sigma.stages = HOLLY_BUNNY_SIGMAS
     config.model.widths = (16, 32, 64, 128, 256)
     config.model.dense = 512
     config.num_train_steps = 20000

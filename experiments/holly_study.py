@@ -1,7 +1,7 @@
 """HOLLy study: Chamfer distance of point clouds learned from images only.
 
   flock /tmp/smlm_cpu.lock python experiments/holly_study.py --out=runs/holly_study \
-      [--runs=teapot,bunny,points,smlm,holly,cep152] [--steps=N]
+      [--runs=teapot,bunny,points,smlm,holly,cep152] [--steps=N] [--side_steps=N]
 
 Each run trains ``configs/holly.py`` (the CPU default unless stated) with
 ``python -m smlm_jax.train`` and scores it with ``python -m smlm_jax.holly.evaluate``:
@@ -14,6 +14,11 @@ Each run trains ``configs/holly.py`` (the CPU default unless stated) with
   holly            bunny without the pose search (HOLLy's pure render-loss training)
   cep152           the ten real CEP152 FITS renders (sigma 2 px); pictures only (no
                    ground truth)
+--steps overrides num_train_steps of every run, --side_steps only that of the
+secondary runs (smlm, points, holly, cep152: those questions at a lower cost than the
+headline teapot/bunny runs). A run whose workdir already holds its final checkpoint
+is not retrained (the trainer resumes at the end), so the study can be run in pieces;
+results accumulate in OUT/study.json.
 Prints one table per question and ends with
 ``RESULT chamfer_teapot=... chamfer_bunny=... chamfer_smlm=... seconds_teapot=...
 seconds_bunny=...`` (nan for runs not made). Times are wall-clock on this machine
@@ -57,7 +62,8 @@ def train_and_score(name, out, overrides, reference, steps=None):
     cmd.append(f"--config.num_train_steps={steps}")
   print(f"[{name}] training: {' '.join(cmd[2:])}", flush=True)
   rc, wall = run(cmd, os.path.join(workdir, "train.log"))
-  res = {"name": name, "wall_s": wall, "chamfer": float("nan"), "seconds": float("nan")}
+  res = {"name": name, "wall_s": wall, "chamfer": float("nan"), "seconds": float("nan"),
+         "steps": steps}
   if rc != 0:
     return res
   cmd = [sys.executable, "-m", "smlm_jax.holly.evaluate", f"--workdir={workdir}"]
@@ -93,35 +99,46 @@ def main():
   ap.add_argument("--out", default="runs/holly_study")
   ap.add_argument("--runs", default="teapot,bunny,points,smlm,holly,cep152")
   ap.add_argument("--steps", type=int, default=None, help="override num_train_steps")
+  ap.add_argument("--side_steps", type=int, default=None,
+                  help="override num_train_steps of the points/smlm/holly/cep152 runs")
   ap.add_argument("--points", default="100,200,700")
   args = ap.parse_args()
   runs = args.runs.split(",")
+  unknown = set(runs) - {"teapot", "bunny", "points", "smlm", "holly", "cep152"}
+  if unknown:
+    ap.error(f"unknown runs: {', '.join(sorted(unknown))}")
   os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "study.json")
   results = {}
+  if os.path.exists(path):       # earlier pieces of the study
+    try:
+      results = json.load(open(path))
+    except ValueError:
+      results = {}
+  side = args.side_steps or args.steps
+  bunny = [f"--config.data.obj={OBJS['bunny']}"]
+
+  def do(key, name, overrides, reference, steps):
+    results[key] = train_and_score(name, args.out, overrides, reference, steps)
+    with open(path + ".tmp", "w") as f:
+      json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+
   for shape in ("teapot", "bunny"):
     if shape in runs:
-      results[shape] = train_and_score(shape, args.out, [f"--config.data.obj={OBJS[shape]}"],
-                                       OBJS[shape], args.steps)
+      do(shape, shape, [f"--config.data.obj={OBJS[shape]}"], OBJS[shape], args.steps)
+  if "smlm" in runs:
+    do("smlm", "bunny_smlm", bunny + SMLM, OBJS["bunny"], side)
   if "points" in runs:
     for m in [int(x) for x in args.points.split(",")]:
-      results[f"points_{m}"] = train_and_score(
-          f"bunny_points_{m}", args.out,
-          [f"--config.data.obj={OBJS['bunny']}", f"--config.num_points={m}"],
-          OBJS["bunny"], args.steps)
-  if "smlm" in runs:
-    results["smlm"] = train_and_score("bunny_smlm", args.out,
-                                      [f"--config.data.obj={OBJS['bunny']}"] + SMLM,
-                                      OBJS["bunny"], args.steps)
+      do(f"points_{m}", f"bunny_points_{m}", bunny + [f"--config.num_points={m}"],
+         OBJS["bunny"], side)
   if "holly" in runs:
-    results["holly"] = train_and_score("bunny_holly_no_search", args.out,
-                                       [f"--config.data.obj={OBJS['bunny']}",
-                                        "--config.search.num_rotations=0"],
-                                       OBJS["bunny"], args.steps)
+    do("holly", "bunny_holly_no_search", bunny + ["--config.search.num_rotations=0"],
+       OBJS["bunny"], side)
   if "cep152" in runs:
-    results["cep152"] = train_and_score(
-        "cep152", args.out, [f"--config.data.images={os.path.join(SHARED, 'fits')}"],
-        None, args.steps)
-  json.dump(results, open(os.path.join(args.out, "study.json"), "w"), indent=1)
+    do("cep152", "cep152", [f"--config.data.images={os.path.join(SHARED, 'fits')}"], None,
+       side)
 
   print("\nChamfer (fraction of the bounding-box diagonal) vs. training time")
   print(f"{'run':<24}{'step':>7}{'seconds':>10}{'chamfer':>10}{'pose err (deg)':>16}")
@@ -129,10 +146,13 @@ def main():
     for step, sec, cd, pe in r.get("curve", []):
       print(f"{r['name']:<24}{step:>7}{sec:>10.0f}{cd:>10.4f}{pe:>16.1f}")
   print("\nFinal evaluation (python -m smlm_jax.holly.evaluate)")
-  print(f"{'run':<24}{'points':>7}{'train s':>10}{'chamfer':>10}{'median pose err':>17}")
+  print(f"{'run':<24}{'steps':>8}{'points':>7}{'train s':>10}{'chamfer':>10}"
+        f"{'median pose err':>17}")
   for key, r in results.items():
-    print(f"{r['name']:<24}{str(r.get('points', '')):>7}{r['seconds']:>10.0f}"
-          f"{r['chamfer']:>10.4f}{r.get('pose', float('nan')):>17.1f}")
+    sec = r["seconds"] if r.get("seconds") is not None else float("nan")
+    print(f"{r['name']:<24}{str(r.get('steps') or 'default'):>8}"
+          f"{str(r.get('points', '')):>7}{sec:>10.0f}{r['chamfer']:>10.4f}"
+          f"{r.get('pose', float('nan')):>17.1f}")
   get = lambda k, f: results.get(k, {}).get(f, float("nan"))
   print(f"RESULT chamfer_teapot={get('teapot', 'chamfer'):.5f} "
         f"chamfer_bunny={get('bunny', 'chamfer'):.5f} chamfer_smlm={get('smlm', 'chamfer'):.5f} "

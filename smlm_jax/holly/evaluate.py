@@ -19,7 +19,7 @@ Writes to --output (default DIR/eval, or next to --learned):
                  handedness), pose errors, train seconds, step
   aligned.ply    the learned cloud in the reference's coordinates
   views.png      renders of the aligned learned cloud (top row) and of the reference
-                 (bottom row) seen along z, y and x
+                 (bottom row) seen along z, y and x (+y up)
   rotation.gif   both rotating about the vertical axis (--gif_frames, default 36)
 Last line printed: ``RESULT chamfer=<float> seconds=<train seconds>`` (nan when there
 is no reference / no recorded training time).
@@ -97,7 +97,8 @@ def write_pictures(learned_aligned, reference, out_dir: str, title: str,
   else:
     learn_n = shapes.normalize(learned_aligned)[0]
     clouds, names = [learn_n], ["learned"]
-  views = [splat_views(c) for c in clouds]
+  # rows flipped so that +y points up in the pictures (image rows grow downwards)
+  views = [splat_views(c)[:, ::-1] for c in clouds]
   fig = plotting.image_grid([v for vs in views for v in vs],
                             titles=[f"{n}: along {a}" for n in names for a in "zyx"],
                             ncols=3, cmap="magma", suptitle=title)
@@ -105,7 +106,7 @@ def write_pictures(learned_aligned, reference, out_dir: str, title: str,
 
   from matplotlib import animation
   angles = np.linspace(0, 2 * math.pi, max(1, gif_frames), endpoint=False)
-  frames = [splat_views(c, size=96, angles=angles) for c in clouds]
+  frames = [splat_views(c, size=96, angles=angles)[:, ::-1] for c in clouds]
   fig, axes = plt.subplots(1, len(clouds), figsize=(3 * len(clouds), 3.2), squeeze=False)
   ims = []
   for ax, f, n in zip(axes[0], frames, names):
