@@ -137,12 +137,20 @@ def test_pose_representations_round_trip_and_uniform():
 
 
 def test_sigma_schedule_wide_to_narrow():
-  c = holly_config.get_config()
+  # HOLLy's bunny schedule at 128 px (gpu variant), the same field of view at 64 px
+  # (CPU default: every sigma in px halves)
+  gpu, cpu = holly_config.get_config("gpu"), holly_config.get_config()
+  assert gpu.data.size == 128 and cpu.data.size == 64
+  np.testing.assert_allclose(cpu.sigma.stages, np.asarray(gpu.sigma.stages) / 2, atol=1e-3)
+  c = gpu
   c.num_train_steps = 1000
   s = task_lib.sigma_schedule(c)
   vals = [s(i) for i in range(0, 1001, 50)]
   assert vals[0] == pytest.approx(10.0) and vals[-1] == pytest.approx(1.41)
   assert all(a >= b for a, b in zip(vals, vals[1:]))
+  # about x0.9 per stage, reached at evenly spaced steps over the first 80%
+  assert s(0.8 * 1000 / 19) == pytest.approx(9.0, rel=1e-4)
+  assert s(800) == pytest.approx(1.41) and s(1000) == pytest.approx(1.41)
   assert float(s(jnp.asarray(400))) == pytest.approx(s(400), rel=1e-5)
 
 
