@@ -124,13 +124,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.grad_clip_norm = 1.0
 
   config.log_every_steps = 50
-  config.eval_every_steps = 250
-  config.checkpoint_every_steps = 500
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 250   # a shape export per checkpoint
   config.max_to_keep = 3
   config.eval_batch_size = 64
   config.eval_num_images = 64
   config.eval_seed = 12345
-  config.eval_align_starts = 24
+  config.eval_align_starts = 48   # 24 (the octahedral group only) misaligns the teapot
   config.eval_refined_poses = True   # also score the search + Gauss-Newton poses
 
   if variant == "gpu":

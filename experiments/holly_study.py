@@ -75,22 +75,44 @@ def train_and_score(name, out, overrides, reference, steps=None):
     res.update(chamfer=m.get("chamfer", float("nan")), seconds=m.get("train_seconds"),
                pose=m.get("pose_error_deg", {}).get("median", float("nan")),
                points=m.get("num_points"))
-  res["curve"] = curve(workdir)
+  res["curve"] = curve(workdir, reference)
   print(f"[{name}] chamfer {res['chamfer']:.4f}, train {res['seconds']:.0f} s", flush=True)
   return res
 
 
-def curve(workdir):
-  """[(step, seconds, chamfer, median pose error)] from the in-training evaluations."""
-  rows = []
+def curve(workdir, reference=None, starts=48):
+  """[(step, train seconds, chamfer, median pose error)]: every exported shape
+  (DIR/shapes/shape_<step>.ply, one per checkpoint) scored against the reference like
+  the evaluate command does (--starts alignments per handedness; after training, so
+  off the training clock), the pose error from the in-training evaluation at that step
+  (nan when there was none)."""
+  sys.path.insert(0, ROOT)
+  from smlm_jax.holly import align, shapes
+  pose, seconds = {}, {}
   try:
     for line in open(os.path.join(workdir, "metrics.jsonl")):
       r = json.loads(line)
-      if "eval/chamfer" in r:
-        rows.append((r["step"], r.get("eval/seconds", float("nan")), r["eval/chamfer"],
-                     r.get("eval/pose_error_deg/median", float("nan"))))
+      if "eval/pose_error_deg/median" in r:
+        pose[r["step"]] = r["eval/pose_error_deg/median"]
   except (OSError, ValueError):
     pass
+  try:
+    seconds = {int(k): v for k, v in
+               json.load(open(os.path.join(workdir, "train_seconds.json"))).items()}
+  except (OSError, ValueError):
+    pass
+  ref = shapes.read_shape(reference).vertices if reference else None
+  rows = []
+  folder = os.path.join(workdir, "shapes")
+  names = sorted(f for f in os.listdir(folder) if f.endswith(".ply")) if os.path.isdir(
+      folder) else []
+  for f in names:
+    step = int(f[len("shape_"):-len(".ply")])
+    cd = float("nan")
+    if ref is not None:
+      cd = align.align(shapes.read_shape(os.path.join(folder, f)).vertices, ref,
+                       num_starts=starts).chamfer_rel
+    rows.append((step, seconds.get(step, float("nan")), cd, pose.get(step, float("nan"))))
   return rows
 
 
@@ -102,6 +124,8 @@ def main():
   ap.add_argument("--side_steps", type=int, default=None,
                   help="override num_train_steps of the points/smlm/holly/cep152 runs")
   ap.add_argument("--points", default="100,200,700")
+  ap.add_argument("--table_only", action="store_true",
+                  help="no training: rescore the curves of OUT/study.json and print")
   args = ap.parse_args()
   runs = args.runs.split(",")
   unknown = set(runs) - {"teapot", "bunny", "points", "smlm", "holly", "cep152"}
@@ -115,6 +139,11 @@ def main():
       results = json.load(open(path))
     except ValueError:
       results = {}
+  if args.table_only:
+    runs = []
+    for r in results.values():
+      ref = OBJS.get(r["name"]) or (OBJS["bunny"] if r["name"].startswith("bunny") else None)
+      r["curve"] = curve(os.path.join(args.out, r["name"]), ref)
   side = args.side_steps or args.steps
   bunny = [f"--config.data.obj={OBJS['bunny']}"]
 
@@ -140,11 +169,12 @@ def main():
     do("cep152", "cep152", [f"--config.data.images={os.path.join(SHARED, 'fits')}"], None,
        side)
 
-  print("\nChamfer (fraction of the bounding-box diagonal) vs. training time")
-  print(f"{'run':<24}{'step':>7}{'seconds':>10}{'chamfer':>10}{'pose err (deg)':>16}")
+  print("\nChamfer (fraction of the bounding-box diagonal) vs. training time: the shape "
+        "exported at each checkpoint, scored like the final evaluation")
+  print(f"{'run':<24}{'step':>7}{'seconds':>10}{'chamfer':>10}")
   for key, r in results.items():
-    for step, sec, cd, pe in r.get("curve", []):
-      print(f"{r['name']:<24}{step:>7}{sec:>10.0f}{cd:>10.4f}{pe:>16.1f}")
+    for step, sec, cd, _ in r.get("curve", []):
+      print(f"{r['name']:<24}{step:>7}{sec:>10.0f}{cd:>10.4f}")
   print("\nFinal evaluation (python -m smlm_jax.holly.evaluate)")
   print(f"{'run':<24}{'steps':>8}{'points':>7}{'train s':>10}{'chamfer':>10}"
         f"{'median pose err':>17}")
