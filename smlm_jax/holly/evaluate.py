@@ -12,7 +12,9 @@ The learned cloud (the latest checkpoint of --workdir, or a .ply/.obj given with
 the symmetric Chamfer distance is reported in units of the reference's bounding-box
 diagonal. For a run trained on images simulated from a shape (config.data.obj), the
 pose CNN is also scored on --num_images fresh simulated images at the final sigma:
-the angular error (degrees) of its best hypothesis after alignment.
+the angular error (degrees) of its best hypothesis after alignment, and (when the
+run's config has eval_refined_poses) that of the poses training uses (pose search +
+Gauss-Newton refinement against the learned cloud).
 
 Writes to --output (default DIR/eval, or next to --learned):
   metrics.json   chamfer (relative and in reference units), alignment (scale,
@@ -52,9 +54,11 @@ def train_seconds(workdir: str, step: int) -> float:
   return log[max(log)] if log else float("nan")
 
 
-def pose_errors(task, state, num_images: int, seed: int):
-  """Angular errors (deg) of the CNN's best hypothesis on fresh simulated images at the
-  final sigma, after aligning the learned cloud to the (normalized) truth."""
+def pose_errors(task, state, num_images: int, seed: int, starts: int = 48):
+  """Angular errors (deg) on fresh simulated images at the final sigma, after aligning
+  the learned cloud to the (normalized) truth: {"cnn": [B]} (the CNN's best hypothesis
+  by render loss) and, when the run's config has ``eval_refined_poses``, "refined": [B]
+  (the poses training uses: search + Gauss-Newton)."""
   import jax
   from smlm_jax.core import trainer
   mesh = trainer.make_mesh()
@@ -62,11 +66,16 @@ def pose_errors(task, state, num_images: int, seed: int):
   batch = task.eval_batch(sigma, num_images, seed)
   fn = task.best_poses_fn()
   params = jax.device_get(state["params"])
-  R, loss, _ = trainer.batched(lambda c: fn(params, c),
-                               {"image": batch["image"], "sigma": batch["sigma"]},
-                               int(task.config.eval_batch_size), mesh)
-  al = align_lib.align(np.asarray(params["points"]), task.sites, num_starts=24)
-  return align_lib.pose_errors_deg(R, batch["R"], al)
+  bs = int(task.config.eval_batch_size)
+  images = {"image": batch["image"], "sigma": batch["sigma"]}
+  R, loss, _ = trainer.batched(lambda c: fn(params, c), images, bs, mesh)
+  al = align_lib.align(np.asarray(params["points"]), task.sites, num_starts=starts)
+  out = {"cnn": align_lib.pose_errors_deg(R, batch["R"], al)}
+  if bool(task.config.get("eval_refined_poses", False)):
+    refined = task.refined_poses_fn()
+    R_ref = trainer.batched(lambda c: refined(params, c, seed), images, bs, mesh)
+    out["refined"] = align_lib.pose_errors_deg(R_ref, batch["R"], al)
+  return out
 
 
 def splat_views(points, size: int = 128, sigma_px: float = 1.5, angles=None):
@@ -149,12 +158,12 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
     metrics.update(workdir=workdir, step=step, train_seconds=train_seconds(workdir, step),
                    num_points=len(points))
     if task.sites is not None and num_images > 0:
-      errors = pose_errors(task, state, num_images, seed)
-      metrics["pose_error_deg"] = {"median": float(np.median(errors)),
-                                   "mean": float(np.mean(errors)),
-                                   "p90": float(np.percentile(errors, 90)),
-                                   "frac_below_10": float(np.mean(errors < 10)),
-                                   "num_images": num_images, "seed": seed}
+      errors = pose_errors(task, state, num_images, seed, starts)
+      for kind, e in errors.items():
+        metrics["pose_error_deg" if kind == "cnn" else f"{kind}_pose_error_deg"] = {
+            "median": float(np.median(e)), "mean": float(np.mean(e)),
+            "p90": float(np.percentile(e, 90)), "frac_below_10": float(np.mean(e < 10)),
+            "num_images": num_images, "seed": seed}
   os.makedirs(out, exist_ok=True)
   if reference is not None:
     al = align_lib.align(points, reference, num_starts=starts)
@@ -182,10 +191,13 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
           f"{'mirrored' if al.handedness < 0 else 'proper'} rotation")
     print(f"chamfer:       {al.chamfer_rel:.5f} of the diagonal ({al.chamfer:.5g} units)")
   if errors is not None:
-    pe = metrics["pose_error_deg"]
-    print(f"pose error:    median {pe['median']:.2f} deg, mean {pe['mean']:.2f} deg, "
-          f"90th percentile {pe['p90']:.2f} deg, {100 * pe['frac_below_10']:.1f}% < 10 deg "
-          f"({num_images} simulated images)")
+    for key, label in (("pose_error_deg", "pose error (CNN):    "),
+                       ("refined_pose_error_deg", "pose error (refined):")):
+      if key in metrics:
+        pe = metrics[key]
+        print(f"{label} median {pe['median']:.2f} deg, mean {pe['mean']:.2f} deg, "
+              f"90th percentile {pe['p90']:.2f} deg, {100 * pe['frac_below_10']:.1f}% < 10 "
+              f"deg ({num_images} simulated images)")
   print(f"wrote {out}/metrics.json, views.png, rotation.gif"
         + (", aligned.ply" if reference is not None else ""))
   print(f"RESULT chamfer={metrics['chamfer']:.6f} seconds={metrics['train_seconds']:.1f}")
