@@ -71,13 +71,20 @@ def train_and_score(name, out, overrides, reference, steps=None):
     cmd.append(f"--reference={reference}")
   rc, _ = run(cmd, os.path.join(workdir, "evaluate.log"))
   if rc == 0:
-    m = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
-    res.update(chamfer=m.get("chamfer", float("nan")), seconds=m.get("train_seconds"),
-               pose=m.get("pose_error_deg", {}).get("median", float("nan")),
-               points=m.get("num_points"))
+    read_evaluation(res, workdir)
   res["curve"] = curve(workdir, reference)
   print(f"[{name}] chamfer {res['chamfer']:.4f}, train {res['seconds']:.0f} s", flush=True)
   return res
+
+
+def read_evaluation(res, workdir):
+  """Adds the evaluate command's numbers (workdir/eval/metrics.json) to ``res``."""
+  m = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+  nan = float("nan")
+  res.update(chamfer=m.get("chamfer", nan), seconds=m.get("train_seconds"),
+             pose=m.get("pose_error_deg", {}).get("median", nan),
+             pose_refined=m.get("refined_pose_error_deg", {}).get("median", nan),
+             points=m.get("num_points"))
 
 
 def curve(workdir, reference=None, starts=48):
@@ -144,6 +151,8 @@ def main():
     for r in results.values():
       ref = OBJS.get(r["name"]) or (OBJS["bunny"] if r["name"].startswith("bunny") else None)
       r["curve"] = curve(os.path.join(args.out, r["name"]), ref)
+      if os.path.exists(os.path.join(args.out, r["name"], "eval", "metrics.json")):
+        read_evaluation(r, os.path.join(args.out, r["name"]))
   side = args.side_steps or args.steps
   bunny = [f"--config.data.obj={OBJS['bunny']}"]
 
@@ -176,13 +185,15 @@ def main():
     for step, sec, cd, _ in r.get("curve", []):
       print(f"{r['name']:<24}{step:>7}{sec:>10.0f}{cd:>10.4f}")
   print("\nFinal evaluation (python -m smlm_jax.holly.evaluate)")
+  print("(median pose errors in degrees on 256 fresh simulated images: of the CNN's best "
+        "hypothesis, and of the refined poses training uses)")
   print(f"{'run':<24}{'steps':>8}{'points':>7}{'train s':>10}{'chamfer':>10}"
-        f"{'median pose err':>17}")
+        f"{'pose CNN':>10}{'refined':>9}")
   for key, r in results.items():
     sec = r["seconds"] if r.get("seconds") is not None else float("nan")
     print(f"{r['name']:<24}{str(r.get('steps') or 'default'):>8}"
           f"{str(r.get('points', '')):>7}{sec:>10.0f}{r['chamfer']:>10.4f}"
-          f"{r.get('pose', float('nan')):>17.1f}")
+          f"{r.get('pose', float('nan')):>10.1f}{r.get('pose_refined', float('nan')):>9.2f}")
   get = lambda k, f: results.get(k, {}).get(f, float("nan"))
   print(f"RESULT chamfer_teapot={get('teapot', 'chamfer'):.5f} "
         f"chamfer_bunny={get('bunny', 'chamfer'):.5f} chamfer_smlm={get('smlm', 'chamfer'):.5f} "
