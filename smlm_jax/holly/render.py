@@ -175,8 +175,11 @@ def simulate_image(key, sites, sigma_px, p: SimParams):
   if p.localizations <= 0:
     image = splat(uv, w / jnp.sum(w), sigma_px, p.size)
   else:
-    idx = jax.random.categorical(k_loc, jnp.where(w > 0, 0.0, -jnp.inf),
-                                 shape=(p.localizations,))
+    # a random kept dye per localization, by inverse CDF: O(L log S) work, where
+    # jax.random.categorical would draw L x S Gumbel numbers (6x slower training)
+    cdf = jnp.cumsum(w)
+    u = jax.random.uniform(k_loc, (p.localizations,)) * cdf[-1]
+    idx = jnp.clip(jnp.searchsorted(cdf, u, side="right"), 0, w.shape[0] - 1)
     loc = uv[idx] + (p.precision * pixels_per_unit(p.size, p.fov)) * jax.random.normal(
         k_prec, (p.localizations, 2))
     image = splat(loc, jnp.full((p.localizations,), 1.0 / p.localizations), sigma_px,
