@@ -1,0 +1,169 @@
+"""HOLLy (task 'holly', smlm_jax/holly/): 3D point cloud from 2D projections.
+
+Train (default: 2-core CPU, about 14 minutes; images simulated from the bunny):
+
+  python -m smlm_jax.train --config=configs/holly.py --workdir=runs/bunny \
+      [--config.data.obj=../shared/real-data/holly/objs/teapot_large.obj]
+  python -m smlm_jax.holly.evaluate --workdir=runs/bunny \
+      --reference=../shared/real-data/holly/objs/bunny_large.obj
+
+Expected result (measured, experiments/holly_study.py, 2-core CPU shared with other
+jobs): bunny Chamfer 0.0053 of the bounding-box diagonal after 848 s of training,
+teapot 0.0099 after 854 s (target <= 0.01 in <= 15 min); the evaluation prints
+``RESULT chamfer=<float> seconds=<float>``.
+Real images: --config.data.images=DIR (HOLLy's layout DIR/<sigma>/*.fits, or a plain
+folder with --config.data.image_sigma=PX). Variants: ``:gpu`` (bigger), ``:tiny``.
+
+Field choices:
+* Images: 64x64 px on CPU (default), 128x128 (HOLLy's size and that of the CEP152
+  renders) in the ``gpu`` variant; the field of view spans [-1.1, 1.1] normalized
+  units (the unit ball, any pose of a normalized shape, fits with a 10% margin), i.e.
+  29.1 px per unit at 64 px. 64 px keeps a 2-core CPU run within 15 minutes (the
+  renders and the pose search cost O(size^2)); the curriculum is HOLLy's rescaled to
+  the same field of view (sigma in px halves). Folder images of 128 px are 2x2-binned
+  to 64 px (their sigma halves too).
+* Sigma curriculum: HOLLy's bunny schedule 10 -> 1.41 px at 128 px (x ~0.9 per
+  stage, run/sigma_bunny.csv of github.com/OniDaito/HOLLy), i.e. 5 -> 0.705 px at
+  64 px, interpolated per step over the first 80% of training. The last value,
+  1.41 px at 128 px = 24 nm at 17 nm/px, is about the localization precision of good
+  STORM data.
+* Structure perturbations (data.*, normalized units, farthest point at radius 1):
+  off by default (clean images of every site), like HOLLy's baseline runs; the
+  SMLM-faithful study turns on dropout 0.1 (labelling efficiency 90%), 2
+  fluorophores per site spread 0.01, wobble 0.005, 2000 localizations with precision
+  0.015 (0.44 px at 64 px) and camera noise (3000 photons, 1 background photon/px).
+  Lengths are fractions of the structure's radius: scale them to yours, e.g.
+  precision = sigma_loc_nm / radius_nm (a 12 nm precision on a 125 nm-radius
+  centriole is 0.1, much worse than the study's 0.015).
+* Camera (SMLM variant only): sCMOS, QE 0.9, 2 ADU/e-, 1.6 e- read noise, offset 100
+  ADU (as configs/diffusion.py); photons per image and background per pixel set the
+  SNR.
+* Learned cloud: 350 points (HOLLy's --num-points 350), initialized uniformly in a
+  ball of radius 0.5; Adam with its own learning rate (points move ~lr per step).
+"""
+import ml_collections
+
+SHARED = "../shared/real-data/holly"
+HOLLY_BUNNY_SIGMAS = (10.0, 9.0, 8.1, 7.29, 6.56, 5.9, 5.31, 4.78, 4.3, 3.87, 3.65, 3.28,
+                      2.95, 2.66, 2.39, 2.15, 1.94, 1.743, 1.57, 1.41)   # px at 128 px
+
+
+def holly_sigmas(size: int, last: int | None = None) -> tuple:
+  """HOLLy's bunny schedule rescaled to images of ``size`` px (same field of view),
+  optionally cut after stage ``last``."""
+  s = tuple(round(v * size / 128.0, 4) for v in HOLLY_BUNNY_SIGMAS)
+  return s if last is None else s[:last]
+
+
+def get_data_config() -> ml_collections.ConfigDict:
+  data = ml_collections.ConfigDict()
+  data.obj = f"{SHARED}/objs/bunny_large.obj"   # ground truth to simulate from
+  data.images = ""             # or a folder of FITS/TIFF images (then obj is unused)
+  data.image_sigma = 0.0       # sigma (px) of a plain folder's images
+  data.augment_rotation = True  # folder images: random in-plane rotation
+  data.size = 64               # CPU default; 128 (HOLLy's) in the gpu variant
+  data.fov = 1.1
+  data.max_shift = 0.05
+  data.dropout = 0.0
+  data.fluorophores = 1
+  data.fluorophore_spread = 0.0
+  data.wobble = 0.0
+  data.localizations = 0
+  data.precision = 0.0
+  data.photons = 0.0
+  data.background_photons = 0.0
+  data.camera = ml_collections.ConfigDict()
+  data.camera.model = "scmos"
+  data.camera.qe = 0.9
+  data.camera.gain_adu_per_e = 2.0
+  data.camera.offset_adu = 100.0
+  data.camera.read_noise_e = 1.6
+  data.camera.em_gain = 300.0
+  return data
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Variants: None/'cpu' (default), 'gpu', 'tiny' (unit tests)."""
+  variant = arg or "cpu"
+  if variant not in ("cpu", "gpu", "tiny"):
+    raise ValueError(f"unknown config variant {variant!r}; use cpu, gpu or tiny")
+  config = ml_collections.ConfigDict()
+  config.task = "holly"
+  config.seed = 0
+  config.data = get_data_config()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.widths = (16, 32, 64, 128)
+  config.model.dense = 256
+  config.model.hypotheses = 4
+  config.model.pool = 1
+  config.model.predict_sigma = False
+
+  config.num_points = 350
+  config.init_radius = 0.5
+  config.sigma = ml_collections.ConfigDict()
+  config.sigma.stages = holly_sigmas(64)
+  config.sigma.anneal_fraction = 0.8
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = "multiscale"
+  config.loss.scales = (2.0, 4.0)
+  config.loss.hypothesis_weight = 0.05
+  config.loss.distill_weight = 0.1
+  config.search = ml_collections.ConfigDict()
+  config.search.num_rotations = 512
+  config.search.factor = 2
+  config.search.sigma_coarse_px = 1.5
+  config.refine = ml_collections.ConfigDict()
+  config.refine.extra_sigmas_px = (2.0, 1.0, 0.5, 0.0)
+  config.refine.damping = 0.01
+
+  config.num_train_steps = 1500
+  config.batch_size = 16
+  config.learning_rate = 1e-3
+  config.points_learning_rate = 1e-2
+  config.warmup_steps = 100
+  config.weight_decay = 1e-4
+  config.grad_clip_norm = 1.0
+
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 250   # a shape export per checkpoint
+  config.max_to_keep = 3
+  config.eval_batch_size = 64
+  config.eval_num_images = 64
+  config.eval_seed = 12345
+  config.eval_align_starts = 48   # 24 (the octahedral group only) misaligns the teapot
+  config.eval_refined_poses = True   # also score the search + Gauss-Newton poses
+
+  if variant == "gpu":
+    config.data.size = 128
+    config.sigma.stages = HOLLY_BUNNY_SIGMAS
+    config.model.widths = (16, 32, 64, 128, 256)
+    config.model.dense = 512
+    config.num_train_steps = 20000
+    config.batch_size = 64
+    config.eval_every_steps = 2000
+    config.checkpoint_every_steps = 2000
+    config.eval_num_images = 256
+  elif variant == "tiny":
+    config.data.size = 32
+    config.data.fov = 1.1
+    config.sigma.stages = (3.0, 1.0)
+    config.model.widths = (8, 16)
+    config.model.dense = 32
+    config.model.pool = 1
+    config.num_points = 32
+    config.num_train_steps = 2
+    config.batch_size = 8
+    config.warmup_steps = 1
+    config.log_every_steps = 1
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = 1
+    config.eval_batch_size = 8
+    config.eval_num_images = 8
+    config.eval_align_starts = 4
+    config.eval_refined_poses = False
+    config.search.num_rotations = 16
+    config.search.factor = 1
+    config.refine.extra_sigmas_px = (1.0, 0.0)
+  return config

@@ -1,0 +1,392 @@
+"""HOLLy: renderer physics, rotations, shapes I/O, alignment, a known-pose fit, training
+through the shared trainer, the evaluate command and its one-line errors."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import holly as holly_config
+from smlm_jax.holly import align as align_lib
+from smlm_jax.holly import images as images_lib
+from smlm_jax.holly import render
+from smlm_jax.holly import rotations
+from smlm_jax.holly import shapes
+from smlm_jax.holly import task as task_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "real-data", "holly")
+PY = sys.executable
+
+
+def _moments(img):
+  img = np.asarray(img, np.float64)
+  n = img.shape[0]
+  c = np.arange(n) + 0.5                       # pixel centres in pixel coordinates
+  m = img.sum()
+  cy = (img.sum(1) * c).sum() / m
+  cx = (img.sum(0) * c).sum() / m
+  vy = (img.sum(1) * (c - cy) ** 2).sum() / m
+  vx = (img.sum(0) * (c - cx) ** 2).sum() / m
+  return m, cx, cy, vx, vy
+
+
+# ------------------------------------------------------------------------- renderer
+@pytest.mark.parametrize("sigma", [0.7, 2.0, 5.0])
+def test_single_point_renders_gaussian_of_right_mass_centre_width(sigma):
+  size, fov = 64, 1.1
+  p = jnp.array([[0.21, -0.33, 0.5]])
+  img = render.render(p, jnp.eye(3), jnp.zeros(2), sigma, size, fov)
+  m, cx, cy, vx, vy = _moments(img)
+  u = (np.array([0.21, -0.33]) + fov) * size / (2 * fov)
+  assert m == pytest.approx(1.0, abs=1e-4)
+  assert cx == pytest.approx(u[0], abs=2e-3) and cy == pytest.approx(u[1], abs=2e-3)
+  # pixel-integrated: variance sigma^2 + 1/12 (the pixel box)
+  assert vx == pytest.approx(sigma ** 2 + 1 / 12, rel=3e-3)
+  assert vy == pytest.approx(sigma ** 2 + 1 / 12, rel=3e-3)
+  # peak at the expected pixel (row = y, column = x)
+  assert np.unravel_index(np.argmax(img), img.shape) == (int(u[1]), int(u[0]))
+
+
+def test_rotation_matches_hand_computed_projection():
+  size, fov = 64, 1.0
+  # 90 degrees about z: (0.5, 0, 0.3) -> (0, 0.5, 0.3); about y: (0.5, 0, 0.3) -> (0.3, 0, -0.5)
+  p = jnp.array([[0.5, 0.0, 0.3]])
+  Rz = rotations.matrix_from_axis_angle(jnp.array([0.0, 0.0, 1.0]), math.pi / 2)
+  Ry = rotations.matrix_from_axis_angle(jnp.array([0.0, 1.0, 0.0]), math.pi / 2)
+  for R, (x, y) in ((Rz, (0.0, 0.5)), (Ry, (0.3, 0.0))):
+    img = render.render(p, R, jnp.array([0.1, -0.2]), 1.0, size, fov)
+    _, cx, cy, _, _ = _moments(img)
+    assert cx == pytest.approx((x + 0.1 + fov) * size / (2 * fov), abs=1e-2)
+    assert cy == pytest.approx((y - 0.2 + fov) * size / (2 * fov), abs=1e-2)
+  # a general pose equals rendering the pre-rotated cloud at the identity
+  cloud = jax.random.uniform(jax.random.key(0), (20, 3), minval=-0.7, maxval=0.7)
+  R = rotations.random_rotation(jax.random.key(1))
+  a = render.render(cloud, R, jnp.zeros(2), 1.5, size, fov)
+  b = render.render(cloud @ np.asarray(R).T, jnp.eye(3), jnp.zeros(2), 1.5, size, fov)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_gradients_finite_in_points_pose_sigma():
+  size = 32
+  cloud = jax.random.uniform(jax.random.key(0), (10, 3), minval=-0.8, maxval=0.8)
+  target = render.render(cloud * 0.9, jnp.eye(3), jnp.zeros(2), 2.0, size, 1.1)
+
+  def loss(pts, r6, t, sigma):
+    img = render.render(pts, rotations.matrix_from_6d(r6), t, sigma, size, 1.1)
+    return task_lib.image_loss(img, target, sigma, "multiscale")
+
+  r6 = rotations.sixd_from_matrix(rotations.random_rotation(jax.random.key(2)))
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(cloud, r6, jnp.array([0.01, 0.0]), 2.0)
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0)
+
+
+def test_smlm_images_unit_mass_on_average_and_seeded():
+  sites = jnp.asarray(np.random.default_rng(0).uniform(-0.45, 0.45, (50, 3)), jnp.float32)
+  p = render.SimParams(size=48, dropout=0.2, fluorophores=2, fluorophore_spread=0.02,
+                       wobble=0.01, localizations=500, precision=0.02, photons=2000.0,
+                       background_photons=5.0)
+  keys = jax.random.split(jax.random.key(3), 65)
+  sim = jax.jit(render.simulate_batch, static_argnums=3)
+  imgs, R, t = sim(keys, sites, 1.5, p)
+  sums = np.asarray(imgs).sum(axis=(1, 2))
+  # shot + read noise on 2000 photons and 48^2 x 5 background photons: sd ~ 0.06
+  assert abs(sums.mean() - 1.0) < 0.03 and 0.02 < sums.std() < 0.15
+  np.testing.assert_allclose(np.asarray(R[0] @ R[0].T), np.eye(3), atol=1e-5)
+  assert np.all(np.abs(np.asarray(t)) <= p.max_shift)
+  # localizations scatter around the sites: the mean image is smoother than one image
+  assert np.asarray(imgs).mean(0).max() < 0.5 * np.asarray(imgs).max(axis=(1, 2)).mean()
+
+
+def test_gaussian_blur_adds_variance():
+  img = render.render(jnp.zeros((1, 3)), jnp.eye(3), jnp.zeros(2), 1.0, 64, 1.1)
+  blurred = render.gaussian_blur(img, 3.0, 64)
+  m, _, _, vx, vy = _moments(blurred)
+  assert m == pytest.approx(1.0, abs=1e-3)
+  assert vx == pytest.approx(1.0 + 9.0 + 2 / 12, rel=0.02)
+
+
+# ------------------------------------------------------------------------ rotations
+def test_pose_representations_round_trip_and_uniform():
+  @jax.jit
+  def compute(key):
+    R = rotations.random_rotation(key, (4000,))
+    raw = jax.random.normal(jax.random.fold_in(key, 1), (100, 6))
+    Rz = rotations.matrix_from_axis_angle(jnp.array([0.0, 0.0, 1.0]), 0.3)
+    return (R, rotations.matrix_from_6d(rotations.sixd_from_matrix(R)),
+            rotations.matrix_from_quaternion(rotations.quaternion_from_matrix(R)),
+            rotations.matrix_from_6d(raw), rotations.geodesic_angle(R[:10], R[:10] @ Rz))
+  R, R6, Rq, M, ang = (np.asarray(a, np.float64) for a in compute(jax.random.key(0)))
+  np.testing.assert_allclose(R @ np.swapaxes(R, 1, 2), np.broadcast_to(np.eye(3), R.shape),
+                             atol=2e-5)
+  np.testing.assert_allclose(np.linalg.det(R), 1.0, atol=2e-5)
+  np.testing.assert_allclose(R6, R, atol=2e-5)          # 6D round trip
+  np.testing.assert_allclose(Rq, R, atol=2e-5)          # quaternion round trip
+  # Haar measure: E[R] = 0 and E[trace R] = 0 (angle density (1 - cos a) / pi)
+  assert np.abs(R.mean(0)).max() < 0.05
+  assert abs(np.trace(R, axis1=1, axis2=2).mean()) < 0.06
+  # 6D -> rotation is defined for any 6 numbers (not only unit columns)
+  np.testing.assert_allclose(np.linalg.det(M), 1.0, atol=1e-4)
+  np.testing.assert_allclose(ang, 0.3, atol=2e-3)
+
+
+def test_sigma_schedule_wide_to_narrow():
+  # HOLLy's bunny schedule at 128 px (gpu variant), the same field of view at 64 px
+  # (CPU default: every sigma in px halves)
+  gpu, cpu = holly_config.get_config("gpu"), holly_config.get_config()
+  assert gpu.data.size == 128 and cpu.data.size == 64
+  np.testing.assert_allclose(cpu.sigma.stages, np.asarray(gpu.sigma.stages) / 2, atol=1e-3)
+  c = gpu
+  c.num_train_steps = 1000
+  s = task_lib.sigma_schedule(c)
+  vals = [s(i) for i in range(0, 1001, 50)]
+  assert vals[0] == pytest.approx(10.0) and vals[-1] == pytest.approx(1.41)
+  assert all(a >= b for a, b in zip(vals, vals[1:]))
+  # about x0.9 per stage, reached at evenly spaced steps over the first 80%
+  assert s(0.8 * 1000 / 19) == pytest.approx(9.0, rel=1e-4)
+  assert s(800) == pytest.approx(1.41) and s(1000) == pytest.approx(1.41)
+  assert float(s(jnp.asarray(400))) == pytest.approx(s(400), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- shapes
+def test_obj_ply_round_trip_and_binary_ply(tmp_path):
+  rng = np.random.default_rng(0)
+  v = rng.normal(size=(17, 3))
+  f = rng.integers(0, 17, size=(9, 3))
+  for writer, ext in ((shapes.write_ply, "ply"), (shapes.write_obj, "obj")):
+    path = str(tmp_path / f"s.{ext}")
+    writer(path, v, f)
+    s = shapes.read_shape(path)
+    np.testing.assert_allclose(s.vertices, v, atol=1e-6)
+    np.testing.assert_array_equal(s.faces, f)
+  # binary little-endian PLY with extra properties and a face list
+  rec = np.zeros(5, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1")])
+  rec["x"], rec["y"], rec["z"] = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [1, 1, 1, 1, 1]
+  header = ("ply\nformat binary_little_endian 1.0\nelement vertex 5\nproperty float x\n"
+            "property float y\nproperty float z\nproperty uchar red\nelement face 1\n"
+            "property list uchar int vertex_indices\nend_header\n").encode()
+  face = np.array([3], "u1").tobytes() + np.array([0, 2, 4], "<i4").tobytes()
+  path = tmp_path / "b.ply"
+  path.write_bytes(header + rec.tobytes() + face)
+  s = shapes.read_shape(str(path))
+  np.testing.assert_allclose(s.vertices[:, 1], [5, 6, 7, 8, 9])
+  np.testing.assert_array_equal(s.faces, [[0, 2, 4]])
+  n, centre, scale = shapes.normalize(s.vertices)
+  assert np.max(np.linalg.norm(n, axis=1)) == pytest.approx(1.0)
+
+
+def test_real_shapes_vertex_counts():
+  if not os.path.isdir(SHARED):
+    pytest.skip("../shared/real-data not found")
+  for name, count in (("teapot_large.obj", 235), ("bunny_large.obj", 354),
+                      ("bunny_detailed.ply", 690)):
+    s = shapes.read_shape(os.path.join(SHARED, "objs", name))
+    assert s.vertices.shape == (count, 3) and s.faces is not None
+
+
+def test_bad_shapes_one_line_errors(tmp_path):
+  bad = tmp_path / "bad.obj"
+  bad.write_text("v 1 2\nv a b c\n")
+  empty = tmp_path / "empty.obj"
+  empty.write_text("# nothing\n")
+  ply = tmp_path / "bad.ply"
+  ply.write_text("ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\n"
+                 "property float y\nproperty float z\nend_header\n1 2 3\n4 5\n")
+  for path, words in ((tmp_path / "missing.obj", "no such file"), (bad, "vertex"),
+                      (empty, "no vertices"), (ply, "corrupt"), (tmp_path, "folder")):
+    with pytest.raises(shapes.ShapeError) as e:
+      shapes.read_shape(str(path))
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------- alignment
+def test_alignment_recovers_similarity_with_reflection():
+  rng = np.random.default_rng(1)
+  ref = rng.normal(size=(80, 3)) * [1.0, 0.6, 0.3]
+  Q = np.asarray(rotations.random_rotation(jax.random.key(5)), np.float64) @ align_lib.MIRROR
+  learned = 0.37 * ref @ Q.T + [0.2, -0.1, 0.4]
+  al = align_lib.align(learned, ref, num_starts=24)
+  assert al.handedness == -1
+  assert al.chamfer_rel < 1e-4
+  np.testing.assert_allclose(al.apply(learned), ref, atol=1e-4)
+  assert align_lib.align(rng.uniform(-1, 1, (80, 3)), ref).chamfer_rel > 0.03
+  # pose errors: poses of the learned cloud that reproduce the reference's images
+  R_true = np.asarray(rotations.random_rotation(jax.random.key(6), (5,)), np.float64)
+  # X_r = s Q X_l + t  =>  P R X_r = P (R Q) X_l s + ... ; mirrored: use M R Q
+  R_pred = align_lib.MIRROR @ R_true @ al.Q
+  assert np.all(align_lib.pose_errors_deg(R_pred, R_true, al) < 0.1)
+
+
+def test_gauss_newton_refines_a_pose_some_degrees_off():
+  from smlm_jax.holly import pose_search
+  size, fov = 32, 1.1
+  cloud = jnp.asarray(np.random.default_rng(6).uniform(-0.7, 0.7, (40, 3)), jnp.float32)
+  R_true = rotations.random_rotation(jax.random.key(8))
+  t_true = jnp.array([0.03, -0.02])
+  image = render.render(cloud, R_true, t_true, 1.0, size, fov)
+  R0 = rotations.matrix_from_axis_angle(jnp.array([1.0, 2.0, 0.5]), math.radians(8)) @ R_true
+
+  @jax.jit
+  def run(image, R0):
+    t0 = pose_search.centroid_translation(cloud, R0, image[None], size, fov)[0]
+    return pose_search.refine(cloud, image, R0, t0, 1.0, size, fov, (2.0, 1.0, 0.5, 0.0))
+  R, t = run(image, R0)
+  err = math.degrees(float(rotations.geodesic_angle(R, R_true)))
+  assert err < 1.0 and np.abs(np.asarray(t - t_true)).max() < 0.01, (err, t)
+
+
+# ------------------------------------------------------------------- known-pose fit
+def test_known_pose_fit_converges():
+  """Points fitted by gradient descent to images at known poses: Chamfer falls 10x."""
+  import optax
+  size, fov, n_img = 32, 1.1, 24
+  truth = jnp.asarray(np.random.default_rng(2).uniform(-0.6, 0.6, (12, 3)), jnp.float32)
+  R = rotations.random_rotation(jax.random.key(7), (n_img,))
+  t = jnp.zeros((n_img, 2))
+  sched = lambda i: 3.0 * (0.8 / 3.0) ** (i / 250.0)
+
+  def loss(pts, sigma):
+    pred = render.render_batch(pts, R, t, sigma, size, fov)
+    target = render.render_batch(truth, R, t, sigma, size, fov)
+    return jnp.mean(task_lib.image_loss(pred, target, sigma, "multiscale"))
+
+  pts = jnp.asarray(np.random.default_rng(3).uniform(-0.5, 0.5, (12, 3)), jnp.float32)
+  tx = optax.adam(optax.cosine_decay_schedule(0.03, 300, 0.03))
+  opt = tx.init(pts)
+
+  @jax.jit
+  def step(pts, opt, sigma):
+    g = jax.grad(loss)(pts, sigma)
+    u, opt = tx.update(g, opt)
+    return optax.apply_updates(pts, u), opt
+
+  before = align_lib.chamfer(np.asarray(pts), np.asarray(truth))
+  for i in range(300):
+    pts, opt = step(pts, opt, sched(min(i, 250)))
+  after = align_lib.chamfer(np.asarray(pts), np.asarray(truth))
+  assert after < before / 10, (before, after)
+
+
+# ---------------------------------------------------------------- training, evaluate
+def _tiny(tmp_path, **data):
+  c = holly_config.get_config("tiny")
+  c.data.obj = os.path.join(str(tmp_path), "truth.obj")
+  rng = np.random.default_rng(4)
+  shapes.write_obj(c.data.obj, rng.uniform(-1, 1, (20, 3)) * [1.0, 0.5, 0.3])
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+def test_train_two_steps_writes_shapes_and_evaluate_scores(tmp_path):
+  from smlm_jax.core import trainer
+  from smlm_jax.holly import evaluate
+  cfg = _tiny(tmp_path)
+  workdir = str(tmp_path / "run")
+  final = trainer.train_and_evaluate(cfg, workdir)
+  assert 0.0 < final["chamfer"] < 1.0 and np.isfinite(final["pose_error_deg"]["median"])
+  for name in ("shape.ply", "shape.obj", "shapes/shape_000001.ply", "shapes/shape_000002.obj"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  learned = shapes.read_shape(os.path.join(workdir, "shape.ply")).vertices
+  assert learned.shape == (cfg.num_points, 3)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+  assert json.load(open(os.path.join(workdir, "train_seconds.json")))["2"] > 0
+  # the evaluate command on the run: scores, pictures, RESULT as the last line
+  out = subprocess.run([PY, "-m", "smlm_jax.holly.evaluate", f"--workdir={workdir}",
+                        f"--reference={cfg.data.obj}", "--num_images=8", "--starts=2",
+                        "--gif_frames=3"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr
+  last = out.stdout.strip().splitlines()[-1]
+  assert last.startswith("RESULT chamfer=") and "seconds=" in last
+  m = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+  assert 0.0 < m["chamfer"] < 1.0 and m["step"] == 2 and m["train_seconds"] > 0
+  assert m["pose_error_deg"]["num_images"] == 8
+  assert float(last.split()[1].split("=")[1]) == pytest.approx(m["chamfer"], rel=1e-4)
+  assert float(last.split()[2].split("=")[1]) == pytest.approx(m["train_seconds"], abs=0.1)
+  for name in ("views.png", "rotation.gif", "aligned.ply"):
+    assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
+  # a cloud file scored directly: the same Chamfer as the alignment module's
+  from smlm_jax.holly import evaluate
+  m2 = evaluate.evaluate(None, cfg.data.obj, learned_path=os.path.join(workdir, "shape.ply"),
+                         output=str(tmp_path / "ev"), starts=2, gif_frames=2)
+  assert m2["chamfer"] == pytest.approx(align_lib.align(
+      learned, shapes.read_shape(cfg.data.obj).vertices, 2).chamfer_rel, rel=1e-6)
+
+
+def test_folder_images_holly_layout_and_plain(tmp_path):
+  from astropy.io import fits
+  import tifffile
+  rng = np.random.default_rng(5)
+  (tmp_path / "imgs" / "2.0").mkdir(parents=True)
+  (tmp_path / "imgs" / "4.0").mkdir()
+  for sub in ("2.0", "4.0"):
+    for i in range(3):
+      fits.PrimaryHDU(rng.random((32, 32)).astype(np.float32)).writeto(
+          tmp_path / "imgs" / sub / f"im{i}.fits")
+  (tmp_path / "imgs" / "2.0" / "broken.fits").write_bytes(b"SIMPLE  = not fits")
+  msgs = []
+  s = images_lib.load_folder(str(tmp_path / "imgs"), log=lambda *a, **k: msgs.append(a[0]))
+  assert list(s.sigmas) == [2.0, 4.0] and s.count == 6 and s.size == 32
+  assert len(msgs) == 1 and "broken.fits" in msgs[0] and msgs[0].startswith("error:")
+  np.testing.assert_allclose(s.images[0].sum(axis=(1, 2)), 1.0, rtol=1e-5)
+  assert s.group_for(3.0) == 0 and s.group_for(9.0) == 1 and s.group_for(1.0) == 0
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  tifffile.imwrite(plain / "stack.tif", rng.random((4, 32, 32)).astype(np.float32),
+                   photometric="minisblack")
+  with pytest.raises(ValueError, match="image_sigma"):
+    images_lib.load_folder(str(plain))
+  assert images_lib.load_folder(str(plain), default_sigma=1.5).count == 4
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="no usable") as e:
+    images_lib.load_folder(str(tmp_path / "empty"), default_sigma=1.0, log=lambda *a, **k: 0)
+  assert "\n" not in str(e.value)
+  # a task on the folder: host batch from the group below the curriculum's sigma,
+  # blurred up to it on device
+  from smlm_jax.core import trainer
+  cfg = _tiny(tmp_path, images=str(tmp_path / "imgs"))
+  cfg.sigma.stages = (6.0, 3.0)
+  task = task_lib.HollyTask(cfg)
+  host = task.host_batch(0)
+  assert host["image"].shape == (8, 32, 32) and np.all(host["native_sigma"] == 4.0)
+  mesh = trainer.make_mesh()
+  batch = jax.jit(lambda k, h: task.make_batch(k, h, trainer.shard_fn(mesh)))(
+      jax.random.key(0), trainer.put_host_batch(host, mesh))
+  assert batch["image"].shape == (8, 32, 32)
+  np.testing.assert_allclose(np.asarray(batch["sigma"]), 6.0)
+  assert task.host_batch(cfg.num_train_steps)["native_sigma"][0] == 2.0
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+  bad = tmp_path / "bad.obj"
+  bad.write_text("v 1 2 x\n")
+  cases = [
+      (["-m", "smlm_jax.train", "--config=configs/holly.py:tiny", f"--workdir={tmp_path}/w",
+        f"--config.data.obj={bad}"], "bad vertex"),
+      (["-m", "smlm_jax.holly.evaluate", f"--workdir={tmp_path}/nothing"], "no such folder"),
+      (["-m", "smlm_jax.holly.evaluate", f"--learned={bad}", f"--reference={bad}"],
+       "bad vertex"),
+  ]
+  for args, words in cases:
+    out = subprocess.run([PY] + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, (args, out.stderr)
+    errs = [l for l in out.stderr.strip().splitlines() if l.startswith("error:")]
+    assert errs and words in errs[-1], (args, out.stderr)
+    assert "Traceback" not in out.stderr
+  # the same checks the train command turns into one line (ValueError), in process
+  cfg = holly_config.get_config("tiny")
+  for field, value, words in (("obj", str(tmp_path / "missing.obj"), "no such file"),
+                              ("images", str(tmp_path / "w"), "no usable")):
+    cfg.data[field] = value
+    cfg.data.image_sigma = 2.0
+    with pytest.raises(ValueError, match=words) as e:
+      task_lib.HollyTask(cfg)
+    assert "\n" not in str(e.value)
