@@ -30,5 +30,5 @@ setup(
         # YAML metadata files next to event data (deep-events' format).
         "PyYAML>=6",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
 )

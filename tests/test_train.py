@@ -68,7 +68,7 @@ def _one_step(cfg, devices, steps=1):
   return losses, jax.device_get(state["params"]), grad_norms
 
 
-@pytest.mark.parametrize("model", ["blurformer", "park_cnn", "locformer"])
+@pytest.mark.parametrize("model", ["park_cnn", "locformer"])  # blurformer: pinned test
 def test_one_step_same_on_1_and_4_devices(model):
   cfg = _tiny(model)
   assert len(jax.devices()) >= 4
