@@ -59,6 +59,42 @@ def inputs_and_output(flag_values, argv, output_kind: str = "a .csv file") -> li
   return inputs
 
 
+def inputs_and_output_folder(flag_values, argv, input_kind: str = "TIFF file or folder",
+                             output_kind: str = "a folder") -> list[str]:
+  """As :func:`inputs_and_output`, for tools that write several files per input into an
+  --output folder: checks that it is given and is not an existing file."""
+  inputs = list(flag_values.input) + list(argv[1:])
+  if not inputs:
+    fail(f"give at least one --input=PATH ({input_kind})")
+  if not flag_values.output:
+    fail(f"--output is required ({output_kind})")
+  if os.path.isfile(flag_values.output):
+    fail(f"--output={flag_values.output} is a file; give a folder")
+  return inputs
+
+
+def require_positive(flag_values, names) -> None:
+  """Ends the command with '--NAME must be > 0' for the first given flag that is <= 0
+  (flags left unset, None, are not checked)."""
+  for name in names:
+    value = flag_values[name].value
+    if value is not None and value <= 0:
+      fail(f"--{name} must be > 0")
+
+
+def run_or_fail(fn, *args, user_errors=(FileNotFoundError,)):
+  """Runs a tool's ``run(*args) -> exit code`` and exits with it; the errors a user
+  causes (``user_errors``: a missing run or file, a bad flag combination) and an
+  unwritable output end the command with one line instead of a traceback."""
+  try:
+    code = fn(*args)
+  except PermissionError as e:
+    fail(f"cannot write output: {e}")
+  except user_errors as e:
+    fail(str(e))
+  sys.exit(code)
+
+
 def number(value, spec: str) -> str:
   """A CSV cell: the number formatted with spec, or empty when it is NaN/inf."""
   return format(value, spec) if np.isfinite(value) else ""

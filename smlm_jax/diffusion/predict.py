@@ -321,19 +321,12 @@ def main(argv):
   inputs = cli.inputs_and_output(f, argv)
   if f.stride is not None and f.stride < 1:
     cli.fail("--stride must be >= 1")
-  for name in ("pixel_size_nm", "frame_interval_s", "camera_gain_adu_per_e", "batch_size",
-               "camera_qe"):
-    if f[name].value is not None and f[name].value <= 0:
-      cli.fail(f"--{name} must be > 0")
-  try:
-    code = run(f.workdir, inputs, f.output, f.stride, f.camera_offset_adu,
-               f.camera_gain_adu_per_e, f.camera_qe, f.calibration, f.pixel_size_nm,
-               f.frame_interval_s, f.batch_size, f.plot)
-  except (FileNotFoundError, camera_setup.CalibrationError) as e:
-    cli.fail(str(e))
-  except PermissionError as e:
-    cli.fail(f"cannot write output: {e}")
-  sys.exit(code)
+  cli.require_positive(f, ("pixel_size_nm", "frame_interval_s", "camera_gain_adu_per_e",
+                           "batch_size", "camera_qe"))
+  cli.run_or_fail(run, f.workdir, inputs, f.output, f.stride, f.camera_offset_adu,
+                  f.camera_gain_adu_per_e, f.camera_qe, f.calibration, f.pixel_size_nm,
+                  f.frame_interval_s, f.batch_size, f.plot,
+                  user_errors=(FileNotFoundError, camera_setup.CalibrationError))
 
 
 if __name__ == "__main__":

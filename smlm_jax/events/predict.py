@@ -60,7 +60,7 @@ class Predictor:
     from smlm_jax.core import trainer
     from smlm_jax.events import task as task_lib
     self.mesh = trainer.make_mesh()
-    self.config, self.params, self.batch_stats = task_lib.restore_run(workdir)
+    self.config, self.params, self.batch_stats = trainer.load_variables(workdir)
     self.n = int(self.config.data.num_frames)
     self.model = task_lib.build_model(self.config.model)
     self.batch_size = batch_size
@@ -209,19 +209,11 @@ def main(argv):
   inputs = cli.inputs_and_output(f, argv)
   if f.threshold is not None and not 0.0 < f.threshold < 1.0:
     cli.fail("--threshold must be in (0, 1)")
-  for name in ("radius_px", "batch_size"):
-    if f[name].value is not None and f[name].value <= 0:
-      cli.fail(f"--{name} must be > 0")
+  cli.require_positive(f, ("radius_px", "batch_size"))
   if f.channel < 0:
     cli.fail("--channel must be >= 0")
-  try:
-    code = run(f.workdir, inputs, f.output, f.threshold, f.radius_px, f.channel,
-               f.batch_size, f.probability_tiffs)
-  except FileNotFoundError as e:
-    cli.fail(str(e))
-  except PermissionError as e:
-    cli.fail(f"cannot write output: {e}")
-  sys.exit(code)
+  cli.run_or_fail(run, f.workdir, inputs, f.output, f.threshold, f.radius_px, f.channel,
+                  f.batch_size, f.probability_tiffs)
 
 
 if __name__ == "__main__":

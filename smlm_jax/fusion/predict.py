@@ -219,31 +219,18 @@ def main(argv):
   f = flags.FLAGS
   if not f.workdir:
     cli.fail("--workdir is required (a trained fusion run; see --help)")
-  inputs = list(f.input) + list(argv[1:])
-  if not inputs:
-    cli.fail("give at least one --input=PATH (3D TIFF file or folder)")
-  if not f.output:
-    cli.fail("--output is required (a folder for the fused volumes)")
-  if os.path.isfile(f.output):
-    cli.fail(f"--output={f.output} is a file; give a folder")
+  inputs = cli.inputs_and_output_folder(f, argv, "3D TIFF file or folder",
+                                        "a folder for the fused volumes")
   tile, overlap, halo = (_triple(f.tile, "tile"), _triple(f.overlap, "overlap"),
                          _triple(f.halo, "halo"))
   if tile is not None and min(tile) < 1:
     cli.fail("--tile must be >= 1 voxel per axis")
   if f.batch_size < 1:
     cli.fail("--batch_size must be >= 1")
-  if f.memory_gb is not None and f.memory_gb <= 0:
-    cli.fail("--memory_gb must be > 0")
-  try:
-    code = run(f.workdir, inputs, f.output, tile, overlap, halo, f.memory_gb, f.batch_size,
-               f.depth_offset_um, f.surface, f.plot)
-  except FileNotFoundError as e:
-    cli.fail(str(e))
-  except ValueError as e:           # tile/overlap/halo combinations
-    cli.fail(str(e))
-  except PermissionError as e:
-    cli.fail(f"cannot write output: {e}")
-  sys.exit(code)
+  cli.require_positive(f, ("memory_gb",))
+  cli.run_or_fail(run, f.workdir, inputs, f.output, tile, overlap, halo, f.memory_gb,
+                  f.batch_size, f.depth_offset_um, f.surface, f.plot,
+                  user_errors=(FileNotFoundError, ValueError))   # ValueError: tile/overlap/halo
 
 
 if __name__ == "__main__":

@@ -286,26 +286,13 @@ def main(argv):
   f = flags.FLAGS
   if not f.workdir:
     cli.fail("--workdir is required (a trained run; see --help)")
-  inputs = list(f.input) + list(argv[1:])
-  if not inputs:
-    cli.fail("give at least one --input=PATH (TIFF file or folder)")
-  if not f.output:
-    cli.fail("--output is required (a folder)")
-  if os.path.isfile(f.output):
-    cli.fail(f"--output={f.output} is a file; give a folder")
-  for name in ("chunk_frames", "stride_frames", "batch_size", "pixel_size_nm",
-               "frame_interval_s", "camera_gain_adu_per_e"):
-    if f[name].value is not None and f[name].value <= 0:
-      cli.fail(f"--{name} must be > 0")
-  try:
-    code = run(f.workdir, inputs, f.output, f.chunk_frames, f.stride_frames, f.batch_size,
-               f.pixel_size_nm, f.frame_interval_s, f.camera_offset_adu,
-               f.camera_gain_adu_per_e, f.probabilities, f.plots)
-  except (FileNotFoundError, UsageError) as e:
-    cli.fail(str(e))
-  except PermissionError as e:
-    cli.fail(f"cannot write output: {e}")
-  sys.exit(code)
+  inputs = cli.inputs_and_output_folder(f, argv)
+  cli.require_positive(f, ("chunk_frames", "stride_frames", "batch_size", "pixel_size_nm",
+                           "frame_interval_s", "camera_gain_adu_per_e"))
+  cli.run_or_fail(run, f.workdir, inputs, f.output, f.chunk_frames, f.stride_frames,
+                  f.batch_size, f.pixel_size_nm, f.frame_interval_s, f.camera_offset_adu,
+                  f.camera_gain_adu_per_e, f.probabilities, f.plots,
+                  user_errors=(FileNotFoundError, UsageError))
 
 
 if __name__ == "__main__":
