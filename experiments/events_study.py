@@ -54,7 +54,7 @@ SHARED = os.path.join(ROOT, "..", "shared", "real-data", "events_isim")
 
 def load_model(workdir, mesh):
   """(config, state, predict function) of a finished run."""
-  config, params, stats = task_lib.restore_run(workdir)
+  config, params, stats = trainer.load_variables(workdir)
   fn = task_lib.make_predict_fn(task_lib.build_model(config.model), mesh)
   return config, {"params": params, "batch_stats": stats}, fn
 

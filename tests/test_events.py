@@ -433,7 +433,7 @@ def test_train_two_steps_then_predict_cli(tmp_path):
     assert batch["x"].shape == (4, 32, 32, 3) and batch["y"].shape == (4, 32, 32)
     assert (host is None) == (source == "sim")
   # A run starting from this one gets exactly its parameters; a different model fails.
-  _, params, _ = task_lib.restore_run(run)
+  _, params, _ = trainer.load_variables(run)
   cfg2 = events.get_config("tiny")
   cfg2.init_from = run
   start = task_lib.EventsTask(cfg2).init_variables(jax.random.key(5))["params"]

@@ -230,8 +230,8 @@ def restore_state(mngr, target, step=None):
   return restored["state"]
 
 
-def load_run(workdir: str, mesh=None, step: int | None = None):
-  """(config, task, state) of the latest (or given) checkpoint in a workdir."""
+def _open_checkpoints(workdir: str, step: int | None):
+  """(manager, step, config) of the latest (or given) complete checkpoint of a run."""
   ckpt_dir = checkpoint_dir(workdir)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train a model there first")
@@ -240,7 +240,12 @@ def load_run(workdir: str, mesh=None, step: int | None = None):
   if step is None:
     raise FileNotFoundError(f"{workdir}: checkpoints/ holds no complete checkpoint")
   cfg_dict = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  config = ml_collections.ConfigDict(_tuplify(cfg_dict))
+  return mngr, step, ml_collections.ConfigDict(_tuplify(cfg_dict))
+
+
+def load_run(workdir: str, mesh=None, step: int | None = None):
+  """(config, task, state) of the latest (or given) checkpoint in a workdir."""
+  mngr, step, config = _open_checkpoints(workdir, step)
   task = build_task(config)
   tx, _ = task.make_optimizer()
   mesh = mesh or make_mesh()
@@ -248,6 +253,31 @@ def load_run(workdir: str, mesh=None, step: int | None = None):
   state = restore_state(mngr, abstract_state(shapes, NamedSharding(mesh, P())), step)
   mngr.close()
   return config, task, state
+
+
+def load_variables(workdir: str, step: int | None = None):
+  """(config, params, batch_stats) of the latest (or given) checkpoint, as numpy,
+  without building the run's task (for tasks whose construction needs data, e.g. an
+  event database, and for warm starts). Shapes come from the checkpoint's own
+  metadata and are restored onto one local device, so a run saved on 4 devices loads
+  on 1 (orbax refuses the saved sharding then)."""
+  mngr, step, config = _open_checkpoints(workdir, step)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)      # "metadata file does not exist" is harmless
+  try:
+    meta = ocp.StandardCheckpointer().metadata(
+        os.path.join(checkpoint_dir(workdir), str(step), "state"))
+  finally:
+    logging.set_verbosity(verbosity)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        tree)
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  mngr.close()
+  state = jax.device_get(restored["state"])
+  return config, state["params"], state.get("batch_stats") or {}
 
 
 def _tuplify(d):

@@ -71,41 +71,6 @@ def pixel_loss(logits, target, loss_config):
   return total
 
 
-def restore_run(workdir: str):
-  """(config, params, batch_stats) of the latest checkpoint of a run, as numpy, on any
-  number of devices, without building its task (no database or data needed; used by
-  init_from and predict)."""
-  from absl import logging
-  import ml_collections
-  import orbax.checkpoint as ocp
-  ckpt = trainer.checkpoint_dir(workdir)
-  if not os.path.isdir(ckpt):
-    raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train a model there first")
-  mngr = ocp.CheckpointManager(ckpt, item_names=("state", "config"))
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{workdir}: checkpoints/ holds no complete checkpoint")
-  # Shapes from the checkpoint's own metadata, restored onto one local device: a run
-  # saved on 4 devices loads on 1 (orbax refuses the saved sharding then).
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)      # "metadata file does not exist" is harmless
-  try:
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(ckpt, str(step), "state"))
-  finally:
-    logging.set_verbosity(verbosity)
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        tree)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
-  mngr.close()
-  state = jax.device_get(restored["state"])
-  config = ml_collections.ConfigDict(trainer._tuplify(restored["config"]))
-  return config, state["params"], state.get("batch_stats") or {}
-
-
 def make_predict_fn(model, mesh):
   """Jitted (params, batch_stats, frames [B, n, H, W] in camera units) -> event
   probabilities [B, H, W]; the batch is sharded on 'data'."""
@@ -148,7 +113,7 @@ class EventsTask(Task):
     self.init_params = self.init_stats = None
     if config.get("init_from"):
       try:
-        _, self.init_params, self.init_stats = restore_run(config.init_from)
+        _, self.init_params, self.init_stats = trainer.load_variables(config.init_from)
       except FileNotFoundError as e:
         raise ValueError(f"config.init_from: {e}") from None
     self._last_eval = None
