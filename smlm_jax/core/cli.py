@@ -1,6 +1,7 @@
 """Small helpers shared by the command-line tools."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -23,19 +24,33 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes a file via a temporary file + rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str):
+  """Yields a temporary path next to ``path`` to write a file into. When the block
+  ends without error the file is renamed onto ``path`` (readers never see half a file)
+  with the permissions a newly created file gets (``mkstemp`` makes it readable by its
+  owner only); on an error it is removed. The temporary name ends with ``path``'s
+  name, so writers that choose the format by extension (.png, .ome.tif) still do."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  os.close(fd)
   try:
-    with os.fdopen(fd, "w", newline="") as f:
-      f.write(text)
+    yield tmp
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
-  except BaseException:
+  finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
-    raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes a text file atomically (:func:`atomic_path`)."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "w", newline="") as f:
+      f.write(text)
 
 
 def progress(iterable=None, total=None, desc=None, unit="it"):

@@ -6,9 +6,6 @@ a figure atomically (a reader never sees half a PNG) and closes it.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 
 
@@ -21,20 +18,16 @@ def pyplot():
 
 
 def save(fig, path: str, dpi: int = 120) -> str:
-  """Saves a figure as PNG via a temporary file + rename, closes it, returns the path."""
+  """Saves a figure as PNG atomically (:func:`smlm_jax.core.cli.atomic_path`), closes
+  it, returns the path."""
+  from smlm_jax.core import cli
   plt = pyplot()
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-  os.close(fd)
   try:
     fig.tight_layout()
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    with cli.atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=dpi, format="png")
   finally:
     plt.close(fig)
-    if os.path.exists(tmp):
-      os.unlink(tmp)
   return path
 
 

@@ -210,6 +210,23 @@ def write_image(path: str, data: np.ndarray, axes: str, pixel_size_nm: float | N
   tifffile.imwrite(path, data, imagej=True, metadata=md, **kwargs)
 
 
+def write_frames(path: str, frames, shape, dtype, pixel_size_nm: float | None = None,
+                 frame_interval_s: float | None = None) -> None:
+  """Writes a [T, H, W] ImageJ TIFF atomically, frame by frame: ``frames`` is an array
+  or an iterable of [H, W] frames (streamed, for movies that need not fit in memory)
+  of ``dtype`` (uint8, uint16 or float32), with pixel size and frame interval."""
+  from smlm_jax.core import cli
+  kwargs = {}
+  if pixel_size_nm:
+    kwargs["resolution"] = (1000.0 / pixel_size_nm, 1000.0 / pixel_size_nm)
+  md = {"axes": "TYX", "unit": "um"}
+  if frame_interval_s:
+    md["finterval"] = float(frame_interval_s)
+  with cli.atomic_path(path) as tmp:
+    tifffile.imwrite(tmp, frames, shape=tuple(shape), dtype=dtype, imagej=True,
+                     metadata=md, **kwargs)
+
+
 def read_movie(path: str) -> Movie:
   """Reads a TIFF movie as float32 [T, H, W] with its pixel size / frame interval.
 

@@ -292,35 +292,8 @@ def write_ground_truth(path: str, frames, shape, pixel_size_nm=None,
                        frame_interval_s=None) -> None:
   """Writes [T, H, W] ground truth (an array, or an iterable of [H, W] frames in [0,
   1]) as uint8 ImageJ TIFF, frame by frame and atomically."""
-  import tempfile
-  import tifffile
-  t, h, w = shape
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".tif")
-  os.close(fd)
-  kwargs = {}
-  if pixel_size_nm:
-    kwargs["resolution"] = (1000.0 / pixel_size_nm, 1000.0 / pixel_size_nm)
-  md = {"axes": "TYX", "unit": "um"}
-  if frame_interval_s:
-    md["finterval"] = float(frame_interval_s)
-  try:
-    tifffile.imwrite(tmp, (to_stored(f) for f in frames), shape=(t, h, w), dtype=np.uint8,
-                     imagej=True, metadata=md, **kwargs)
-    publish(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-
-
-def publish(tmp: str, path: str) -> None:
-  """Renames a finished temporary file onto ``path`` with the usual permissions
-  (mkstemp creates files readable by their owner only)."""
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o666 & ~umask)
-  os.replace(tmp, path)
+  tiff_io.write_frames(path, (to_stored(f) for f in frames), shape, np.uint8,
+                       pixel_size_nm, frame_interval_s)
 
 
 def parse_shape(text: str):

@@ -36,7 +36,6 @@ import smlm_jax.core.host_devices  # noqa: F401  (before jax: one CPU device per
 
 import os
 import sys
-import tempfile
 import time
 
 from absl import app, flags
@@ -108,22 +107,7 @@ def probability_path(output: str, movie: str, used: set) -> str:
 
 def write_probabilities(path: str, probs, shape, pixel_size_nm, frame_interval_s):
   """Streams [H, W] float32 maps into an ImageJ TIFF, atomically."""
-  import tifffile
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".tif")
-  os.close(fd)
-  kwargs = {}
-  if pixel_size_nm:
-    kwargs["resolution"] = (1000.0 / pixel_size_nm, 1000.0 / pixel_size_nm)
-  md = {"axes": "TYX", "unit": "um"}
-  if frame_interval_s:
-    md["finterval"] = float(frame_interval_s)
-  try:
-    tifffile.imwrite(tmp, probs, shape=shape, dtype=np.float32, imagej=True, metadata=md,
-                     **kwargs)
-    annotate.publish(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  tiff_io.write_frames(path, probs, shape, np.float32, pixel_size_nm, frame_interval_s)
 
 
 def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,

@@ -159,10 +159,9 @@ def run(workdir, inputs, output_dir, tile=None, overlap=None, halo=None, memory_
     name = volume_io.stem(path)
     ome = path.lower().endswith((".ome.tif", ".ome.tiff"))
     out_path = os.path.join(output_dir, f"{name}_fused" + (".ome.tif" if ome else ".tif"))
-    tmp = os.path.join(output_dir, f".tmp-{name}_fused.tif")
-    tiff_io.write_image(tmp, pred, "ZYX", pixel_size_nm=image.pixel_size_nm,
-                        z_spacing_nm=image.z_spacing_nm, ome=ome)
-    os.replace(tmp, out_path)
+    with cli.atomic_path(out_path) as tmp:
+      tiff_io.write_image(tmp, pred, "ZYX", pixel_size_nm=image.pixel_size_nm,
+                          z_spacing_nm=image.z_spacing_nm, ome=ome)
     if plot:
       from smlm_jax.core import plotting
       fig = plotting.orthogonal_slices(

@@ -47,7 +47,6 @@ import smlm_jax.core.host_devices  # noqa: F401  (before jax: one CPU device per
 
 import os
 import sys
-import tempfile
 import time
 
 from absl import app, flags
@@ -87,17 +86,9 @@ def read_movie(path: str) -> tiff_io.Image:
 
 
 def write_tiff_atomic(path, data, axes, pixel_size_nm, frame_interval_s):
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".tif")
-  os.close(fd)
-  try:
+  with cli.atomic_path(path) as tmp:
     tiff_io.write_image(tmp, data, axes, pixel_size_nm=pixel_size_nm,
                         frame_interval_s=frame_interval_s, ome=False)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
 
 
 class Segmenter:
