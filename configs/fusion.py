@@ -164,6 +164,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.predict.overlap = (12, 16, 16)
   config.predict.halo = (2, 4, 4)
   config.predict.memory_gb = 2.0
+  # Self-ensemble at prediction (and validation): the mean over the 8 y/x flips and
+  # transposes of each tile (smlm_jax.fusion.task.predict_tta); 8x the inference cost,
+  # no training cost.
+  config.predict.tta = True
 
   if variant == "gpu":
     config.sim.shape = (64, 128, 128)

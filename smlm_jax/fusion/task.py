@@ -122,6 +122,36 @@ def apply_model(model, params, batch_stats, x, train: bool):
   return x[..., 0] + out[..., 0], stats
 
 
+def predict_tta(fn, x):
+  """Self-ensemble (Lim et al., EDSR, CVPRW 2017): the mean of ``fn`` over the y/x flips
+  and, for square tiles, the y<->x transposes (the symmetries of the training data;
+  never a z flip: depth breaks that symmetry). ``fn``: [B, Z, Y, X, C] -> [B, Z, Y, X];
+  8 (or 4) calls of ``fn``, averaging the residual noise of the prediction."""
+  transposes = (False, True) if x.shape[2] == x.shape[3] else (False,)
+  total = 0.0
+  count = 0
+  for t in transposes:
+    for fy in (False, True):
+      for fx in (False, True):
+        h = x
+        if fy:
+          h = jnp.flip(h, 2)
+        if fx:
+          h = jnp.flip(h, 3)
+        if t:
+          h = jnp.swapaxes(h, 2, 3)
+        y = fn(h)
+        if t:
+          y = jnp.swapaxes(y, 2, 3)
+        if fx:
+          y = jnp.flip(y, 3)
+        if fy:
+          y = jnp.flip(y, 2)
+        total = total + y
+        count += 1
+  return total / count
+
+
 POOL_SALT = 0x9001
 
 
@@ -250,11 +280,14 @@ class FusionTask(Task):
     """Jitted (state, x [B, Z, Y, X, C]) -> prediction [B, Z, Y, X] (normalized units)."""
     data = NamedSharding(mesh, P("data")) if mesh is not None else None
 
+    tta = bool(self.config.get("predict", {}).get("tta", False))
+
     def predict(state, x):
       if data is not None:
         x = jax.lax.with_sharding_constraint(x, data)
-      return apply_model(self.model, state["params"], state["batch_stats"], x,
-                         train=False)[0]
+      f = lambda c: apply_model(self.model, state["params"], state["batch_stats"], c,
+                                train=False)[0]
+      return predict_tta(f, x) if tta else f(x)
 
     return jax.jit(predict)
 
