@@ -136,13 +136,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.ssim_weight = 1.0
   # Percentile-normalize the prediction again inside the loss (as the metric does),
   # and train against the noiseless fused view (see smlm_jax/fusion/task.py).
-  config.loss.renormalize = False
+  config.loss.renormalize = True
   config.loss.clean_target = False
 
   # Noiseless simulated examples reused with fresh noise and flips (0: simulate every
   # example inside the step, as on GPU).
   config.pool_size = 128
-  config.num_train_steps = 800
+  config.num_train_steps = 2000
   config.batch_size = 4
   config.accumulate_steps = 1
   config.learning_rate = 3e-3
@@ -152,8 +152,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.schedule = "cosine"
 
   config.log_every_steps = 10
-  config.eval_every_steps = 400
-  config.checkpoint_every_steps = 400
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
   config.max_to_keep = 2
   config.eval_num_volumes = 16
   config.eval_batch_size = 8

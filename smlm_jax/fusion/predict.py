@@ -125,6 +125,10 @@ class Predictor:
     finally:
       if bar is not None:
         bar.close()
+    if self.config.loss.get("renormalize", False):
+      # The loss was blind to the prediction's gain and offset (as the metric is): put
+      # the blended volume back in percentile-normalized units.
+      out = metrics.percentile_normalize(out)
     return out, n
 
 
