@@ -11,7 +11,8 @@ simulated volumes from an unseen seed.
 2. Simulates ``--num_volumes`` test volumes of ``--test_shape`` voxels (larger than the
    training patches, so prediction goes through the blended tiles) with the training
    physics but seed ``--test_seed``, never used in training or validation.
-3. Scores the U-Net prediction and a Gaussian filter of the view whose (sigma_z,
+3. Scores the U-Net prediction (with the run's ``predict.tta`` self-ensemble; the
+   column ``1-pass`` is the same network without it) and a Gaussian filter of the view whose (sigma_z,
    sigma_xy) is tuned on these same test volumes (an oracle choice, generous to the
    baseline) with the challenge metric (:mod:`smlm_jax.fusion.metrics`).
 Prints a table per channel and one line
@@ -104,15 +105,25 @@ def main(argv):
         f"volumes {tuple(cfg.sim.shape)})")
   views, fused, membrane, sc = simulate_test_set(cfg, shape, _NUM.value, _SEED.value)
   predictor = Predictor(_WORKDIR.value)
-  t0 = time.perf_counter()
+  tta = bool(predictor.config.predict.get("tta", False))
   triple = lambda t: tuple(int(v) for v in t.split(","))
-  preds, n_tiles = [], 0
-  for v in views:
-    p, n_tiles = predictor.predict(v, tile=triple(_TILE.value), overlap=triple(_OVERLAP.value),
-                                   halo=triple(_HALO.value))
-    preds.append(p)
-  pred_s = (time.perf_counter() - t0) / len(views)
+
+  def predict_all(pr):
+    t0 = time.perf_counter()
+    out, n = [], 0
+    for v in views:
+      p, n = pr.predict(v, tile=triple(_TILE.value), overlap=triple(_OVERLAP.value),
+                        halo=triple(_HALO.value))
+      out.append(p)
+    return out, n, (time.perf_counter() - t0) / len(views)
+
+  preds, n_tiles, pred_s = predict_all(predictor)
   unet = [metrics.compare(p, f, v) for p, f, v in zip(preds, fused, views)]
+  # The same network without the self-ensemble (one pass per tile), for reference.
+  plain = unet
+  if tta:
+    plain_preds, _, _ = predict_all(Predictor(_WORKDIR.value, tta=False))
+    plain = [metrics.compare(p, f, v) for p, f, v in zip(plain_preds, fused, views)]
 
   best = None
   for sz in SIGMAS_Z:
@@ -128,14 +139,16 @@ def main(argv):
     g = lambda ms, k: np.mean([m[k] for m, s in zip(ms, sel) if s])
     return (f"{name:<10} {int(sel.sum()):>3} {g(unet, 'input_ssim'):>10.3f} "
             f"{g(gauss, 'ssim'):>10.3f} {g(gauss, 'n_ssim'):>10.3f} {g(unet, 'ssim'):>10.3f} "
-            f"{g(unet, 'n_ssim'):>10.3f} {g(unet, 'input_psnr'):>9.2f} {g(unet, 'psnr'):>9.2f}")
+            f"{g(unet, 'n_ssim'):>10.3f} {g(plain, 'n_ssim'):>10.3f} "
+            f"{g(unet, 'input_psnr'):>9.2f} {g(unet, 'psnr'):>9.2f}")
 
   print(f"\ntest: {len(views)} simulated volumes {shape} (z, y, x) of "
         f"{sc.voxel_size_um} um voxels, seed {_SEED.value}; Gaussian sigma (z, xy) = "
         f"{sigma} voxels (tuned on the test set); U-Net {pred_s:.1f} s/volume "
-        f"({n_tiles} blended tiles of {_TILE.value})")
+        f"({n_tiles} blended tiles of {_TILE.value}, self-ensemble of 8 flips/transposes: "
+        f"{'on' if tta else 'off'}; 1-pass NSSIM: without it)")
   print(f"{'channel':<10} {'n':>3} {'input SSIM':>10} {'gauss SSIM':>10} {'gauss NSSIM':>10} "
-        f"{'unet SSIM':>10} {'unet NSSIM':>10} {'in PSNR':>9} {'unet PSNR':>9}")
+        f"{'unet SSIM':>10} {'unet NSSIM':>10} {'1-pass':>10} {'in PSNR':>9} {'unet PSNR':>9}")
   print(row("nuclei", ~membrane))
   print(row("membranes", membrane))
   print(row("all", np.ones_like(membrane)))

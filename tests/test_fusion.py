@@ -230,7 +230,11 @@ def test_tiled_prediction_equals_whole_volume_when_it_fits(tiny_fusion_run):
   whole = p.apply_tiles(x[None], 1)[0]
   tiled, n = p.predict(vol, tile=(16, 16, 16))
   assert n == 1
-  np.testing.assert_allclose(tiled, whole, atol=1e-5)
+  # A run trained with loss.renormalize (the default) is blind to its output's gain and
+  # offset: predict puts the blended volume back in percentile-normalized units.
+  assert p.config.loss.renormalize
+  np.testing.assert_allclose(metrics.percentiles(tiled), (0.0, 1.0), atol=1e-4)
+  np.testing.assert_allclose(tiled, metrics.percentile_normalize(whole), atol=1e-4)
   # A larger volume in several tiles: finite, same shape, close to the whole-volume
   # prediction away from nothing but the per-tile group-norm statistics.
   big = (100 + 50 * rng.random((20, 30, 30))).astype(np.float32)
@@ -297,6 +301,32 @@ def test_clean_target_and_renormalized_loss_options(monkeypatch):
       assert a == pytest.approx(b, abs=1e-5)
     else:
       assert abs(a - b) > 0.1
+
+
+def test_tta_averages_over_the_yx_symmetries_only():
+  from smlm_jax.fusion import task as task_lib
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.random((2, 5, 6, 6, 1)), jnp.float32)
+  # An operator that is not flip-equivariant (a cumulative sum along x, plus a ramp
+  # along y): its self-ensemble is, and an equivariant one (a 3x3 box filter in y, x)
+  # is left unchanged.
+  ramp = jnp.arange(6.0)[None, None, :, None]
+  odd = lambda c: jnp.cumsum(c[..., 0], axis=3) + ramp
+  ens = task_lib.predict_tta(odd, x)
+  for op in (lambda a: jnp.flip(a, 2), lambda a: jnp.flip(a, 3),
+             lambda a: jnp.swapaxes(a, 2, 3)):
+    np.testing.assert_allclose(task_lib.predict_tta(odd, op(x)), op(ens), atol=1e-5)
+  assert _maxabs(ens - odd(x)) > 0.5
+  box = lambda c: jnp.asarray(ndimage.uniform_filter(np.asarray(c[..., 0]), (1, 1, 3, 3),
+                                                     mode="reflect"))
+  np.testing.assert_allclose(task_lib.predict_tta(box, x), box(x), atol=1e-5)
+  # z is never flipped (depth breaks the symmetry): a z ramp survives unchanged.
+  zramp = lambda c: c[..., 0] * jnp.arange(5.0)[None, :, None, None]
+  np.testing.assert_allclose(task_lib.predict_tta(zramp, x), zramp(x), atol=1e-5)
+  # Non-square tiles: the 4 flips only.
+  y = x[:, :, :, :4]
+  np.testing.assert_allclose(task_lib.predict_tta(odd, jnp.flip(y, 3)),
+                             jnp.flip(task_lib.predict_tta(odd, y), 3), atol=1e-5)
 
 
 def _maxabs(a):

@@ -97,12 +97,12 @@ def require_positive(flag_values, names) -> None:
       fail(f"--{name} must be > 0")
 
 
-def run_or_fail(fn, *args, user_errors=(FileNotFoundError,)):
-  """Runs a tool's ``run(*args) -> exit code`` and exits with it; the errors a user
+def run_or_fail(fn, *args, user_errors=(FileNotFoundError,), **kwargs):
+  """Runs a tool's ``run(*args, **kwargs) -> exit code`` and exits with it; the errors a user
   causes (``user_errors``: a missing run or file, a bad flag combination) and an
   unwritable output end the command with one line instead of a traceback."""
   try:
-    code = fn(*args)
+    code = fn(*args, **kwargs)
   except PermissionError as e:
     fail(f"cannot write output: {e}")
   except user_errors as e:

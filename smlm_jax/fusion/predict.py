@@ -3,6 +3,7 @@
   python -m smlm_jax.fusion.predict --workdir=runs/fusion --input=VIEW.tif [--input=DIR]
       --output=OUT_DIR [--tile=24,96,96] [--overlap=12,16,16] [--halo=2,4,4]
       [--memory_gb=2] [--batch_size=2] [--depth_offset_um=0] [--surface=first] [--plot]
+      [--tta | --notta]
 
 Inputs: single-channel 3D stacks (Z, Y, X; z = the detection axis) as TIFF / OME-TIFF /
 ImageJ files or folders of them. Each volume is percentile-normalized (2nd / 99.8th
@@ -11,7 +12,9 @@ tiles blended with a smooth window (:mod:`smlm_jax.fusion.tiling`; ``--tile`` de
 to the run's ``predict.tile``, shrunk to fit ``--memory_gb``), and written as
 ``OUT_DIR/<name>_fused.tif``: float32, normalized units (0 ~ background, 1 ~ the bright
 structures), with the input's voxel-size metadata (OME when the input is OME-TIFF, else
-ImageJ). ``--plot`` also writes ``<name>_slices.png`` (orthogonal slices of view and
+ImageJ). Every tile is predicted in its 8 y/x flips and transposes and the results
+averaged (``--tta``, the run's ``predict.tta`` by default; ``--notta``: one pass, 8x
+faster, noisier). ``--plot`` also writes ``<name>_slices.png`` (orthogonal slices of view and
 prediction). ``OUT_DIR/predict_summary.csv`` lists every input:
   file, output, shape_zyx, voxel_size_um_zyx, tiles, seconds, flag
 flag is ``ok`` or ';'-joined reasons: ``voxel_size_mismatch`` (more than 10% from the
@@ -49,10 +52,15 @@ VOXEL_TOLERANCE = 0.10
 class Predictor:
   """A trained fusion run, ready to predict volumes of any size."""
 
-  def __init__(self, workdir: str, mesh=None):
+  def __init__(self, workdir: str, mesh=None, tta: bool | None = None):
+    """``tta``: average over the y/x flips and transposes of every tile (None: the
+    run's ``predict.tta``)."""
     from smlm_jax.core import trainer
     self.mesh = mesh or trainer.make_mesh()
     self.config, self.task, self.state = trainer.load_run(workdir, self.mesh)
+    if tta is not None:
+      with self.task.config.unlocked():
+        self.task.config.predict.tta = bool(tta)
     self._fn = self.task.predict_fn(self.mesh)
 
   @property
@@ -117,6 +125,10 @@ class Predictor:
     finally:
       if bar is not None:
         bar.close()
+    if self.config.loss.get("renormalize", False):
+      # The loss was blind to the prediction's gain and offset (as the metric is): put
+      # the blended volume back in percentile-normalized units.
+      out = metrics.percentile_normalize(out)
     return out, n
 
 
@@ -126,10 +138,11 @@ def _mismatch(found, reference):
 
 
 def run(workdir, inputs, output_dir, tile=None, overlap=None, halo=None, memory_gb=None,
-        batch_size=2, depth_offset_um=0.0, surface="first", plot=False, log=print) -> int:
+        batch_size=2, depth_offset_um=0.0, surface="first", plot=False, log=print,
+        tta=None) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   t0 = time.time()
-  predictor = Predictor(workdir)
+  predictor = Predictor(workdir, tta=tta)
   cfg = predictor.config
   ref = predictor.voxel_size_um
   log(f"model from {workdir} (step {int(predictor.state['step'])}), trained on voxels "
@@ -211,6 +224,8 @@ def _define_flags():
   flags.DEFINE_enum("surface", "first", ["first", "last"],
                     "Which end of the stack faces the detection objective.")
   flags.DEFINE_bool("plot", False, "Also write <name>_slices.png per input.")
+  flags.DEFINE_bool("tta", None, "Average each tile over its y/x flips and transposes "
+                    "(default: the run's predict.tta).")
 
 
 def main(argv):
@@ -228,7 +243,7 @@ def main(argv):
     cli.fail("--batch_size must be >= 1")
   cli.require_positive(f, ("memory_gb",))
   cli.run_or_fail(run, f.workdir, inputs, f.output, tile, overlap, halo, f.memory_gb,
-                  f.batch_size, f.depth_offset_um, f.surface, f.plot,
+                  f.batch_size, f.depth_offset_um, f.surface, f.plot, tta=f.tta,
                   user_errors=(FileNotFoundError, ValueError))   # ValueError: tile/overlap/halo
 
 
