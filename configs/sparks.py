@@ -62,10 +62,11 @@ Events (smlm_jax.sparks.events; Dotti et al.'s settings): 26-connected component
 class; spark peaks at least 1.8 um and 20 ms apart (non-maximum suppression on the
 smoothed movie) split merged sparks; minimum duration / area per class (sparks >= 1.2
 um^2, waves >= 20 um^2, puffs >= 81.6 ms: see get_events_config); a confidence filter
-on predictions only (a predicted spark or puff is kept if the mean probability of its
-class over its voxels is >= 0.68 / 0.66, and a puff >= 400 um^2 ms: most false sparks are fragments of puffs and most
-false puffs are the tails of sparks, where the network hesitates between the two
-classes); IoMin >= 0.5 to match a predicted and a true event.
+on predictions only (a predicted spark / puff is kept if the mean probability of its
+class over its voxels is >= 0.68 / 0.66, a puff also if >= 400 um^2 ms in volume:
+most false sparks were fragments of puffs and most false puffs the tails of sparks,
+where the network hesitates between the two classes); IoMin >= 0.5 to match a
+predicted and a true event.
 """
 import ml_collections
 
