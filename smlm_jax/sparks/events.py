@@ -64,7 +64,8 @@ class EventSpec:
   min_duration_ms: tuple = (13.6, 20.0, 81.6)   # as configs/sparks.py get_events_config
   min_area_um2: tuple = (1.2, 20.0, 0.36)
   iomin_threshold: float = 0.5
-  min_probability: tuple = (0.0, 0.0, 0.0)       # predictions only (step 5)
+  min_probability: tuple = (0.0, 0.0, 0.0)       # predictions only (step 5); off here,
+                                                 # configs/sparks.py sets them
   min_volume_um2_ms: tuple = (0.0, 0.0, 0.0)     # predictions only (step 5)
 
   def min_frames(self, cls: int) -> int:
