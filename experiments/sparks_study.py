@@ -70,8 +70,10 @@ def main(argv):
   # revised (on the validation seed) without retraining.
   ev = config.events
   print(f"event extraction: min_duration_ms={tuple(ev.min_duration_ms)} "
-        f"min_area_um2={tuple(ev.min_area_um2)} (spark, wave, puff); "
-        f"IoMin >= {ev.iomin_threshold}")
+        f"min_area_um2={tuple(ev.min_area_um2)} "
+        f"min_probability={tuple(ev.get('min_probability', (0.0,) * 3))} "
+        f"min_volume_um2_ms={tuple(ev.get('min_volume_um2_ms', (0.0,) * 3))} "
+        f"(spark, wave, puff); IoMin >= {ev.iomin_threshold}")
   m = evaluate_lib.evaluate_simulated(workdir, _NUM.value, _SEED.value,
                                       os.path.join(workdir, "study"), events_config=ev)
   print(f"test evaluation: {time.time() - t0:.0f} s")

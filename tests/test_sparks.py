@@ -1,6 +1,7 @@
 """Ca2+ release events: simulator physics and labels, losses with ignore, exact chunked
 inference, event extraction and IoMin matching, training and the command-line tools."""
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -309,6 +310,36 @@ def test_extraction_splits_merged_sparks_and_drops_small_events():
   # Without the peak map the merged sparks stay one event.
   inst1, cls1 = ev_lib.instances_from_classes(classes, spec, None)
   assert sum(c == sim.SPARK for c in cls1) == 1
+
+
+def test_confidence_filter_drops_unsure_predictions_but_never_true_events():
+  T, H, W = 20, 16, 32
+  probs = np.zeros((T, H, W, 4), np.float32)
+  probs[..., 0] = 1.0
+  # Two puffs of 14 frames x 4 x 4 px: one the network is sure of (p = 0.9), one not
+  # (p = 0.55, argmax still puff); a sure 14 x 3 x 3 px puff (126 voxels).
+  for sl, p in (((slice(2, 16), slice(2, 6), slice(2, 6)), 0.9),
+                ((slice(2, 16), slice(2, 6), slice(20, 24)), 0.55),
+                ((slice(2, 16), slice(10, 13), slice(12, 15)), 0.9)):
+    probs[sl] = (1 - p, 0.0, 0.0, p)
+  classes = np.argmax(probs, -1).astype(np.uint8)
+  spec = ev_lib.EventSpec()
+  _, cls_all = ev_lib.instances_from_classes(classes, spec, None, probs)
+  assert sum(c == sim.PUFF for c in cls_all) == 3                      # filter off
+  sure = dataclasses.replace(spec, min_probability=(0.0, 0.0, 0.65))
+  inst, cls_of = ev_lib.instances_from_classes(classes, sure, None, probs)
+  assert sum(c == sim.PUFF for c in cls_of) == 2 and inst[5, 3, 21] == 0 and inst[5, 3, 3] > 0
+  voxel = 0.2 ** 2 * 6.8                                               # um^2 ms
+  big = dataclasses.replace(sure, min_volume_um2_ms=(0.0, 0.0, 150 * voxel))
+  inst, cls_of = ev_lib.instances_from_classes(classes, big, None, probs)
+  assert sum(c == sim.PUFF for c in cls_of) == 1 and inst[5, 3, 3] > 0
+  # Scoring: the same unsure puff as the truth is still a true event (a miss), not ignored.
+  labels = np.where(classes == sim.PUFF, sim.PUFF, 0)
+  true_inst, true_cls = ev_lib.instances_from_labels(labels)
+  scorer = ev_lib.Scorer(big)
+  scorer.add(probs, np.ones((T, H, W), np.float32), labels, true_inst, true_cls)
+  m = scorer.metrics()["puff"]
+  assert (m["tp"], m["fp"], m["fn"]) == (1, 0, 2)
 
 
 # ----------------------------------------------------------------------------- training + CLI

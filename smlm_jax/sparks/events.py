@@ -17,6 +17,12 @@ Extraction (:func:`extract_events`), following Dotti et al. 2024 (Cell Calcium
    the intensity term).
 4. Components shorter than ``min_duration_ms`` or with a projected (y, x) area below
    ``min_area_um2`` are dropped (per class).
+5. Confidence (when the probabilities are given): components whose mean probability
+   of their own class is below ``min_probability``, or whose volume (voxels x pixel
+   area x frame interval) is below ``min_volume_um2_ms``, are dropped (per class).
+   These apply to predictions only: unlike the minimum sizes of step 4 they say how
+   sure the network is, not whether an event could be found at all, so true events
+   are never removed by them.
 dF/F0 is estimated as ``S / F0 - 1`` with ``S`` the movie smoothed by a Gaussian
 (``smooth_sigma_frames``, ``smooth_sigma_px``) and ``F0`` the per-pixel mean of ``S``
 over the frames classified background (the median over all frames where a pixel is
@@ -58,6 +64,9 @@ class EventSpec:
   min_duration_ms: tuple = (13.6, 20.0, 81.6)   # as configs/sparks.py get_events_config
   min_area_um2: tuple = (1.2, 20.0, 0.36)
   iomin_threshold: float = 0.5
+  min_probability: tuple = (0.0, 0.0, 0.0)       # predictions only (step 5); off here,
+                                                 # configs/sparks.py sets them
+  min_volume_um2_ms: tuple = (0.0, 0.0, 0.0)     # predictions only (step 5)
 
   def min_frames(self, cls: int) -> int:
     return max(1, int(math.ceil(self.min_duration_ms[cls - 1] / self.frame_interval_ms - 1e-6)))
@@ -77,7 +86,10 @@ def spec_from_config(config, pixel_size_um: float | None = None,
       smooth_sigma_px=float(e.smooth_sigma_px), smooth_sigma_frames=float(e.smooth_sigma_frames),
       min_duration_ms=tuple(float(v) for v in e.min_duration_ms),
       min_area_um2=tuple(float(v) for v in e.min_area_um2),
-      iomin_threshold=float(e.iomin_threshold))
+      iomin_threshold=float(e.iomin_threshold),
+      # .get: runs trained before these settings existed keep them off.
+      min_probability=tuple(float(v) for v in e.get("min_probability", (0.0,) * 3)),
+      min_volume_um2_ms=tuple(float(v) for v in e.get("min_volume_um2_ms", (0.0,) * 3)))
 
 
 @dataclasses.dataclass
@@ -166,11 +178,23 @@ def _keep(cls, sl, mask, spec):
   return frames >= spec.min_frames(cls) and area >= spec.min_pixels(cls)
 
 
-def instances_from_classes(classes, spec: EventSpec, dff=None):
+def _confident(cls, mask, probs_region, spec) -> bool:
+  """Step 5 of the module doc: mean own-class probability and volume of a component."""
+  if probs_region is None:
+    return True
+  voxel_um2_ms = spec.pixel_size_um ** 2 * spec.frame_interval_ms
+  if mask.sum() * voxel_um2_ms < spec.min_volume_um2_ms[cls - 1] - 1e-9:
+    return False
+  return float(probs_region[..., cls][mask].mean()) >= spec.min_probability[cls - 1]
+
+
+def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
   """(instances [T, H, W] int32, class of each id [N + 1]) from a class volume.
 
   ``dff`` (same shape) gives the spark peaks that split merged sparks; without it
-  components are not split.
+  components are not split. ``probs`` ([T, H, W, 4]) enables the confidence filter
+  (``spec.min_probability``, ``spec.min_volume_um2_ms``); without it nothing is dropped
+  for confidence.
   """
   classes = np.asarray(classes)
   inst = np.zeros(classes.shape, np.int32)
@@ -204,6 +228,8 @@ def instances_from_classes(classes, spec: EventSpec, dff=None):
         ts = np.nonzero(np.any(m, axis=(1, 2)))[0]
         sub = (slice(sl[0].start + ts[0], sl[0].start + ts[-1] + 1),) + sl[1:]
         if not _keep(c, sub, m[ts[0]:ts[-1] + 1], spec):
+          continue
+        if not _confident(c, m, None if probs is None else probs[sl], spec):
           continue
         cls_of.append(c)
         region = inst[sl]
@@ -242,9 +268,10 @@ def extract_events(probs, movie, spec: EventSpec):
   """(classes [T, H, W] uint8, instances [T, H, W] int32, class per id, events,
   dF/F0 [T, H, W]) from probabilities [T, H, W, 4] and the movie [T, H, W] (any
   linear intensity scale)."""
-  classes = np.argmax(np.asarray(probs), axis=-1).astype(np.uint8)
+  probs = np.asarray(probs)
+  classes = np.argmax(probs, axis=-1).astype(np.uint8)
   dff = estimate_dff(movie, classes, spec) if movie is not None else None
-  inst, cls_of = instances_from_classes(classes, spec, dff)
+  inst, cls_of = instances_from_classes(classes, spec, dff, probs)
   return classes, inst, cls_of, describe(inst, cls_of, dff, spec), dff
 
 
