@@ -158,9 +158,7 @@ def main():
 
   def do(key, name, overrides, reference, steps):
     results[key] = train_and_score(name, args.out, overrides, reference, steps)
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    cli.atomic_write_text(path, json.dumps(results, indent=1))
 
   for shape in ("teapot", "bunny"):
     if shape in runs:

@@ -128,11 +128,11 @@ def write_pictures(learned_aligned, reference, out_dir: str, title: str,
       im.set_data(f[i])
     return ims
   anim = animation.FuncAnimation(fig, update, frames=len(angles), blit=False)
-  path = os.path.join(out_dir, "rotation.gif")
-  tmp = os.path.join(out_dir, ".tmp-rotation.gif")
-  anim.save(tmp, writer=animation.PillowWriter(fps=12))
-  os.replace(tmp, path)
-  plt.close(fig)
+  try:
+    with cli.atomic_path(os.path.join(out_dir, "rotation.gif")) as tmp:
+      anim.save(tmp, writer=animation.PillowWriter(fps=12))
+  finally:
+    plt.close(fig)
 
 
 def evaluate(workdir: str | None, reference_path: str | None, learned_path: str | None = None,
