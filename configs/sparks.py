@@ -74,6 +74,7 @@ where the network hesitates between the two classes); IoMin >= 0.5 to match a
 predicted and a true event.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_sim_config() -> ml_collections.ConfigDict:
@@ -157,7 +158,9 @@ def get_model_config(name: str = "factorized") -> ml_collections.ConfigDict:
   # class after 100 steps, against 0.18 / 0.22 / 0.07 for spark / wave / puff with "none").
   model.norm = "none"
   model.bin = 2                # factorized: space-to-depth factor
-  model.pool_factors = None    # None: (2, 2, 2) at every level
+  # None: (2, 2, 2) at every level; else one (t, y, x) triple per level. A placeholder so
+  # that it can be set on the command line: --config.model.pool_factors='((2,2,2),(4,2,2))'
+  model.pool_factors = config_dict.placeholder(tuple)
   return model
 
 

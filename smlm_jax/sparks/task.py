@@ -135,15 +135,29 @@ class SparksTask(Task):
     return total, terms, stats
 
   # ------------------------------------------------------------------- evaluation
-  def predict_fn(self, mesh):
-    """Jitted (state, x [B, T, H, W, 2]) -> class probabilities [B, T, H, W, 4]."""
+  def predict_fn(self, mesh, tta: bool | None = None):
+    """Jitted (state, x [B, T, H, W, 2]) -> class probabilities [B, T, H, W, 4].
+
+    ``tta`` (default ``config.infer.tta``; off for runs saved without it): average the
+    probabilities of the 4 mirror images in y and x (each un-mirrored), a symmetry of
+    the simulated cells (striations rotated by +-angle, edges at both sides) and of a
+    confocal frame. Flips in space only, so chunked inference in time stays exact; 4x
+    the network's cost."""
     data = NamedSharding(mesh, P("data"))
+    if tta is None:
+      tta = bool(self.config.get("infer", {}).get("tta", False))
+    flips = ((), (-3,), (-2,), (-3, -2)) if tta else ((),)   # H, W of [B, T, H, W, C]
 
     def predict(state, x):
       x = jax.lax.with_sharding_constraint(x, data)
-      logits, _ = trainer.model_apply(self.model, state["params"], state["batch_stats"],
-                                      x, train=False)
-      return jax.nn.softmax(logits, axis=-1)
+      total = 0.0
+      for axes in flips:
+        xi = jnp.flip(x, axes) if axes else x
+        logits, _ = trainer.model_apply(self.model, state["params"], state["batch_stats"],
+                                        xi, train=False)
+        p = jax.nn.softmax(logits, axis=-1)
+        total = total + (jnp.flip(p, axes) if axes else p)
+      return total / len(flips)
 
     return jax.jit(predict)
 
