@@ -208,6 +208,11 @@ def get_events_config() -> ml_collections.ConfigDict:
   ev.min_probability = (0.68, 0.0, 0.66)
   ev.min_volume_um2_ms = (0.0, 0.0, 400.0)
   ev.iomin_threshold = 0.5
+  # Choose min_probability / min_volume_um2_ms per class at each validation (grids in
+  # smlm_jax.sparks.events: the F1-optimal pair on the config.eval_seed movies) and save
+  # them in WORKDIR/events_filter.json, which evaluate and predict then use; the values
+  # above are the fallback for runs without that file.
+  ev.tune = True
   return ev
 
 

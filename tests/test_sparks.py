@@ -342,6 +342,37 @@ def test_confidence_filter_drops_unsure_predictions_but_never_true_events():
   assert (m["tp"], m["fp"], m["fn"]) == (1, 0, 2)
 
 
+def test_filter_chosen_on_validation_maximizes_f1_and_matches_the_scorer():
+  T, H, W = 20, 16, 48
+  probs = np.zeros((T, H, W, 4), np.float32)
+  probs[..., 0] = 1.0
+  labels = np.zeros((T, H, W), np.uint8)
+  # Puffs of 14 frames x 4 x 4 px: three true ones (found with p = 0.9 and 0.61, one
+  # missed) and two false ones (p = 0.55, 0.57). Best filter: >= 0.58 (TP 2, FP 0, FN 1).
+  for x0, p, true in ((2, 0.9, True), (10, 0.61, True), (18, 0.55, False),
+                      (26, 0.57, False), (34, None, True)):
+    sl = (slice(2, 16), slice(2, 6), slice(x0, x0 + 4))
+    if p is not None:
+      probs[sl] = (1 - p, 0.0, 0.0, p)
+    if true:
+      labels[sl] = sim.PUFF
+  true_inst, true_cls = ev_lib.instances_from_labels(labels)
+  spec = ev_lib.EventSpec()
+  movie = np.ones((T, H, W), np.float32)
+  cands = [ev_lib.filter_candidates(probs, movie, labels, true_inst, true_cls, spec)]
+  chosen = ev_lib.choose_filter(cands)
+  assert chosen["min_probability"][2] == pytest.approx(0.58)
+  assert chosen["min_volume_um2_ms"][2] == 0.0
+  assert (chosen["tp"]["puff"], chosen["fp"]["puff"], chosen["fn"]["puff"]) == (2, 0, 1)
+  assert chosen["unfiltered_f1"]["puff"] == pytest.approx(4 / 7)
+  assert chosen["f1"]["puff"] == pytest.approx(0.8)
+  for mp in (0.0, 0.56, 0.58, 0.62, 0.95):      # the fast counts equal the full scoring
+    scorer = ev_lib.Scorer(dataclasses.replace(spec, min_probability=(0.0, 0.0, mp)))
+    scorer.add(probs, movie, labels, true_inst, true_cls)
+    m = scorer.metrics()["puff"]
+    assert (m["tp"], m["fp"], m["fn"]) == ev_lib.filter_counts(cands, sim.PUFF, mp, 0.0)
+
+
 # ----------------------------------------------------------------------------- training + CLI
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -360,6 +391,11 @@ def test_two_training_steps_through_the_shared_trainer(tiny_run):
   assert any("eval/spark/f1" in r for r in rows)
   config, task, state = trainer.load_run(workdir)
   assert int(state["step"]) == 2 and config.task == "sparks"
+  # The confidence filter chosen on the validation movies is saved and used by predict.
+  chosen = ev_lib.load_filter(workdir)
+  assert chosen["step"] == 2 and len(chosen["min_probability"]) == 3
+  assert "chosen on 4 validation movies" in ev_lib.use_run_filter(config, workdir)
+  assert tuple(config.events.min_probability) == tuple(chosen["min_probability"])
 
 
 def test_predict_round_trip_and_bad_input(tiny_run, tmp_path, capsys):
