@@ -266,15 +266,30 @@ def test_iomin_matching_on_hand_made_instances():
   ignore[6, 0, :4] = True
   pred[6, 0, :4] = 4             # ... nor the prediction there
   pred[8, 5, 5] = 5              # spurious spark
+  pred_cls = np.append(pred_cls, [sim.SPARK, sim.SPARK])
+  ignore[9, 0, :] = True         # unannotated frame:
+  pred[9, 0, :6] = 6             # a spark 6/8 in it: 'ignored', not a false positive
+  pred[8, 0, 6:8] = 6
+  pred[9, 0, 8:10] = 7           # one 2/6 in it: a false positive
+  pred[8, 0, :4] = 7
   m = ev_lib.match_events(true, true_cls, pred, pred_cls, ignore, 0.5)
-  assert m["counts"][sim.SPARK] == (1, 1, 0)    # tp, fp (pred 5), fn
+  assert m["counts"][sim.SPARK] == (1, 2, 0)    # tp, fp (preds 5, 7), fn
   assert m["counts"][sim.WAVE] == (0, 0, 1)
   assert m["counts"][sim.PUFF] == (0, 2, 1)
-  assert 4 not in m["true_ids"] and 4 not in m["pred_ids"]
+  assert 4 not in m["true_ids"] and 4 not in m["pred_ids"] and 6 not in m["pred_ids"]
   conf = m["confusion"]
   assert conf[sim.SPARK, sim.SPARK] == 1 and conf[sim.WAVE, sim.PUFF] == 1
-  assert conf[sim.PUFF, 0] == 1 and conf[0, sim.PUFF] == 1 and conf[0, sim.SPARK] == 1
-  assert conf.sum() == 5
+  assert conf[sim.PUFF, 0] == 1 and conf[0, sim.PUFF] == 1 and conf[0, sim.SPARK] == 2
+  assert conf.sum() == 6
+  # A prediction mostly in ignore still counts when it matches a true event.
+  true3 = np.zeros(shape, np.int32)
+  true3[0, 0, :3] = 1
+  pred3 = np.zeros(shape, np.int32)
+  pred3[0, 0, :10] = 1
+  ign3 = np.zeros(shape, bool)
+  ign3[0, 0, 3:] = True
+  m3 = ev_lib.match_events(true3, np.array([0, 1]), pred3, np.array([0, 1]), ign3)
+  assert m3["counts"][sim.SPARK] == (1, 0, 0)
   # IoMin (not IoU): a small prediction inside a big true event matches.
   true2 = np.zeros(shape, np.int32)
   true2[:, :6, :6] = 1

@@ -30,7 +30,11 @@ never background); it gives peak positions and amplitudes.
 
 Matching (:func:`match_events`): voxels labelled ignore are removed from both sides;
 an instance left with no voxel is not scored; IoMin(p, g) = |p & g| / min(|p|, |g|)
-(Dotti et al.), pairs with IoMin >= ``iomin_threshold`` are matched one-to-one,
+(Dotti et al.); a prediction that reaches IoMin >= ``iomin_threshold`` with no true
+event and has at least that fraction of its voxels in ignore is not scored either
+(their "ignored" predictions: e.g. an event in the unannotated frames at the movie's
+ends is neither a hit nor a false positive); pairs with IoMin >= ``iomin_threshold``
+are matched one-to-one,
 greedily in decreasing IoMin. Per class c, pairs of two class-c events are matched:
 TP = matches, FP = unmatched predicted c, FN = unmatched true c; precision = TP / (TP
 + FP), recall = TP / (TP + FN), F1 = 2 TP / (2 TP + FP + FN). The confusion matrix
@@ -324,20 +328,31 @@ def _greedy(pairs, scores, threshold):
   return out
 
 
-def overlaps(true_inst, true_cls, pred_inst, pred_cls, ignore):
+def overlaps(true_inst, true_cls, pred_inst, pred_cls, ignore, threshold: float = 0.5):
   """(scored true ids, scored predicted ids, overlapping (true, pred) id pairs [P, 2],
-  their IoMin [P]) of one movie, ignore voxels removed (see the module doc)."""
-  valid = ~np.asarray(ignore, bool)
+  their IoMin [P]) of one movie, ignore voxels removed (see the module doc). A
+  prediction is not scored when it has no voxel outside ignore, or when it reaches
+  IoMin >= ``threshold`` with no true event (of any class) and at least ``threshold``
+  of its voxels are ignored (Dotti et al.'s "ignored" predictions: e.g. an event in
+  the unannotated frames at the movie's ends)."""
+  ignore = np.asarray(ignore, bool)
+  valid = ~ignore
+  pred_inst = np.asarray(pred_inst)
   t = np.asarray(true_inst)[valid].astype(np.int64)
-  p = np.asarray(pred_inst)[valid].astype(np.int64)
+  p = pred_inst[valid].astype(np.int64)
   size_t = np.bincount(t, minlength=len(true_cls))
   size_p = np.bincount(p, minlength=len(pred_cls))
+  size_all = np.bincount(pred_inst.ravel().astype(np.int64), minlength=len(pred_cls))
   true_ids = [i for i in range(1, len(true_cls)) if size_t[i] > 0]
-  pred_ids = [i for i in range(1, len(pred_cls)) if size_p[i] > 0]
   both = (t > 0) & (p > 0)
   codes, inter = np.unique(t[both] * len(pred_cls) + p[both], return_counts=True)
   pairs = np.stack([codes // len(pred_cls), codes % len(pred_cls)], 1).reshape(-1, 2)
   iomin = inter / np.maximum(np.minimum(size_t[pairs[:, 0]], size_p[pairs[:, 1]]), 1)
+  matchable = np.zeros(len(pred_cls), bool)
+  matchable[pairs[iomin >= threshold, 1]] = True
+  ignored = (size_all - size_p) >= threshold * np.maximum(size_all, 1)
+  pred_ids = [i for i in range(1, len(pred_cls))
+              if size_p[i] > 0 and (matchable[i] or not ignored[i])]
   return true_ids, pred_ids, pairs, iomin
 
 
@@ -349,7 +364,7 @@ def match_events(true_inst, true_cls, pred_inst, pred_cls, ignore, threshold: fl
   'true_ids' / 'pred_ids' (scored ids).
   """
   true_ids, pred_ids, pairs, iomin = overlaps(true_inst, true_cls, pred_inst, pred_cls,
-                                              ignore)
+                                              ignore, threshold)
   same = np.asarray(true_cls)[pairs[:, 0]] == np.asarray(pred_cls)[pairs[:, 1]]
   aware = _greedy(pairs[same], iomin[same], threshold)
   true_matched = {i: False for i in true_ids}
@@ -484,7 +499,8 @@ def filter_candidates(probs, movie, labels, true_inst, true_cls, spec: EventSpec
   dff = estimate_dff(movie, classes, loose) if movie is not None else None
   inst, cls_of = instances_from_classes(classes, loose, dff, probs)
   ignore = filter_true_instances(labels, true_inst, true_cls, spec)
-  true_ids, pred_ids, pairs, iomin = overlaps(true_inst, true_cls, inst, cls_of, ignore)
+  true_ids, pred_ids, pairs, iomin = overlaps(true_inst, true_cls, inst, cls_of, ignore,
+                                              spec.iomin_threshold)
   n = len(cls_of)
   pmean = np.zeros(n)
   for c in EVENT_CLASSES:
