@@ -22,7 +22,9 @@ Extraction (:func:`extract_events`), following Dotti et al. 2024 (Cell Calcium
    area x frame interval) is below ``min_volume_um2_ms``, are dropped (per class).
    These apply to predictions only: unlike the minimum sizes of step 4 they say how
    sure the network is, not whether an event could be found at all, so true events
-   are never removed by them.
+   are never removed by them. They depend on the trained network, so training chooses
+   them per class on its validation movies (:func:`choose_filter`, ``config.events.tune``)
+   and saves them in the run (FILTER_FILE), where evaluate and predict read them.
 dF/F0 is estimated as ``S / F0 - 1`` with ``S`` the movie smoothed by a Gaussian
 (``smooth_sigma_frames``, ``smooth_sigma_px``) and ``F0`` the per-pixel mean of ``S``
 over the frames classified background (the median over all frames where a pixel is
