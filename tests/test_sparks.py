@@ -413,6 +413,20 @@ def test_two_training_steps_through_the_shared_trainer(tiny_run):
   assert tuple(config.events.min_probability) == tuple(chosen["min_probability"])
 
 
+def test_mirror_tta_averages_the_four_flips(tiny_run):
+  workdir, _ = tiny_run
+  mesh = trainer.make_mesh()
+  config, task, state = trainer.load_run(workdir, mesh)
+  x = np.asarray(jax.random.normal(jax.random.key(3), (4, 16, 16, 24, 2)))
+  one = task.predict_fn(mesh, tta=False)
+  four = np.asarray(task.predict_fn(mesh, tta=True)(state, x))
+  expected = np.mean([np.flip(np.asarray(one(state, np.flip(x, a).copy())), a)
+                      for a in ((), (2,), (3,), (2, 3))], axis=0)
+  np.testing.assert_allclose(four, expected, atol=1e-5)
+  assert np.abs(four - np.asarray(one(state, x))).max() > 1e-4   # the flips differ
+  np.testing.assert_allclose(four.sum(-1), 1.0, atol=1e-5)
+
+
 def test_predict_round_trip_and_bad_input(tiny_run, tmp_path, capsys):
   from smlm_jax.sparks import predict
   workdir, _ = tiny_run
