@@ -7,8 +7,9 @@
    trainer and times it (wall clock, compilation and validation included; a finished
    run in the workdir is reused unless --retrain).
 2. Simulates ``--num_movies`` test movies from ``--seed`` (training uses the keys
-   fold_in(key(config.seed), step), validation key(config.eval_seed): the test seed is
-   never seen) and segments them; events are matched by IoMin >= 0.5.
+   fold_in(key(config.seed), step), validation key(config.eval_seed), where the
+   confidence filter is chosen: the test seed is never seen) and segments them with
+   the run's event extraction; events are matched by IoMin >= 0.5.
 3. Prints per-class precision / recall / F1, the confusion matrix of matched classes,
    F1 against the true peak dF/F0 (where detection fails), and ends with
    RESULT f1_sparks=.. f1_waves=.. f1_puffs=.. seconds=..
@@ -66,16 +67,10 @@ def main(argv):
   print(f"training wall-clock: {seconds:.0f} s; process CPU time: {cpu:.0f} s "
         f"(= {cpu / 2:.0f} s on 2 fully used cores)")
   t0 = time.time()
-  # Event extraction (post-processing) with --config's settings, so that they can be
-  # revised (on the validation seed) without retraining.
-  ev = config.events
-  print(f"event extraction: min_duration_ms={tuple(ev.min_duration_ms)} "
-        f"min_area_um2={tuple(ev.min_area_um2)} "
-        f"min_probability={tuple(ev.get('min_probability', (0.0,) * 3))} "
-        f"min_volume_um2_ms={tuple(ev.get('min_volume_um2_ms', (0.0,) * 3))} "
-        f"(spark, wave, puff); IoMin >= {ev.iomin_threshold}")
+  # The run's own event extraction, with the confidence filter that training chose on
+  # its validation movies (WORKDIR/events_filter.json; evaluate_simulated prints it).
   m = evaluate_lib.evaluate_simulated(workdir, _NUM.value, _SEED.value,
-                                      os.path.join(workdir, "study"), events_config=ev)
+                                      os.path.join(workdir, "study"))
   print(f"test evaluation: {time.time() - t0:.0f} s")
   print(f"RESULT f1_sparks={m['spark']['f1']:.3f} f1_waves={m['wave']['f1']:.3f} "
         f"f1_puffs={m['puff']['f1']:.3f} seconds={seconds:.0f}")

@@ -116,6 +116,27 @@ def test_bad_csvs(tmp_path):
     annotate.read_points(str(bad))
 
 
+def test_yaml_records_fail_in_one_line(tmp_path):
+  path = tmp_path / "event_db.yaml"
+  for text, message, code in (("a: [1, 2\n", "not valid YAML", "bad_metadata"),
+                              ("- 1\n- 2\n", "expected a YAML mapping", "bad_metadata")):
+    path.write_text(text)
+    for read in (crops.read_user_metadata, db_lib.read_yaml_mapping):
+      with pytest.raises(MovieError, match=message) as e:
+        read(str(path))
+      assert e.value.code == code and "\n" not in str(e.value)
+  path.write_text("")
+  assert crops.read_user_metadata(str(path)) == {}          # an empty record is empty
+  with pytest.raises(MovieError, match="expected a YAML mapping"):
+    db_lib.read_folder(str(tmp_path))                       # ... but not a crop's record
+  with pytest.raises(MovieError, match="cannot read") as e:
+    crops.read_user_metadata(str(tmp_path / "missing.yaml"))
+  assert e.value.code == "not_found"
+  path.write_text("type: event\n")
+  with pytest.raises(MovieError, match="images.tif is missing"):
+    db_lib.read_folder(str(tmp_path))
+
+
 def test_annotate_and_crops_cli(tmp_path):
   movie = _synthetic_movie(str(tmp_path))
   r = _cli("smlm_jax.events.annotate", f"--csv={tmp_path}/labels.csv", f"--movie={movie}")

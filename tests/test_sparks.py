@@ -266,15 +266,30 @@ def test_iomin_matching_on_hand_made_instances():
   ignore[6, 0, :4] = True
   pred[6, 0, :4] = 4             # ... nor the prediction there
   pred[8, 5, 5] = 5              # spurious spark
+  pred_cls = np.append(pred_cls, [sim.SPARK, sim.SPARK])
+  ignore[9, 0, :] = True         # unannotated frame:
+  pred[9, 0, :6] = 6             # a spark 6/8 in it: 'ignored', not a false positive
+  pred[8, 0, 6:8] = 6
+  pred[9, 0, 8:10] = 7           # one 2/6 in it: a false positive
+  pred[8, 0, :4] = 7
   m = ev_lib.match_events(true, true_cls, pred, pred_cls, ignore, 0.5)
-  assert m["counts"][sim.SPARK] == (1, 1, 0)    # tp, fp (pred 5), fn
+  assert m["counts"][sim.SPARK] == (1, 2, 0)    # tp, fp (preds 5, 7), fn
   assert m["counts"][sim.WAVE] == (0, 0, 1)
   assert m["counts"][sim.PUFF] == (0, 2, 1)
-  assert 4 not in m["true_ids"] and 4 not in m["pred_ids"]
+  assert 4 not in m["true_ids"] and 4 not in m["pred_ids"] and 6 not in m["pred_ids"]
   conf = m["confusion"]
   assert conf[sim.SPARK, sim.SPARK] == 1 and conf[sim.WAVE, sim.PUFF] == 1
-  assert conf[sim.PUFF, 0] == 1 and conf[0, sim.PUFF] == 1 and conf[0, sim.SPARK] == 1
-  assert conf.sum() == 5
+  assert conf[sim.PUFF, 0] == 1 and conf[0, sim.PUFF] == 1 and conf[0, sim.SPARK] == 2
+  assert conf.sum() == 6
+  # A prediction mostly in ignore still counts when it matches a true event.
+  true3 = np.zeros(shape, np.int32)
+  true3[0, 0, :3] = 1
+  pred3 = np.zeros(shape, np.int32)
+  pred3[0, 0, :10] = 1
+  ign3 = np.zeros(shape, bool)
+  ign3[0, 0, 3:] = True
+  m3 = ev_lib.match_events(true3, np.array([0, 1]), pred3, np.array([0, 1]), ign3)
+  assert m3["counts"][sim.SPARK] == (1, 0, 0)
   # IoMin (not IoU): a small prediction inside a big true event matches.
   true2 = np.zeros(shape, np.int32)
   true2[:, :6, :6] = 1
@@ -342,6 +357,37 @@ def test_confidence_filter_drops_unsure_predictions_but_never_true_events():
   assert (m["tp"], m["fp"], m["fn"]) == (1, 0, 2)
 
 
+def test_filter_chosen_on_validation_maximizes_f1_and_matches_the_scorer():
+  T, H, W = 20, 16, 48
+  probs = np.zeros((T, H, W, 4), np.float32)
+  probs[..., 0] = 1.0
+  labels = np.zeros((T, H, W), np.uint8)
+  # Puffs of 14 frames x 4 x 4 px: three true ones (found with p = 0.9 and 0.61, one
+  # missed) and two false ones (p = 0.55, 0.57). Best filter: >= 0.58 (TP 2, FP 0, FN 1).
+  for x0, p, true in ((2, 0.9, True), (10, 0.61, True), (18, 0.55, False),
+                      (26, 0.57, False), (34, None, True)):
+    sl = (slice(2, 16), slice(2, 6), slice(x0, x0 + 4))
+    if p is not None:
+      probs[sl] = (1 - p, 0.0, 0.0, p)
+    if true:
+      labels[sl] = sim.PUFF
+  true_inst, true_cls = ev_lib.instances_from_labels(labels)
+  spec = ev_lib.EventSpec()
+  movie = np.ones((T, H, W), np.float32)
+  cands = [ev_lib.filter_candidates(probs, movie, labels, true_inst, true_cls, spec)]
+  chosen = ev_lib.choose_filter(cands)
+  assert chosen["min_probability"][2] == pytest.approx(0.58)
+  assert chosen["min_volume_um2_ms"][2] == 0.0
+  assert (chosen["tp"]["puff"], chosen["fp"]["puff"], chosen["fn"]["puff"]) == (2, 0, 1)
+  assert chosen["unfiltered_f1"]["puff"] == pytest.approx(4 / 7)
+  assert chosen["f1"]["puff"] == pytest.approx(0.8)
+  for mp in (0.0, 0.56, 0.58, 0.62, 0.95):      # the fast counts equal the full scoring
+    scorer = ev_lib.Scorer(dataclasses.replace(spec, min_probability=(0.0, 0.0, mp)))
+    scorer.add(probs, movie, labels, true_inst, true_cls)
+    m = scorer.metrics()["puff"]
+    assert (m["tp"], m["fp"], m["fn"]) == ev_lib.filter_counts(cands, sim.PUFF, mp, 0.0)
+
+
 # ----------------------------------------------------------------------------- training + CLI
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -360,6 +406,25 @@ def test_two_training_steps_through_the_shared_trainer(tiny_run):
   assert any("eval/spark/f1" in r for r in rows)
   config, task, state = trainer.load_run(workdir)
   assert int(state["step"]) == 2 and config.task == "sparks"
+  # The confidence filter chosen on the validation movies is saved and used by predict.
+  chosen = ev_lib.load_filter(workdir)
+  assert chosen["step"] == 2 and len(chosen["min_probability"]) == 3
+  assert "chosen on 4 validation movies" in ev_lib.use_run_filter(config, workdir)
+  assert tuple(config.events.min_probability) == tuple(chosen["min_probability"])
+
+
+def test_mirror_tta_averages_the_four_flips(tiny_run):
+  workdir, _ = tiny_run
+  mesh = trainer.make_mesh()
+  config, task, state = trainer.load_run(workdir, mesh)
+  x = np.asarray(jax.random.normal(jax.random.key(3), (4, 16, 16, 24, 2)))
+  one = task.predict_fn(mesh, tta=False)
+  four = np.asarray(task.predict_fn(mesh, tta=True)(state, x))
+  expected = np.mean([np.flip(np.asarray(one(state, np.flip(x, a).copy())), a)
+                      for a in ((), (2,), (3,), (2, 3))], axis=0)
+  np.testing.assert_allclose(four, expected, atol=1e-5)
+  assert np.abs(four - np.asarray(one(state, x))).max() > 1e-4   # the flips differ
+  np.testing.assert_allclose(four.sum(-1), 1.0, atol=1e-5)
 
 
 def test_predict_round_trip_and_bad_input(tiny_run, tmp_path, capsys):

@@ -175,18 +175,8 @@ def read_user_metadata(path: str | None) -> dict:
   """The user's YAML record (a mapping), {} when path is None."""
   if not path:
     return {}
-  import yaml
-  try:
-    with open(path) as f:
-      data = yaml.safe_load(f) or {}
-  except OSError as e:
-    raise MovieError(f"{path}: cannot read ({e.strerror})", "not_found") from None
-  except yaml.YAMLError as e:
-    raise MovieError(f"{path}: not valid YAML ({str(e).splitlines()[0]})",
-                     "bad_metadata") from None
-  if not isinstance(data, dict):
-    raise MovieError(f"{path}: expected a YAML mapping of keys to values", "bad_metadata")
-  return data
+  from smlm_jax.events.db import read_yaml_mapping
+  return read_yaml_mapping(path)
 
 
 def _plain(value):

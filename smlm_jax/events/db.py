@@ -132,21 +132,31 @@ def _physical(meta: dict):
   return px, dt
 
 
-def read_folder(folder: str) -> dict:
-  """The database record of one crop folder; MovieError (one line) if unusable."""
+def read_yaml_mapping(path: str, where: str | None = None, allow_empty: bool = True) -> dict:
+  """A YAML file holding a mapping of keys to values; MovieError in one line when it
+  cannot be read (``where`` names it in that message, default the path), is not YAML,
+  or holds something else (an empty file is {} when ``allow_empty``)."""
   import yaml
-  folder = os.path.abspath(folder)
-  path = os.path.join(folder, RECORD_FILE)
   try:
     with open(path) as f:
-      meta = yaml.safe_load(f)
+      data = yaml.safe_load(f)
   except OSError as e:
-    raise MovieError(f"{folder}: cannot read {RECORD_FILE} ({e.strerror})", "not_found") from None
+    raise MovieError(f"{where or path}: cannot read ({e.strerror})", "not_found") from None
   except yaml.YAMLError as e:
     raise MovieError(f"{path}: not valid YAML ({str(e).splitlines()[0]})",
                      "bad_metadata") from None
-  if not isinstance(meta, dict):
-    raise MovieError(f"{path}: expected a YAML mapping", "bad_metadata")
+  if data is None and allow_empty:
+    return {}
+  if not isinstance(data, dict):
+    raise MovieError(f"{path}: expected a YAML mapping of keys to values", "bad_metadata")
+  return data
+
+
+def read_folder(folder: str) -> dict:
+  """The database record of one crop folder; MovieError (one line) if unusable."""
+  folder = os.path.abspath(folder)
+  path = os.path.join(folder, RECORD_FILE)
+  meta = read_yaml_mapping(path, where=f"{folder}: {RECORD_FILE}", allow_empty=False)
   images = os.path.join(folder, "images.tif")
   truth = os.path.join(folder, "ground_truth.tif")
   for p in (images, truth):

@@ -12,6 +12,11 @@ per class unless --instances gives an instance-id TIFF):
       --labels=cell1_labels.tif [--instances=cell1_ids.tif] [--movie=... --labels=...] \
       [--pixel_size_nm=200 --frame_interval_s=0.0068 --camera_offset_adu=100]
 
+Re-choose the run's confidence filter (training does it on its validation movies) on
+more or other simulated validation movies:
+
+  python -m smlm_jax.sparks.evaluate --workdir=runs/sparks --tune [--num_movies=144] [--seed=4243]
+
 Writes to --output (default WORKDIR/eval): metrics.json (per class precision, recall,
 F1, TP/FP/FN; voxel IoU; the confusion matrix of matched classes; F1 vs dF/F0) and
 f1_vs_amplitude.png, and prints the tables. Simulated movies use the run's own
@@ -31,6 +36,7 @@ import numpy as np
 
 from smlm_jax.core import cli
 from smlm_jax.core import tiff_io
+from smlm_jax.sparks import predict as predict_lib
 
 TEST_SEED = 777
 
@@ -39,13 +45,17 @@ def evaluate_simulated(workdir: str, num_movies: int, seed: int, output: str | N
                        log=print, events_config=None) -> dict:
   """Scores the run on ``num_movies`` movies simulated from ``seed`` with its own priors;
   ``events_config`` (a ``config.events`` ConfigDict) replaces the run's event-extraction
-  settings (post-processing only: the network is unchanged)."""
+  settings (post-processing only: the network is unchanged); without it the run's own
+  settings are used, with the confidence filter it chose on its validation movies."""
   from smlm_jax.core import trainer
+  from smlm_jax.sparks import events as events_lib
   mesh = trainer.make_mesh()
   config, task, state = trainer.load_run(workdir, mesh)
   if events_config is not None:
     config.events = events_config
     task.config.events = events_config
+  else:
+    log(events_lib.use_run_filter(task.config, workdir))
   if seed in (int(config.eval_seed),):
     log(f"warning: --seed={seed} is the validation seed of this run", file=sys.stderr)
   data = task.simulate_set(num_movies, seed, mesh)
@@ -57,13 +67,43 @@ def evaluate_simulated(workdir: str, num_movies: int, seed: int, output: str | N
   return metrics
 
 
+def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print) -> dict:
+  """Chooses the run's confidence filter on ``num_movies`` simulated validation movies
+  (``seed``, default the run's ``eval_seed``; never the test seed) and writes it to
+  WORKDIR/events_filter.json (what training writes after its last validation)."""
+  from smlm_jax.core import trainer
+  from smlm_jax.sparks import events as events_lib
+  mesh = trainer.make_mesh()
+  config, task, state = trainer.load_run(workdir, mesh)
+  seed = int(config.eval_seed) if seed is None else int(seed)
+  if seed == TEST_SEED:
+    raise predict_lib.UsageError(
+        f"--seed={seed} is the test seed: choose the filter on validation movies (e.g. "
+        f"the run's eval_seed {int(config.eval_seed)})")
+  data = task.simulate_set(num_movies, seed, mesh)
+  probs = task.predict(state, data["x"], mesh)
+  chosen = events_lib.tune_simulated(probs, data, events_lib.spec_from_config(config))
+  record = dict(chosen, step=int(state["step"]), seed=seed, num_movies=num_movies)
+  cli.atomic_write_text(os.path.join(workdir, events_lib.FILTER_FILE),
+                        json.dumps(record, indent=1, default=float))
+  log(f"confidence filter chosen on {num_movies} movies of seed {seed} (step "
+      f"{record['step']}): mean probability >= {chosen['min_probability']}, volume >= "
+      f"{chosen['min_volume_um2_ms']} um^2 ms (spark, wave, puff)")
+  for name in events_lib.NAMES.values():
+    log(f"  {name:<6} F1 {chosen['unfiltered_f1'][name]:.3f} unfiltered -> "
+        f"{chosen['f1'][name]:.3f} (P {chosen['precision'][name]:.3f}, R "
+        f"{chosen['recall'][name]:.3f})")
+  log(f"wrote {os.path.join(workdir, events_lib.FILTER_FILE)}")
+  return record
+
+
 def evaluate_annotated(workdir, movies, labels, instances=(), pixel_size_nm=None,
                        frame_interval_s=None, camera_offset_adu=None, output=None,
                        log=print) -> dict:
   from smlm_jax.sparks import events as events_lib
-  from smlm_jax.sparks import predict as predict_lib
   seg = predict_lib.Segmenter(workdir, camera_offset_adu=camera_offset_adu)
   cfg = seg.config
+  log(seg.filter_note)
   scorer = None
   for i, (mpath, lpath) in enumerate(zip(movies, labels)):
     image = predict_lib.read_movie(mpath)
@@ -157,6 +197,9 @@ def _define_flags():
   flags.DEFINE_float("frame_interval_s", None, "Frame interval (s); overrides metadata.")
   flags.DEFINE_float("camera_offset_adu", None, "Detector offset (ADU).")
   flags.DEFINE_string("output", None, "Output folder (default WORKDIR/eval[_annotated]).")
+  flags.DEFINE_bool("tune", False, "Instead of scoring: choose the run's confidence filter "
+                    "on --num_movies simulated validation movies (--seed, default the "
+                    "run's eval_seed) and write WORKDIR/events_filter.json.")
 
 
 def main(argv):
@@ -173,14 +216,16 @@ def main(argv):
   if f.num_movies < 1:
     cli.fail("--num_movies must be >= 1")
   try:
-    if f.movie:
+    if f.tune:
+      tune_run(f.workdir, f.num_movies, None if f["seed"].using_default_value else f.seed)
+    elif f.movie:
       evaluate_annotated(f.workdir, f.movie, f.labels, f.instances, f.pixel_size_nm,
                          f.frame_interval_s, f.camera_offset_adu, f.output)
     else:
       evaluate_simulated(f.workdir, f.num_movies, f.seed, f.output)
   except FileNotFoundError as e:
     cli.fail(str(e))
-  except tiff_io.MovieError as e:
+  except (tiff_io.MovieError, predict_lib.UsageError) as e:
     cli.fail(str(e))
 
 

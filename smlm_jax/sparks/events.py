@@ -22,7 +22,9 @@ Extraction (:func:`extract_events`), following Dotti et al. 2024 (Cell Calcium
    area x frame interval) is below ``min_volume_um2_ms``, are dropped (per class).
    These apply to predictions only: unlike the minimum sizes of step 4 they say how
    sure the network is, not whether an event could be found at all, so true events
-   are never removed by them.
+   are never removed by them. They depend on the trained network, so training chooses
+   them per class on its validation movies (:func:`choose_filter`, ``config.events.tune``)
+   and saves them in the run (FILTER_FILE), where evaluate and predict read them.
 dF/F0 is estimated as ``S / F0 - 1`` with ``S`` the movie smoothed by a Gaussian
 (``smooth_sigma_frames``, ``smooth_sigma_px``) and ``F0`` the per-pixel mean of ``S``
 over the frames classified background (the median over all frames where a pixel is
@@ -30,7 +32,11 @@ never background); it gives peak positions and amplitudes.
 
 Matching (:func:`match_events`): voxels labelled ignore are removed from both sides;
 an instance left with no voxel is not scored; IoMin(p, g) = |p & g| / min(|p|, |g|)
-(Dotti et al.), pairs with IoMin >= ``iomin_threshold`` are matched one-to-one,
+(Dotti et al.); a prediction that reaches IoMin >= ``iomin_threshold`` with no true
+event and has at least that fraction of its voxels in ignore is not scored either
+(their "ignored" predictions: e.g. an event in the unannotated frames at the movie's
+ends is neither a hit nor a false positive); pairs with IoMin >= ``iomin_threshold``
+are matched one-to-one,
 greedily in decreasing IoMin. Per class c, pairs of two class-c events are matched:
 TP = matches, FP = unmatched predicted c, FN = unmatched true c; precision = TP / (TP
 + FP), recall = TP / (TP + FN), F1 = 2 TP / (2 TP + FP + FN). The confusion matrix
@@ -324,6 +330,34 @@ def _greedy(pairs, scores, threshold):
   return out
 
 
+def overlaps(true_inst, true_cls, pred_inst, pred_cls, ignore, threshold: float = 0.5):
+  """(scored true ids, scored predicted ids, overlapping (true, pred) id pairs [P, 2],
+  their IoMin [P]) of one movie, ignore voxels removed (see the module doc). A
+  prediction is not scored when it has no voxel outside ignore, or when it reaches
+  IoMin >= ``threshold`` with no true event (of any class) and at least ``threshold``
+  of its voxels are ignored (Dotti et al.'s "ignored" predictions: e.g. an event in
+  the unannotated frames at the movie's ends)."""
+  ignore = np.asarray(ignore, bool)
+  valid = ~ignore
+  pred_inst = np.asarray(pred_inst)
+  t = np.asarray(true_inst)[valid].astype(np.int64)
+  p = pred_inst[valid].astype(np.int64)
+  size_t = np.bincount(t, minlength=len(true_cls))
+  size_p = np.bincount(p, minlength=len(pred_cls))
+  size_all = np.bincount(pred_inst.ravel().astype(np.int64), minlength=len(pred_cls))
+  true_ids = [i for i in range(1, len(true_cls)) if size_t[i] > 0]
+  both = (t > 0) & (p > 0)
+  codes, inter = np.unique(t[both] * len(pred_cls) + p[both], return_counts=True)
+  pairs = np.stack([codes // len(pred_cls), codes % len(pred_cls)], 1).reshape(-1, 2)
+  iomin = inter / np.maximum(np.minimum(size_t[pairs[:, 0]], size_p[pairs[:, 1]]), 1)
+  matchable = np.zeros(len(pred_cls), bool)
+  matchable[pairs[iomin >= threshold, 1]] = True
+  ignored = (size_all - size_p) >= threshold * np.maximum(size_all, 1)
+  pred_ids = [i for i in range(1, len(pred_cls))
+              if size_p[i] > 0 and (matchable[i] or not ignored[i])]
+  return true_ids, pred_ids, pairs, iomin
+
+
 def match_events(true_inst, true_cls, pred_inst, pred_cls, ignore, threshold: float = 0.5):
   """IoMin matching of one movie (see the module doc).
 
@@ -331,17 +365,8 @@ def match_events(true_inst, true_cls, pred_inst, pred_cls, ignore, threshold: fl
   'true_matched' {id: bool}, 'pred_matched' {id: bool} (class-aware matching),
   'true_ids' / 'pred_ids' (scored ids).
   """
-  valid = ~np.asarray(ignore, bool)
-  t = np.asarray(true_inst)[valid].astype(np.int64)
-  p = np.asarray(pred_inst)[valid].astype(np.int64)
-  size_t = np.bincount(t, minlength=len(true_cls))
-  size_p = np.bincount(p, minlength=len(pred_cls))
-  true_ids = [i for i in range(1, len(true_cls)) if size_t[i] > 0]
-  pred_ids = [i for i in range(1, len(pred_cls)) if size_p[i] > 0]
-  both = (t > 0) & (p > 0)
-  codes, inter = np.unique(t[both] * len(pred_cls) + p[both], return_counts=True)
-  pairs = np.stack([codes // len(pred_cls), codes % len(pred_cls)], 1).reshape(-1, 2)
-  iomin = inter / np.maximum(np.minimum(size_t[pairs[:, 0]], size_p[pairs[:, 1]]), 1)
+  true_ids, pred_ids, pairs, iomin = overlaps(true_inst, true_cls, pred_inst, pred_cls,
+                                              ignore, threshold)
   same = np.asarray(true_cls)[pairs[:, 0]] == np.asarray(pred_cls)[pairs[:, 1]]
   aware = _greedy(pairs[same], iomin[same], threshold)
   true_matched = {i: False for i in true_ids}
@@ -454,6 +479,134 @@ def score_simulated(probs, data, spec: EventSpec) -> dict:
     scorer.add(probs[i], data["x"][i, ..., 0], data["labels"][i], data["instances"][i],
                kind, amp)
   return scorer.metrics()
+
+
+# --------------------------------------------------------------------------- tuning
+# The confidence filter (step 5 of the module doc) is chosen per class on simulated
+# validation movies (:func:`choose_filter`): every mean-probability threshold of
+# PROBABILITY_GRID (0 = off) with every volume floor of VOLUME_GRID_UM2_MS.
+PROBABILITY_GRID = (0.0,) + tuple(round(0.30 + 0.02 * i, 2) for i in range(31))
+VOLUME_GRID_UM2_MS = (0.0, 100.0, 200.0, 400.0, 800.0)
+FILTER_FILE = "events_filter.json"
+
+
+def filter_candidates(probs, movie, labels, true_inst, true_cls, spec: EventSpec) -> dict:
+  """What choosing the confidence filter needs of one movie: the predicted events with
+  the filter off (class, mean own-class probability and volume in um^2 ms of each id;
+  which are scored, i.e. keep a voxel outside ignore), the number of scored true events
+  per class, and the same-class (true, pred) pairs with IoMin >= the threshold."""
+  loose = dataclasses.replace(spec, min_probability=(0.0,) * 3, min_volume_um2_ms=(0.0,) * 3)
+  probs = np.asarray(probs)
+  classes = np.argmax(probs, axis=-1).astype(np.uint8)
+  dff = estimate_dff(movie, classes, loose) if movie is not None else None
+  inst, cls_of = instances_from_classes(classes, loose, dff, probs)
+  ignore = filter_true_instances(labels, true_inst, true_cls, spec)
+  true_ids, pred_ids, pairs, iomin = overlaps(true_inst, true_cls, inst, cls_of, ignore,
+                                              spec.iomin_threshold)
+  n = len(cls_of)
+  pmean = np.zeros(n)
+  for c in EVENT_CLASSES:
+    ids = np.nonzero(cls_of == c)[0]
+    if len(ids):
+      pmean[ids] = ndimage.mean(probs[..., c], labels=inst, index=ids)
+  voxel_um2_ms = spec.pixel_size_um ** 2 * spec.frame_interval_ms
+  volume = np.bincount(inst.ravel(), minlength=n) * voxel_um2_ms
+  scored = np.zeros(n, bool)
+  scored[pred_ids] = True
+  true_cls = np.asarray(true_cls)
+  keep = ((true_cls[pairs[:, 0]] == cls_of[pairs[:, 1]]) & (iomin >= spec.iomin_threshold))
+  return {"cls": np.asarray(cls_of), "pmean": pmean, "volume": volume, "scored": scored,
+          "n_true": {c: sum(1 for i in true_ids if true_cls[i] == c) for c in EVENT_CLASSES},
+          "pairs": pairs[keep], "iomin": iomin[keep]}
+
+
+def filter_counts(cands, cls: int, min_probability: float, min_volume: float):
+  """(TP, FP, FN) of class ``cls`` over movies' :func:`filter_candidates` when its
+  predictions need mean probability >= min_probability and volume >= min_volume."""
+  tp = fp = fn = 0
+  for d in cands:
+    keep = ((d["cls"] == cls) & (d["pmean"] >= min_probability - 1e-9)
+            & (d["volume"] >= min_volume - 1e-9))
+    sel = keep[d["pairs"][:, 1]]
+    m = len(_greedy(d["pairs"][sel], d["iomin"][sel], -1.0))
+    n_p = int(np.sum(keep & d["scored"]))
+    tp, fp, fn = tp + m, fp + n_p - m, fn + d["n_true"][cls] - m
+  return tp, fp, fn
+
+
+def choose_filter(cands, classes=EVENT_CLASSES) -> dict:
+  """Per class, the (min_probability, min_volume_um2_ms) of the grids with the highest
+  event F1 over the movies' candidates (ties: the weakest filter). Returns
+  {'min_probability': (spark, wave, puff), 'min_volume_um2_ms': (...),
+  'f1' / 'precision' / 'recall' / 'tp' / 'fp' / 'fn': {name: ...}, 'unfiltered_f1'}."""
+  out = {"min_probability": [0.0] * 3, "min_volume_um2_ms": [0.0] * 3}
+  stats = {k: {} for k in ("f1", "precision", "recall", "tp", "fp", "fn", "unfiltered_f1")}
+  for c in classes:
+    best = None
+    for v in VOLUME_GRID_UM2_MS:
+      for p in PROBABILITY_GRID:
+        tp, fp, fn = filter_counts(cands, c, p, v)
+        f1 = prf(tp, fp, fn)[2]
+        f1 = -1.0 if math.isnan(f1) else f1
+        if best is None:
+          stats["unfiltered_f1"][NAMES[c]] = f1
+        if best is None or f1 > best[0] + 1e-12:
+          best = (f1, p, v, tp, fp, fn)
+    f1, p, v, tp, fp, fn = best
+    out["min_probability"][c - 1], out["min_volume_um2_ms"][c - 1] = p, v
+    pr, rc, _ = prf(tp, fp, fn)
+    for k, val in zip(("f1", "precision", "recall", "tp", "fp", "fn"), (f1, pr, rc, tp, fp, fn)):
+      stats[k][NAMES[c]] = val
+  out["min_probability"] = tuple(out["min_probability"])
+  out["min_volume_um2_ms"] = tuple(out["min_volume_um2_ms"])
+  out.update(stats)
+  return out
+
+
+def tune_simulated(probs, data, spec: EventSpec) -> dict:
+  """:func:`choose_filter` on a simulated set (``SparksTask.simulate_set``)."""
+  cands = []
+  for i in range(len(probs)):
+    kind = np.concatenate([[0], np.asarray(data["kind"][i])])
+    cands.append(filter_candidates(probs[i], data["x"][i, ..., 0], data["labels"][i],
+                                   data["instances"][i], kind, spec))
+  return choose_filter(cands)
+
+
+def with_filter(spec: EventSpec, chosen: dict) -> EventSpec:
+  return dataclasses.replace(
+      spec, min_probability=tuple(float(v) for v in chosen["min_probability"]),
+      min_volume_um2_ms=tuple(float(v) for v in chosen["min_volume_um2_ms"]))
+
+
+def load_filter(workdir: str):
+  """The confidence filter a run chose on its validation movies (FILTER_FILE written
+  after training), or None for runs trained without it."""
+  import json
+  import os
+  path = os.path.join(workdir, FILTER_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def use_run_filter(config, workdir: str) -> str:
+  """Sets ``config.events.min_probability`` / ``min_volume_um2_ms`` to the run's tuned
+  filter when it has one; returns a line saying which filter is used."""
+  chosen = load_filter(workdir)
+  ev = config.events
+  if chosen is not None:
+    ev.min_probability = tuple(float(v) for v in chosen["min_probability"])
+    ev.min_volume_um2_ms = tuple(float(v) for v in chosen["min_volume_um2_ms"])
+    source = (f"chosen on {chosen.get('num_movies', '?')} validation movies (seed "
+              f"{chosen.get('seed', '?')}, step {chosen.get('step', '?')}; {FILTER_FILE})")
+  else:
+    source = "from the run's config"
+  mp = tuple(ev.get("min_probability", (0.0,) * 3))
+  mv = tuple(ev.get("min_volume_um2_ms", (0.0,) * 3))
+  return (f"confidence filter (spark, wave, puff): mean probability >= {mp}, volume >= "
+          f"{mv} um^2 ms, {source}")
 
 
 def flat_metrics(metrics: dict) -> dict:

@@ -100,6 +100,8 @@ class Segmenter:
     from smlm_jax.sparks import inference
     self.mesh = trainer.make_mesh()
     self.config, self.task, self.state = trainer.load_run(workdir, self.mesh)
+    from smlm_jax.sparks import events as events_lib
+    self.filter_note = events_lib.use_run_filter(self.task.config, workdir)
     infer = self.config.infer
     self.chunk = int(chunk_frames or infer.chunk_frames)
     self.stride = int(stride_frames or infer.stride_frames)
@@ -195,6 +197,7 @@ def run(workdir, inputs, output, chunk_frames=None, stride_frames=None, batch_si
   train_dt_s = cfg.sim.frame_interval_ms / 1000.0
   log(f"model {cfg.model.name} (step {int(seg.state['step'])}) from {workdir}; chunks of "
       f"{seg.chunk} frames every {seg.stride}", file=sys.stderr)
+  log(seg.filter_note, file=sys.stderr)
   os.makedirs(output, exist_ok=True)
   files, _ = tiff_io.find_movies(inputs)
   stems = _unique_stems(files)

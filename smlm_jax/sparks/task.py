@@ -135,15 +135,29 @@ class SparksTask(Task):
     return total, terms, stats
 
   # ------------------------------------------------------------------- evaluation
-  def predict_fn(self, mesh):
-    """Jitted (state, x [B, T, H, W, 2]) -> class probabilities [B, T, H, W, 4]."""
+  def predict_fn(self, mesh, tta: bool | None = None):
+    """Jitted (state, x [B, T, H, W, 2]) -> class probabilities [B, T, H, W, 4].
+
+    ``tta`` (default ``config.infer.tta``; off for runs saved without it): average the
+    probabilities of the 4 mirror images in y and x (each un-mirrored), a symmetry of
+    the simulated cells (striations rotated by +-angle, edges at both sides) and of a
+    confocal frame. Flips in space only, so chunked inference in time stays exact; 4x
+    the network's cost."""
     data = NamedSharding(mesh, P("data"))
+    if tta is None:
+      tta = bool(self.config.get("infer", {}).get("tta", False))
+    flips = ((), (-3,), (-2,), (-3, -2)) if tta else ((),)   # H, W of [B, T, H, W, C]
 
     def predict(state, x):
       x = jax.lax.with_sharding_constraint(x, data)
-      logits, _ = trainer.model_apply(self.model, state["params"], state["batch_stats"],
-                                      x, train=False)
-      return jax.nn.softmax(logits, axis=-1)
+      total = 0.0
+      for axes in flips:
+        xi = jnp.flip(x, axes) if axes else x
+        logits, _ = trainer.model_apply(self.model, state["params"], state["batch_stats"],
+                                        xi, train=False)
+        p = jax.nn.softmax(logits, axis=-1)
+        total = total + (jnp.flip(p, axes) if axes else p)
+      return total / len(flips)
 
     return jax.jit(predict)
 
@@ -172,25 +186,59 @@ class SparksTask(Task):
     return trainer.batched(lambda chunk: fn(state, chunk), x, self.config.eval_batch_size,
                            mesh)
 
-  def score_set(self, probs, data) -> dict:
-    """Event metrics of probabilities [N, T, H, W, 4] on a simulated set."""
+  def score_set(self, probs, data, tune: bool = False) -> dict:
+    """Event metrics of probabilities [N, T, H, W, 4] on a simulated set. ``tune``:
+    first choose the confidence filter on this set (``events_lib.tune_simulated``) and
+    score with it; the choice is returned under 'filter'."""
     spec = events_lib.spec_from_config(self.config)
-    return events_lib.score_simulated(probs, data, spec)
+    chosen = None
+    if tune:
+      chosen = events_lib.tune_simulated(probs, data, spec)
+      spec = events_lib.with_filter(spec, chosen)
+    metrics = events_lib.score_simulated(probs, data, spec)
+    if chosen is not None:
+      metrics["filter"] = chosen
+    return metrics
 
   def make_evaluator(self, mesh):
+    """Validation on ``eval_num_movies`` movies of ``eval_seed``; with
+    ``config.events.tune`` it also chooses the confidence filter there, which
+    :meth:`export` saves for evaluate / predict (the test seed is never used)."""
     data = self.simulate_set(self.config.eval_num_movies, self.config.eval_seed, mesh)
     fn = self.predict_fn(mesh)
+    tune = bool(self.config.events.get("tune", False))
 
     def evaluate(state):
       probs = trainer.batched(lambda chunk: fn(state, chunk), data["x"],
                               self.config.eval_batch_size, mesh)
-      return self.score_set(probs, data)
+      metrics = self.score_set(probs, data, tune=tune)
+      if "filter" in metrics:
+        self._last_filter = dict(metrics["filter"], step=int(jax.device_get(state["step"])),
+                                 seed=int(self.config.eval_seed),
+                                 num_movies=int(self.config.eval_num_movies))
+      return metrics
 
     return evaluate
+
+  _last_filter = None
+
+  def export(self, state, workdir, step):
+    """Writes the confidence filter chosen at the latest validation (FILTER_FILE)."""
+    if self._last_filter is not None:
+      import json
+      import os
+      from smlm_jax.core import cli
+      cli.atomic_write_text(os.path.join(workdir, events_lib.FILTER_FILE),
+                            json.dumps(self._last_filter, indent=1, default=float))
 
   def flat_metrics(self, metrics):
     return events_lib.flat_metrics(metrics)
 
   def summary(self, metrics, step):
-    return events_lib.summary_table(
-        metrics, title=f"validation ({self.config.eval_num_movies} movies) after step {step}")
+    title = f"validation ({self.config.eval_num_movies} movies) after step {step}"
+    if "filter" in metrics:
+      f = metrics["filter"]
+      title += (f", confidence filter chosen on it: mean probability >= "
+                f"{f['min_probability']}, volume >= {f['min_volume_um2_ms']} um^2 ms "
+                f"(spark, wave, puff)")
+    return events_lib.summary_table(metrics, title=title)
