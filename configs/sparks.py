@@ -22,7 +22,10 @@ of 59 true puffs were called sparks). Tried and not kept (validation seeds 4242 
 4243 only): 1000 steps (830 s; same validation F1), temporal pooling 4 at the second
 level (spark F1 -0.02), depth 3 (worse after 600 steps), y/x mirror test-time
 augmentation (infer.tta; neutral), merging touching event components of different
-classes (spark recall collapses). Variants:
+classes (spark recall collapses), loss.lovasz_weight 1.0 (spark / puff F1 on seeds
+4242 and 4243: 0.894 / 0.909 and 0.788 / 0.771, against 0.894 / 0.900 and 0.812 /
+0.764 with 0.5), puff class weight 8 (sparks 0.912 / 0.915, puffs 0.765 / 0.634) or 6
+(sparks 0.878 / 0.901, puffs 0.750 / 0.640). Variants:
 ``configs/sparks.py:gpu`` (real frame size, full 3D U-Net, longer schedule) and
 ``configs/sparks.py:tiny`` (unit tests). Override any field with --config.<field>=.
 
