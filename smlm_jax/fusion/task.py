@@ -47,6 +47,7 @@ from smlm_jax.core.task import Task
 from smlm_jax.fusion import metrics
 from smlm_jax.fusion import simulator as sim_lib
 from smlm_jax.nn import UNet, losses
+from smlm_jax.nn.ensemble import mirror_ensemble
 
 
 MODEL_KINDS = ("unet3d", "unet2d_z")
@@ -126,33 +127,11 @@ def apply_model(model, params, batch_stats, x, train: bool):
 
 
 def predict_tta(fn, x):
-  """Self-ensemble (Lim et al., EDSR, CVPRW 2017): the mean of ``fn`` over the y/x flips
-  and, for square tiles, the y<->x transposes (the symmetries of the training data;
-  never a z flip: depth breaks that symmetry). ``fn``: [B, Z, Y, X, C] -> [B, Z, Y, X];
-  8 (or 4) calls of ``fn``, averaging the residual noise of the prediction."""
-  transposes = (False, True) if x.shape[2] == x.shape[3] else (False,)
-  total = 0.0
-  count = 0
-  for t in transposes:
-    for fy in (False, True):
-      for fx in (False, True):
-        h = x
-        if fy:
-          h = jnp.flip(h, 2)
-        if fx:
-          h = jnp.flip(h, 3)
-        if t:
-          h = jnp.swapaxes(h, 2, 3)
-        y = fn(h)
-        if t:
-          y = jnp.swapaxes(y, 2, 3)
-        if fx:
-          y = jnp.flip(y, 3)
-        if fy:
-          y = jnp.flip(y, 2)
-        total = total + y
-        count += 1
-  return total / count
+  """Self-ensemble over the y/x flips and, for square tiles, the y<->x transposes (the
+  symmetries of the training data; never a z flip: depth breaks that symmetry).
+  ``fn``: [B, Z, Y, X, C] -> [B, Z, Y, X]; 8 (or 4) calls of ``fn``
+  (:func:`smlm_jax.nn.ensemble.mirror_ensemble`), averaging the residual noise."""
+  return mirror_ensemble(fn, x, (2, 3), transpose=x.shape[2] == x.shape[3])
 
 
 POOL_SALT = 0x9001

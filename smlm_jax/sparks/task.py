@@ -27,6 +27,7 @@ from smlm_jax.core import trainer
 from smlm_jax.core.noise import Camera
 from smlm_jax.core.task import Task
 from smlm_jax.nn import losses
+from smlm_jax.nn.ensemble import mirror_ensemble
 from smlm_jax.sparks import events as events_lib
 from smlm_jax.sparks import model as model_lib
 from smlm_jax.sparks import simulator as sim_lib
@@ -146,18 +147,16 @@ class SparksTask(Task):
     data = NamedSharding(mesh, P("data"))
     if tta is None:
       tta = bool(self.config.get("infer", {}).get("tta", False))
-    flips = ((), (-3,), (-2,), (-3, -2)) if tta else ((),)   # H, W of [B, T, H, W, C]
 
     def predict(state, x):
       x = jax.lax.with_sharding_constraint(x, data)
-      total = 0.0
-      for axes in flips:
-        xi = jnp.flip(x, axes) if axes else x
+
+      def probs(xi):
         logits, _ = trainer.model_apply(self.model, state["params"], state["batch_stats"],
                                         xi, train=False)
-        p = jax.nn.softmax(logits, axis=-1)
-        total = total + (jnp.flip(p, axes) if axes else p)
-      return total / len(flips)
+        return jax.nn.softmax(logits, axis=-1)
+
+      return mirror_ensemble(probs, x, (2, 3)) if tta else probs(x)   # H, W axes
 
     return jax.jit(predict)
 
