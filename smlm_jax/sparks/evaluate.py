@@ -83,9 +83,7 @@ def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print) 
   data = task.simulate_set(num_movies, seed, mesh)
   probs = task.predict(state, data["x"], mesh)
   chosen = events_lib.tune_simulated(probs, data, events_lib.spec_from_config(config))
-  record = dict(chosen, step=int(state["step"]), seed=seed, num_movies=num_movies)
-  cli.atomic_write_text(os.path.join(workdir, events_lib.FILTER_FILE),
-                        json.dumps(record, indent=1, default=float))
+  record = events_lib.save_filter(workdir, chosen, int(state["step"]), seed, num_movies)
   log(f"confidence filter chosen on {num_movies} movies of seed {seed} (step "
       f"{record['step']}): mean probability >= {chosen['min_probability']}, volume >= "
       f"{chosen['min_volume_um2_ms']} um^2 ms (spark, wave, puff)")

@@ -47,7 +47,9 @@ found (below the minimum sizes after removing ignored voxels) are turned into ig
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 
 import numpy as np
 from scipy import ndimage
@@ -579,11 +581,19 @@ def with_filter(spec: EventSpec, chosen: dict) -> EventSpec:
       min_volume_um2_ms=tuple(float(v) for v in chosen["min_volume_um2_ms"]))
 
 
+def save_filter(workdir: str, chosen: dict, step: int, seed: int, num_movies: int) -> dict:
+  """Writes a :func:`choose_filter` result with where it was chosen as the run's
+  FILTER_FILE (atomically); returns the record."""
+  from smlm_jax.core import cli
+  record = dict(chosen, step=int(step), seed=int(seed), num_movies=int(num_movies))
+  cli.atomic_write_text(os.path.join(workdir, FILTER_FILE),
+                        json.dumps(record, indent=1, default=float))
+  return record
+
+
 def load_filter(workdir: str):
   """The confidence filter a run chose on its validation movies (FILTER_FILE written
   after training), or None for runs trained without it."""
-  import json
-  import os
   path = os.path.join(workdir, FILTER_FILE)
   if not os.path.exists(path):
     return None

@@ -212,9 +212,7 @@ class SparksTask(Task):
                               self.config.eval_batch_size, mesh)
       metrics = self.score_set(probs, data, tune=tune)
       if "filter" in metrics:
-        self._last_filter = dict(metrics["filter"], step=int(jax.device_get(state["step"])),
-                                 seed=int(self.config.eval_seed),
-                                 num_movies=int(self.config.eval_num_movies))
+        self._last_filter = (metrics["filter"], int(jax.device_get(state["step"])))
       return metrics
 
     return evaluate
@@ -224,11 +222,9 @@ class SparksTask(Task):
   def export(self, state, workdir, step):
     """Writes the confidence filter chosen at the latest validation (FILTER_FILE)."""
     if self._last_filter is not None:
-      import json
-      import os
-      from smlm_jax.core import cli
-      cli.atomic_write_text(os.path.join(workdir, events_lib.FILTER_FILE),
-                            json.dumps(self._last_filter, indent=1, default=float))
+      chosen, at_step = self._last_filter
+      events_lib.save_filter(workdir, chosen, at_step, self.config.eval_seed,
+                             self.config.eval_num_movies)
 
   def flat_metrics(self, metrics):
     return events_lib.flat_metrics(metrics)
