@@ -374,18 +374,25 @@ def test_filter_chosen_on_validation_maximizes_f1_and_matches_the_scorer():
   true_inst, true_cls = ev_lib.instances_from_labels(labels)
   spec = ev_lib.EventSpec()
   movie = np.ones((T, H, W), np.float32)
-  cands = [ev_lib.filter_candidates(probs, movie, labels, true_inst, true_cls, spec)]
-  chosen = ev_lib.choose_filter(cands)
+  scorer = ev_lib.Scorer(spec)
+  scorer.add(probs, movie, labels, true_inst, true_cls)
+  chosen = ev_lib.choose_filter(scorer.records)
   assert chosen["min_probability"][2] == pytest.approx(0.58)
   assert chosen["min_volume_um2_ms"][2] == 0.0
   assert (chosen["tp"]["puff"], chosen["fp"]["puff"], chosen["fn"]["puff"]) == (2, 0, 1)
   assert chosen["unfiltered_f1"]["puff"] == pytest.approx(4 / 7)
   assert chosen["f1"]["puff"] == pytest.approx(0.8)
-  for mp in (0.0, 0.56, 0.58, 0.62, 0.95):      # the fast counts equal the full scoring
-    scorer = ev_lib.Scorer(dataclasses.replace(spec, min_probability=(0.0, 0.0, mp)))
-    scorer.add(probs, movie, labels, true_inst, true_cls)
-    m = scorer.metrics()["puff"]
-    assert (m["tp"], m["fp"], m["fn"]) == ev_lib.filter_counts(cands, sim.PUFF, mp, 0.0)
+  # The fast counts, the records scored under another filter and a fresh extraction
+  # with that filter all agree.
+  for mp in (0.0, 0.56, 0.58, 0.62, 0.95):
+    f = {"min_probability": (0.0, 0.0, mp), "min_volume_um2_ms": (0.0, 0.0, 0.0)}
+    fresh = ev_lib.Scorer(dataclasses.replace(spec, min_probability=(0.0, 0.0, mp)))
+    fresh.add(probs, movie, labels, true_inst, true_cls)
+    counts = ev_lib.filter_counts(scorer.records, sim.PUFF, mp, 0.0)
+    for m in (fresh.metrics()["puff"], scorer.metrics(f)["puff"]):
+      assert (m["tp"], m["fp"], m["fn"]) == counts
+    _, inst, cls_of, _, _ = ev_lib.extract_events(probs, movie, fresh.spec)
+    assert sum(c == sim.PUFF for c in cls_of) == counts[0] + counts[1]
 
 
 # ----------------------------------------------------------------------------- training + CLI

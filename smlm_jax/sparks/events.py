@@ -186,14 +186,40 @@ def _keep(cls, sl, mask, spec):
   return frames >= spec.min_frames(cls) and area >= spec.min_pixels(cls)
 
 
-def _confident(cls, mask, probs_region, spec) -> bool:
-  """Step 5 of the module doc: mean own-class probability and volume of a component."""
-  if probs_region is None:
-    return True
+def event_confidence(inst, cls_of, probs, spec: EventSpec):
+  """(mean own-class probability [N + 1], volume in um^2 ms [N + 1]) of each instance
+  id (step 5 of the module doc; entry 0 is unused)."""
+  cls_of = np.asarray(cls_of)
+  n = len(cls_of)
+  pmean = np.zeros(n)
+  for c in EVENT_CLASSES:
+    ids = np.nonzero(cls_of == c)[0]
+    if len(ids):
+      pmean[ids] = ndimage.mean(np.asarray(probs)[..., c], labels=inst, index=ids)
   voxel_um2_ms = spec.pixel_size_um ** 2 * spec.frame_interval_ms
-  if mask.sum() * voxel_um2_ms < spec.min_volume_um2_ms[cls - 1] - 1e-9:
-    return False
-  return float(probs_region[..., cls][mask].mean()) >= spec.min_probability[cls - 1]
+  volume = np.bincount(np.asarray(inst).ravel(), minlength=n)[:n] * voxel_um2_ms
+  return pmean, volume
+
+
+def confident(cls_of, pmean, volume, min_probability, min_volume_um2_ms):
+  """Bool [N + 1]: ids that pass per-class thresholds (spark, wave, puff) of mean
+  probability and volume; entry 0 (no event) is True."""
+  cls_of = np.asarray(cls_of)
+  min_p = np.concatenate([[0.0], np.asarray(min_probability, np.float64)])[cls_of]
+  min_v = np.concatenate([[0.0], np.asarray(min_volume_um2_ms, np.float64)])[cls_of]
+  keep = (np.asarray(pmean) >= min_p - 1e-9) & (np.asarray(volume) >= min_v - 1e-9)
+  keep[0] = True
+  return keep
+
+
+def renumber(inst, cls_of, keep):
+  """(instances, class per id) with the ids where ``keep`` is False removed and the
+  others renumbered 1..K in their order."""
+  keep = np.asarray(keep, bool)
+  if keep.all():
+    return inst, np.asarray(cls_of, np.int32)
+  new_id = np.where(keep, np.cumsum(keep) - 1, 0).astype(np.int32)
+  return new_id[inst], np.asarray(cls_of, np.int32)[keep]
 
 
 def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
@@ -201,8 +227,8 @@ def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
 
   ``dff`` (same shape) gives the spark peaks that split merged sparks; without it
   components are not split. ``probs`` ([T, H, W, 4]) enables the confidence filter
-  (``spec.min_probability``, ``spec.min_volume_um2_ms``); without it nothing is dropped
-  for confidence.
+  (``spec.min_probability``, ``spec.min_volume_um2_ms``; applied to the extracted
+  instances, which it only removes); without it nothing is dropped for confidence.
   """
   classes = np.asarray(classes)
   inst = np.zeros(classes.shape, np.int32)
@@ -237,12 +263,15 @@ def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
         sub = (slice(sl[0].start + ts[0], sl[0].start + ts[-1] + 1),) + sl[1:]
         if not _keep(c, sub, m[ts[0]:ts[-1] + 1], spec):
           continue
-        if not _confident(c, m, None if probs is None else probs[sl], spec):
-          continue
         cls_of.append(c)
         region = inst[sl]
         region[m] = len(cls_of) - 1
-  return inst, np.asarray(cls_of, np.int32)
+  cls_of = np.asarray(cls_of, np.int32)
+  if probs is None:
+    return inst, cls_of
+  keep = confident(cls_of, *event_confidence(inst, cls_of, probs, spec),
+                   spec.min_probability, spec.min_volume_um2_ms)
+  return renumber(inst, cls_of, keep)
 
 
 def describe(inst, cls_of, dff, spec: EventSpec) -> list[Event]:
@@ -272,14 +301,24 @@ def describe(inst, cls_of, dff, spec: EventSpec) -> list[Event]:
   return out
 
 
+def extract_unfiltered(probs, movie, spec: EventSpec):
+  """Steps 1-4 (no confidence filter): (classes [T, H, W] uint8, instances [T, H, W]
+  int32, class per id, dF/F0 [T, H, W] or None without a movie)."""
+  probs = np.asarray(probs)
+  classes = np.argmax(probs, axis=-1).astype(np.uint8)
+  dff = estimate_dff(movie, classes, spec) if movie is not None else None
+  inst, cls_of = instances_from_classes(classes, spec, dff)
+  return classes, inst, cls_of, dff
+
+
 def extract_events(probs, movie, spec: EventSpec):
   """(classes [T, H, W] uint8, instances [T, H, W] int32, class per id, events,
   dF/F0 [T, H, W]) from probabilities [T, H, W, 4] and the movie [T, H, W] (any
   linear intensity scale)."""
-  probs = np.asarray(probs)
-  classes = np.argmax(probs, axis=-1).astype(np.uint8)
-  dff = estimate_dff(movie, classes, spec) if movie is not None else None
-  inst, cls_of = instances_from_classes(classes, spec, dff, probs)
+  classes, inst, cls_of, dff = extract_unfiltered(probs, movie, spec)
+  keep = confident(cls_of, *event_confidence(inst, cls_of, probs, spec),
+                   spec.min_probability, spec.min_volume_um2_ms)
+  inst, cls_of = renumber(inst, cls_of, keep)
   return classes, inst, cls_of, describe(inst, cls_of, dff, spec), dff
 
 
@@ -369,10 +408,18 @@ def match_events(true_inst, true_cls, pred_inst, pred_cls, ignore, threshold: fl
   """
   true_ids, pred_ids, pairs, iomin = overlaps(true_inst, true_cls, pred_inst, pred_cls,
                                               ignore, threshold)
-  same = np.asarray(true_cls)[pairs[:, 0]] == np.asarray(pred_cls)[pairs[:, 1]]
+  return match_pairs(true_ids, true_cls, pred_ids, pred_cls, pairs, iomin, threshold)
+
+
+def match_pairs(true_ids, true_cls, pred_ids, pred_cls, pairs, iomin, threshold: float = 0.5):
+  """:func:`match_events` from :func:`overlaps`' result (any subset of the predicted
+  ids with the pairs that involve them: how a confidence filter is applied after one
+  extraction)."""
+  true_cls, pred_cls = np.asarray(true_cls), np.asarray(pred_cls)
+  same = true_cls[pairs[:, 0]] == pred_cls[pairs[:, 1]]
   aware = _greedy(pairs[same], iomin[same], threshold)
-  true_matched = {i: False for i in true_ids}
-  pred_matched = {i: False for i in pred_ids}
+  true_matched = {int(i): False for i in true_ids}
+  pred_matched = {int(i): False for i in pred_ids}
   for a, b in aware:
     true_matched[a] = pred_matched[b] = True
   counts = {}
@@ -393,7 +440,8 @@ def match_events(true_inst, true_cls, pred_inst, pred_cls, ignore, threshold: fl
     if i not in mp:
       confusion[0, pred_cls[i]] += 1
   return {"counts": counts, "confusion": confusion, "true_matched": true_matched,
-          "pred_matched": pred_matched, "true_ids": true_ids, "pred_ids": pred_ids}
+          "pred_matched": pred_matched, "true_ids": [int(i) for i in true_ids],
+          "pred_ids": [int(i) for i in pred_ids]}
 
 
 def prf(tp, fp, fn):
@@ -403,84 +451,140 @@ def prf(tp, fp, fn):
   return precision, recall, f1
 
 
+@dataclasses.dataclass
+class MovieRecord:
+  """One scored movie, extracted once with the confidence filter off: what matching
+  needs under any filter. Predicted ids are those of the unfiltered extraction."""
+  true_ids: np.ndarray      # scored true ids
+  true_cls: np.ndarray      # class per true id (index 0 unused)
+  true_amp: np.ndarray      # true peak dF/F0 per true id (nan if unknown)
+  cls: np.ndarray           # class per predicted id (index 0 unused)
+  pmean: np.ndarray         # mean own-class probability per predicted id
+  volume: np.ndarray        # um^2 ms per predicted id
+  amp: np.ndarray           # estimated peak dF/F0 per predicted id
+  scored: np.ndarray        # bool per predicted id (see overlaps)
+  pairs: np.ndarray         # (true, pred) id pairs with IoMin >= the threshold [P, 2]
+  iomin: np.ndarray         # [P]
+
+  def n_true(self, cls: int) -> int:
+    return int(np.sum(self.true_cls[self.true_ids] == cls))
+
+  def match(self, keep, threshold: float) -> dict:
+    """:func:`match_pairs` of the predicted ids where ``keep`` (bool per id) is True."""
+    pred_ids = np.nonzero(self.scored & keep)[0]
+    sel = keep[self.pairs[:, 1]]
+    return match_pairs(self.true_ids, self.true_cls, pred_ids, self.cls, self.pairs[sel],
+                       self.iomin[sel], threshold)
+
+
 class Scorer:
-  """Accumulates matches over movies; :meth:`metrics` gives the nested results."""
+  """Accumulates movies (:meth:`add`: one extraction each, with the confidence filter
+  off); :meth:`metrics` scores them under the spec's filter or any other, and
+  :func:`choose_filter` picks one from the same :attr:`records`."""
 
   def __init__(self, spec: EventSpec):
     self.spec = spec
-    self.counts = {c: np.zeros(3, np.int64) for c in EVENT_CLASSES}
-    self.confusion = np.zeros((4, 4), np.int64)
+    self.records: list[MovieRecord] = []
     self.inter = np.zeros(4)
     self.union = np.zeros(4)
-    self.amp_rows = []            # (class, amplitude, tp, fp, fn) per scored event
 
-  def add(self, probs, movie, labels, true_inst, true_cls, true_amplitude=None):
+  def add(self, probs, movie, labels, true_inst, true_cls, true_amplitude=None) -> MovieRecord:
     """One movie: probabilities [T, H, W, 4], movie [T, H, W], labels, true
     instances, class per true id, optional true peak dF/F0 per true id."""
     spec = self.spec
-    classes, inst, cls_of, events, dff = extract_events(probs, movie, spec)
+    classes, inst, cls_of, dff = extract_unfiltered(probs, movie, spec)
+    pmean, volume = event_confidence(inst, cls_of, probs, spec)
+    amp = np.full(len(cls_of), np.nan)
+    for e in describe(inst, cls_of, dff, spec):
+      amp[e.event_id] = e.amplitude
     ignore = filter_true_instances(labels, true_inst, true_cls, spec)
-    m = match_events(true_inst, true_cls, inst, cls_of, ignore, spec.iomin_threshold)
-    for c in EVENT_CLASSES:
-      self.counts[c] += np.asarray(m["counts"][c])
-    self.confusion += m["confusion"]
+    true_ids, pred_ids, pairs, iomin = overlaps(true_inst, true_cls, inst, cls_of, ignore,
+                                                spec.iomin_threshold)
+    scored = np.zeros(len(cls_of), bool)
+    scored[pred_ids] = True
+    sel = iomin >= spec.iomin_threshold
+    true_cls = np.asarray(true_cls, np.int64)
+    true_amp = (np.full(len(true_cls), np.nan) if true_amplitude is None
+                else np.asarray(true_amplitude, np.float64))
+    rec = MovieRecord(np.asarray(true_ids, np.int64), true_cls, true_amp,
+                      np.asarray(cls_of), pmean, volume, amp, scored, pairs[sel], iomin[sel])
+    self.records.append(rec)
     valid = np.asarray(labels) != IGNORE
     for c in range(4):
       a, b = (classes == c) & valid, (np.asarray(labels) == c)
       self.inter[c] += np.sum(a & b)
       self.union[c] += np.sum(a | b)
-    amp_pred = {e.event_id: e.amplitude for e in events}
-    for i, ok in m["true_matched"].items():
-      amp = true_amplitude[i] if true_amplitude is not None else float("nan")
-      self.amp_rows.append((int(true_cls[i]), float(amp), int(ok), 0, int(not ok)))
-    for i, ok in m["pred_matched"].items():
-      if not ok:
-        self.amp_rows.append((int(cls_of[i]), float(amp_pred.get(i, np.nan)), 0, 1, 0))
-    return {"classes": classes, "instances": inst, "class_of": cls_of, "events": events,
-            "match": m}
+    return rec
 
-  def metrics(self) -> dict:
+  def metrics(self, chosen: dict | None = None) -> dict:
+    """Per-class P / R / F1 / counts, voxel IoU, confusion and F1 vs amplitude under the
+    confidence filter ``chosen`` ({'min_probability', 'min_volume_um2_ms'}, per class)
+    or, by default, the spec's."""
+    f = chosen or {"min_probability": self.spec.min_probability,
+                   "min_volume_um2_ms": self.spec.min_volume_um2_ms}
+    counts = {c: np.zeros(3, np.int64) for c in EVENT_CLASSES}
+    confusion = np.zeros((4, 4), np.int64)
+    amp_rows = []            # (class, amplitude, tp, fp, fn) per scored event
+    for rec in self.records:
+      keep = confident(rec.cls, rec.pmean, rec.volume, f["min_probability"],
+                       f["min_volume_um2_ms"])
+      m = rec.match(keep, self.spec.iomin_threshold)
+      for c in EVENT_CLASSES:
+        counts[c] += np.asarray(m["counts"][c])
+      confusion += m["confusion"]
+      for i, ok in m["true_matched"].items():
+        amp_rows.append((int(rec.true_cls[i]), float(rec.true_amp[i]), int(ok), 0, int(not ok)))
+      for i, ok in m["pred_matched"].items():
+        if not ok:
+          amp_rows.append((int(rec.cls[i]), float(rec.amp[i]), 0, 1, 0))
     out = {}
     for c in EVENT_CLASSES:
-      tp, fp, fn = (int(v) for v in self.counts[c])
-      p, r, f = prf(tp, fp, fn)
-      out[NAMES[c]] = {"precision": p, "recall": r, "f1": f, "tp": tp, "fp": fp, "fn": fn}
+      tp, fp, fn = (int(v) for v in counts[c])
+      p, r, f1 = prf(tp, fp, fn)
+      out[NAMES[c]] = {"precision": p, "recall": r, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
     out["voxel_iou"] = {CLASS_NAMES[c]: float(self.inter[c] / self.union[c])
                         if self.union[c] else float("nan") for c in range(4)}
-    out["confusion"] = self.confusion.tolist()
-    out["f1_vs_amplitude"] = self.amplitude_table()
+    out["confusion"] = confusion.tolist()
+    out["f1_vs_amplitude"] = amplitude_table(amp_rows)
     return out
 
-  def amplitude_table(self, bins=AMPLITUDE_BINS) -> dict:
-    """{class: [{lo, hi, n_true, tp, fp, fn, recall, f1}]}: true events binned by their
-    true peak dF/F0, unmatched predictions by their estimated dF/F0."""
-    rows = np.asarray(self.amp_rows, np.float64).reshape(-1, 5)
-    table = {}
-    for c in EVENT_CLASSES:
-      r = rows[rows[:, 0] == c]
-      out = []
-      for lo, hi in zip(bins[:-1], bins[1:]):
-        sel = r[(r[:, 1] >= lo) & (r[:, 1] < hi)]
-        tp, fp, fn = (int(sel[:, k].sum()) for k in (2, 3, 4))
-        if tp + fp + fn == 0:
-          continue
-        p, rec, f = prf(tp, fp, fn)
-        out.append({"lo": lo, "hi": hi, "n_true": tp + fn, "tp": tp, "fp": fp, "fn": fn,
-                    "recall": rec, "f1": f})
-      table[NAMES[c]] = out
-    return table
+
+def amplitude_table(amp_rows, bins=AMPLITUDE_BINS) -> dict:
+  """{class: [{lo, hi, n_true, tp, fp, fn, recall, f1}]} from rows (class, amplitude,
+  tp, fp, fn) per scored event: true events binned by their true peak dF/F0, unmatched
+  predictions by their estimated dF/F0."""
+  rows = np.asarray(amp_rows, np.float64).reshape(-1, 5)
+  table = {}
+  for c in EVENT_CLASSES:
+    r = rows[rows[:, 0] == c]
+    out = []
+    for lo, hi in zip(bins[:-1], bins[1:]):
+      sel = r[(r[:, 1] >= lo) & (r[:, 1] < hi)]
+      tp, fp, fn = (int(sel[:, k].sum()) for k in (2, 3, 4))
+      if tp + fp + fn == 0:
+        continue
+      p, rec, f = prf(tp, fp, fn)
+      out.append({"lo": lo, "hi": hi, "n_true": tp + fn, "tp": tp, "fp": fp, "fn": fn,
+                  "recall": rec, "f1": f})
+    table[NAMES[c]] = out
+  return table
 
 
-def score_simulated(probs, data, spec: EventSpec) -> dict:
-  """Metrics of probabilities [N, T, H, W, 4] on a simulated set (see
-  ``SparksTask.simulate_set``)."""
+def simulated_scorer(probs, data, spec: EventSpec) -> Scorer:
+  """A :class:`Scorer` holding the movies of a simulated set (``SparksTask.simulate_set``)
+  with probabilities [N, T, H, W, 4]."""
   scorer = Scorer(spec)
   for i in range(len(probs)):
     kind = np.concatenate([[0], np.asarray(data["kind"][i])])
     amp = np.concatenate([[np.nan], np.asarray(data["amplitude"][i])])
     scorer.add(probs[i], data["x"][i, ..., 0], data["labels"][i], data["instances"][i],
                kind, amp)
-  return scorer.metrics()
+  return scorer
+
+
+def score_simulated(probs, data, spec: EventSpec) -> dict:
+  """Metrics of probabilities [N, T, H, W, 4] on a simulated set, spec's filter."""
+  return simulated_scorer(probs, data, spec).metrics()
 
 
 # --------------------------------------------------------------------------- tuning
@@ -492,53 +596,25 @@ VOLUME_GRID_UM2_MS = (0.0, 100.0, 200.0, 400.0, 800.0)
 FILTER_FILE = "events_filter.json"
 
 
-def filter_candidates(probs, movie, labels, true_inst, true_cls, spec: EventSpec) -> dict:
-  """What choosing the confidence filter needs of one movie: the predicted events with
-  the filter off (class, mean own-class probability and volume in um^2 ms of each id;
-  which are scored, i.e. keep a voxel outside ignore), the number of scored true events
-  per class, and the same-class (true, pred) pairs with IoMin >= the threshold."""
-  loose = dataclasses.replace(spec, min_probability=(0.0,) * 3, min_volume_um2_ms=(0.0,) * 3)
-  probs = np.asarray(probs)
-  classes = np.argmax(probs, axis=-1).astype(np.uint8)
-  dff = estimate_dff(movie, classes, loose) if movie is not None else None
-  inst, cls_of = instances_from_classes(classes, loose, dff, probs)
-  ignore = filter_true_instances(labels, true_inst, true_cls, spec)
-  true_ids, pred_ids, pairs, iomin = overlaps(true_inst, true_cls, inst, cls_of, ignore,
-                                              spec.iomin_threshold)
-  n = len(cls_of)
-  pmean = np.zeros(n)
-  for c in EVENT_CLASSES:
-    ids = np.nonzero(cls_of == c)[0]
-    if len(ids):
-      pmean[ids] = ndimage.mean(probs[..., c], labels=inst, index=ids)
-  voxel_um2_ms = spec.pixel_size_um ** 2 * spec.frame_interval_ms
-  volume = np.bincount(inst.ravel(), minlength=n) * voxel_um2_ms
-  scored = np.zeros(n, bool)
-  scored[pred_ids] = True
-  true_cls = np.asarray(true_cls)
-  keep = ((true_cls[pairs[:, 0]] == cls_of[pairs[:, 1]]) & (iomin >= spec.iomin_threshold))
-  return {"cls": np.asarray(cls_of), "pmean": pmean, "volume": volume, "scored": scored,
-          "n_true": {c: sum(1 for i in true_ids if true_cls[i] == c) for c in EVENT_CLASSES},
-          "pairs": pairs[keep], "iomin": iomin[keep]}
-
-
-def filter_counts(cands, cls: int, min_probability: float, min_volume: float):
-  """(TP, FP, FN) of class ``cls`` over movies' :func:`filter_candidates` when its
-  predictions need mean probability >= min_probability and volume >= min_volume."""
+def filter_counts(records, cls: int, min_probability: float, min_volume: float):
+  """(TP, FP, FN) of class ``cls`` over :class:`MovieRecord` s when its predictions
+  need mean probability >= min_probability and volume >= min_volume (the class-``cls``
+  part of :meth:`Scorer.metrics`, fast enough for a grid)."""
   tp = fp = fn = 0
-  for d in cands:
-    keep = ((d["cls"] == cls) & (d["pmean"] >= min_probability - 1e-9)
-            & (d["volume"] >= min_volume - 1e-9))
-    sel = keep[d["pairs"][:, 1]]
-    m = len(_greedy(d["pairs"][sel], d["iomin"][sel], -1.0))
-    n_p = int(np.sum(keep & d["scored"]))
-    tp, fp, fn = tp + m, fp + n_p - m, fn + d["n_true"][cls] - m
+  for d in records:
+    keep = ((d.cls == cls) & (d.pmean >= min_probability - 1e-9)
+            & (d.volume >= min_volume - 1e-9))
+    same = (d.true_cls[d.pairs[:, 0]] == cls) & keep[d.pairs[:, 1]]
+    m = len(_greedy(d.pairs[same], d.iomin[same], -1.0))
+    n_p = int(np.sum(keep & d.scored))
+    tp, fp, fn = tp + m, fp + n_p - m, fn + d.n_true(cls) - m
   return tp, fp, fn
 
 
-def choose_filter(cands, classes=EVENT_CLASSES) -> dict:
+def choose_filter(records, classes=EVENT_CLASSES) -> dict:
   """Per class, the (min_probability, min_volume_um2_ms) of the grids with the highest
-  event F1 over the movies' candidates (ties: the weakest filter). Returns
+  event F1 over the movies' records (:attr:`Scorer.records`; ties: the weakest
+  filter). Returns
   {'min_probability': (spark, wave, puff), 'min_volume_um2_ms': (...),
   'f1' / 'precision' / 'recall' / 'tp' / 'fp' / 'fn': {name: ...}, 'unfiltered_f1'}."""
   out = {"min_probability": [0.0] * 3, "min_volume_um2_ms": [0.0] * 3}
@@ -547,7 +623,7 @@ def choose_filter(cands, classes=EVENT_CLASSES) -> dict:
     best = None
     for v in VOLUME_GRID_UM2_MS:
       for p in PROBABILITY_GRID:
-        tp, fp, fn = filter_counts(cands, c, p, v)
+        tp, fp, fn = filter_counts(records, c, p, v)
         f1 = prf(tp, fp, fn)[2]
         f1 = -1.0 if math.isnan(f1) else f1
         if best is None:
@@ -567,12 +643,7 @@ def choose_filter(cands, classes=EVENT_CLASSES) -> dict:
 
 def tune_simulated(probs, data, spec: EventSpec) -> dict:
   """:func:`choose_filter` on a simulated set (``SparksTask.simulate_set``)."""
-  cands = []
-  for i in range(len(probs)):
-    kind = np.concatenate([[0], np.asarray(data["kind"][i])])
-    cands.append(filter_candidates(probs[i], data["x"][i, ..., 0], data["labels"][i],
-                                   data["instances"][i], kind, spec))
-  return choose_filter(cands)
+  return choose_filter(simulated_scorer(probs, data, spec).records)
 
 
 def with_filter(spec: EventSpec, chosen: dict) -> EventSpec:

@@ -187,16 +187,15 @@ class SparksTask(Task):
 
   def score_set(self, probs, data, tune: bool = False) -> dict:
     """Event metrics of probabilities [N, T, H, W, 4] on a simulated set. ``tune``:
-    first choose the confidence filter on this set (``events_lib.tune_simulated``) and
-    score with it; the choice is returned under 'filter'."""
-    spec = events_lib.spec_from_config(self.config)
-    chosen = None
-    if tune:
-      chosen = events_lib.tune_simulated(probs, data, spec)
-      spec = events_lib.with_filter(spec, chosen)
-    metrics = events_lib.score_simulated(probs, data, spec)
-    if chosen is not None:
-      metrics["filter"] = chosen
+    first choose the confidence filter on this set (``events_lib.choose_filter``) and
+    score with it (from the same extraction of each movie); the choice is returned
+    under 'filter'."""
+    scorer = events_lib.simulated_scorer(probs, data, events_lib.spec_from_config(self.config))
+    if not tune:
+      return scorer.metrics()
+    chosen = events_lib.choose_filter(scorer.records)
+    metrics = scorer.metrics(chosen)
+    metrics["filter"] = chosen
     return metrics
 
   def make_evaluator(self, mesh):
