@@ -222,6 +222,13 @@ def renumber(inst, cls_of, keep):
   return new_id[inst], np.asarray(cls_of, np.int32)[keep]
 
 
+def apply_confidence_filter(inst, cls_of, probs, spec: EventSpec):
+  """(instances, class per id) without the ids below the spec's confidence filter."""
+  keep = confident(cls_of, *event_confidence(inst, cls_of, probs, spec),
+                   spec.min_probability, spec.min_volume_um2_ms)
+  return renumber(inst, cls_of, keep)
+
+
 def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
   """(instances [T, H, W] int32, class of each id [N + 1]) from a class volume.
 
@@ -269,9 +276,7 @@ def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
   cls_of = np.asarray(cls_of, np.int32)
   if probs is None:
     return inst, cls_of
-  keep = confident(cls_of, *event_confidence(inst, cls_of, probs, spec),
-                   spec.min_probability, spec.min_volume_um2_ms)
-  return renumber(inst, cls_of, keep)
+  return apply_confidence_filter(inst, cls_of, probs, spec)
 
 
 def describe(inst, cls_of, dff, spec: EventSpec) -> list[Event]:
@@ -316,9 +321,7 @@ def extract_events(probs, movie, spec: EventSpec):
   dF/F0 [T, H, W]) from probabilities [T, H, W, 4] and the movie [T, H, W] (any
   linear intensity scale)."""
   classes, inst, cls_of, dff = extract_unfiltered(probs, movie, spec)
-  keep = confident(cls_of, *event_confidence(inst, cls_of, probs, spec),
-                   spec.min_probability, spec.min_volume_um2_ms)
-  inst, cls_of = renumber(inst, cls_of, keep)
+  inst, cls_of = apply_confidence_filter(inst, cls_of, probs, spec)
   return classes, inst, cls_of, describe(inst, cls_of, dff, spec), dff
 
 
