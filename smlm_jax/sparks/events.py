@@ -585,11 +585,6 @@ def simulated_scorer(probs, data, spec: EventSpec) -> Scorer:
   return scorer
 
 
-def score_simulated(probs, data, spec: EventSpec) -> dict:
-  """Metrics of probabilities [N, T, H, W, 4] on a simulated set, spec's filter."""
-  return simulated_scorer(probs, data, spec).metrics()
-
-
 # --------------------------------------------------------------------------- tuning
 # The confidence filter (step 5 of the module doc) is chosen per class on simulated
 # validation movies (:func:`choose_filter`): every mean-probability threshold of
@@ -647,12 +642,6 @@ def choose_filter(records, classes=EVENT_CLASSES) -> dict:
 def tune_simulated(probs, data, spec: EventSpec) -> dict:
   """:func:`choose_filter` on a simulated set (``SparksTask.simulate_set``)."""
   return choose_filter(simulated_scorer(probs, data, spec).records)
-
-
-def with_filter(spec: EventSpec, chosen: dict) -> EventSpec:
-  return dataclasses.replace(
-      spec, min_probability=tuple(float(v) for v in chosen["min_probability"]),
-      min_volume_um2_ms=tuple(float(v) for v in chosen["min_volume_um2_ms"]))
 
 
 def save_filter(workdir: str, chosen: dict, step: int, seed: int, num_movies: int) -> dict:
