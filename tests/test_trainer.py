@@ -93,9 +93,12 @@ def test_same_losses_on_1_and_4_devices(cls):
   assert len(jax.devices()) >= 4
   l1, p1 = _run_steps(cls(toy_config()), jax.devices()[:1], 4)
   l4, p4 = _run_steps(cls(toy_config()), jax.devices()[:4], 4)
-  np.testing.assert_allclose(l1, l4, rtol=1e-6)
+  # 1 and 4 devices reduce the batch in another order: a few ulps per step, which Adam's
+  # first steps (g / sqrt(v)) pass on unamplified. rtol 1e-5 (~80 ulps) holds on any CPU;
+  # a device that saw the wrong examples changes the losses by > 1e-2.
+  np.testing.assert_allclose(l1, l4, rtol=1e-5)
   for k in p1:
-    np.testing.assert_allclose(p1[k], p4[k], rtol=1e-6)
+    np.testing.assert_allclose(p1[k], p4[k], rtol=1e-5)
   assert 0.15 < float(p1["a"]) < TRUE_A and TRUE_B < float(p1["b"]) < -0.15  # learning
 
 
