@@ -140,7 +140,10 @@ def _object(rng, shape_f, label):
   bright = rng.uniform(0.6, 1.4, size=len(pos))
   tex = ndimage.gaussian_filter(rng.standard_normal(shape_f), 1.0)
   tex /= max(tex.std(), 1e-9)
-  if label == "membranes":
+  if label == "uniform":                                 # test phantom: dye-filled sample
+    obj = np.where(inside, 1.0, 0.0)
+    params = {}
+  elif label == "membranes":
     sig = rng.uniform(0.25, 0.35)
     memb = np.exp(-gap_um ** 2 / (2 * sig ** 2)).reshape(shape_f)
     pair = ((bright[i1] + bright[i2]) / 2).reshape(shape_f)
@@ -179,15 +182,22 @@ def _object(rng, shape_f, label):
   obj += yolk * rng.uniform(0.03, 0.08) * np.clip(1 + 0.5 * tex, 0, None)
   # absorption [1/um]: tissue, yolk and a few dense granules (shadow casters)
   mu = (depth >= 0) * rng.uniform(0.004, 0.015) + yolk * rng.uniform(0.01, 0.03)
-  n_abs = int(rng.integers(3, 13))
-  for _ in range(n_abs):
+  n_abs = int(rng.integers(3, 13))                      # dense bodies, 0.8-3 um
+  n_gran = int(rng.integers(20, 80))                    # small granules: thin stripes
+  for i in range(n_abs + n_gran):
     c = rng.uniform([0, 0, 0], ext)
-    ra = rng.uniform(0.8, 3.0)
-    mu += rng.uniform(0.15, 0.6) * (((zz - c[0]) ** 2 + (yy - c[1]) ** 2
-                                     + (xx - c[2]) ** 2) < ra ** 2) * (depth >= 0)
+    ra = rng.uniform(0.8, 3.0) if i < n_abs else rng.uniform(0.3, 0.8)
+    lo = np.maximum(((c - ra) / FINE_UM).astype(int), 0)
+    hi = np.minimum(((c + ra) / FINE_UM).astype(int) + 2, shape_f)
+    if np.any(hi <= lo):
+      continue
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    mu[box] += rng.uniform(0.15, 0.6 if i < n_abs else 1.0) * (
+        ((zz[box] - c[0]) ** 2 + (yy[box] - c[1]) ** 2 + (xx[box] - c[2]) ** 2)
+        < ra ** 2) * (depth[box] >= 0)
   params.update(embryo_radius_um=r_emb, surface_apex_depth_um=z_top, yolk_depth_um=d_yolk,
                 cell_radius_surface_um=r_surf, cell_radius_deep_um=r_deep,
-                n_cells=len(pos), n_absorbers=n_abs)
+                n_cells=len(pos), n_absorbers=n_abs, n_granules=n_gran)
   return obj.astype(np.float32), depth.astype(np.float32), mu.astype(np.float32), params
 
 
@@ -232,7 +242,9 @@ def simulate_volume(seed, tiny: bool = False, shape=None, label: str | None = No
   rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
   z, h, w = shape or _shapes(tiny)
   shape_f = (2 * z, h, w)
-  label = label or ("nuclei" if rng.random() < 0.5 else "membranes")
+  if label is None:                       # int seeds alternate: even nuclei, odd membranes
+    odd = seed % 2 if isinstance(seed, (int, np.integer)) else rng.random() < 0.5
+    label = "membranes" if odd else "nuclei"
   obj, depth, mu, geo = _object(rng, shape_f, label)
   # detection PSF and the one-sided light sheet
   na = rng.uniform(0.8, 1.1)

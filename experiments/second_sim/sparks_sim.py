@@ -45,7 +45,7 @@ EDGE_FRAMES = 2                           # event voxels in the first/last 2 fra
 
 
 def _shapes(tiny: bool):
-  return (64, 48, 128) if tiny else (256, 96, 320)
+  return (64, 48, 128) if tiny else (256, 64, 256)
 
 
 # ---------------------------------------------------------------- dye ----
@@ -69,8 +69,8 @@ def dca_from_dff(dff, kd_nm, rf):
 def _cell(rng, h, w):
   """Resting-fluorescence map (relative, blurred), cytosol mask, nucleus mask, cell axis."""
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) * PIXEL_UM
-  ang = np.deg2rad(rng.uniform(-12, 12))
-  half_w = rng.uniform(5.0, 11.0)                       # um, cells 10-22 um wide
+  ang = np.deg2rad(rng.uniform(-7, 7))
+  half_w = rng.uniform(5.5, 11.0)                       # um, cells 11-22 um wide
   half_l = rng.uniform(35.0, 65.0)                      # um, 70-130 um long
   fw = w * PIXEL_UM
   if rng.random() < 0.55:                               # one rounded end in the field
@@ -78,7 +78,7 @@ def _cell(rng, h, w):
     cx = fw / 2 + side * (half_l - rng.uniform(0.1, 0.35) * fw)
   else:
     cx = fw / 2 + rng.uniform(-0.2, 0.2) * fw
-  cy = h * PIXEL_UM / 2 + rng.uniform(-0.25, 0.25) * h * PIXEL_UM
+  cy = h * PIXEL_UM / 2 + rng.uniform(-0.15, 0.15) * h * PIXEL_UM
   u = (xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang)  # along the cell axis
   v = -(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)
   # irregular width along the cell: a few random Fourier modes (sarcolemma folds, steps)
@@ -303,9 +303,9 @@ def simulate_movie(seed, tiny: bool = False, shape=None, photons_scale: float = 
   best_rel = np.zeros((t, h, w), np.float32)
   best_id = np.zeros((t, h, w), np.uint16)
   strong = np.zeros((t, h, w), np.uint8)                   # bit c: class c >= LABEL_REL
-  if event_rates is None:                                  # ~5 sparks/s in 20x64 um
-    scale = t / 256 * (h * w) / (96 * 320)
-    event_rates = (9.0 * scale, 0.9 * t / 256, 0.5) if not tiny else (5.0, 0.7, 0.45)
+  if event_rates is None:                        # ~4 primary sparks/s in 13 x 51 um
+    scale = t / 256 * (h * w) / (64 * 256)
+    event_rates = (7.0 * scale, 0.9 * t / 256, 0.5) if not tiny else (5.0, 0.7, 0.45)
   events, records = _draw_events(rng, cellinfo, t, h, w, event_rates), []
   for eid, ev in enumerate(events, start=1):
     peak = ev["peak_dff"]
@@ -412,9 +412,9 @@ def write_movie_files(out_dir: str, name: str, seed, tiny: bool = False, **kw) -
   base = os.path.join(out_dir, name)
   common.write_imagej(base + ".tif", sim["movie"], "TYX", PIXEL_UM, finterval_s=FRAME_S)
   common.write_imagej(base + "_labels.tif", sim["labels"], "TYX", PIXEL_UM,
-                      finterval_s=FRAME_S)
+                      finterval_s=FRAME_S, compress=True)
   common.write_imagej(base + "_instances.tif", sim["instances"], "TYX", PIXEL_UM,
-                      finterval_s=FRAME_S)
+                      finterval_s=FRAME_S, compress=True)
   common.write_json(base + ".json", sim["meta"])
   n = {c: sum(e["class"] == c for e in sim["meta"]["events"]) for c in CLASS_CODES}
   return (f"{name}: {sim['movie'].shape} dye={sim['meta']['dye']} sparks={n['spark']} "
