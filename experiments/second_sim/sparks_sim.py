@@ -151,21 +151,24 @@ def _local_release(times_ms, y_um, x_um, ev, psf):
   per axis and is removed at rate k; observed through a Gaussian confocal PSF at focal
   offset dz (Smith et al. 1998 style point-source diffusion, simplified)."""
   t0, dur = ev["t0_ms"], ev["release_ms"]
-  nq = 10 if dur < 40 else 24
-  s = t0 + (np.arange(nq) + 0.5) / nq * dur
-  rate = ev.get("rate_profile", np.ones(nq))
-  tau = times_ms[..., None] - s                            # [t, h, w?, q]
+  nq = int(np.clip(np.ceil(dur / 2.5), 8, 240))           # packets <= 2.5 ms long
+  step = dur / nq
+  frac = (np.arange(nq) + 0.5) / nq
+  s = t0 + np.arange(nq) * step                            # packet starts
+  prof = ev.get("rate_profile", np.ones(2))               # on an even grid over [0, 1]
+  rate = np.interp(frac, np.linspace(0, 1, prof.size), prof)
   out = 0.0
   r2 = (y_um[None, :, None] - ev["y_um"]) ** 2 + (x_um[None, None, :] - ev["x_um"]) ** 2
   for q in range(nq):
-    tq = tau[..., q][:, :, None]                          # [t, h, 1]
-    on = tq > 0
-    tq = np.maximum(tq, 0.0)
+    # the elapsed part of packet q (continuous in t): its amount and its mean age
+    el = np.clip(times_ms - s[q], 0.0, step)[:, :, None]   # [t, h, 1]
+    on = el / step
+    tq = np.maximum(times_ms[:, :, None] - s[q] - el / 2, 0.0)
     s2 = ev["sigma0_um"] ** 2 + 2 * ev["d_um2_per_ms"] * tq
     sxy, sz = s2 + psf[0] ** 2, s2 + psf[1] ** 2
     g = (np.exp(-r2 / (2 * sxy) - ev["dz_um"] ** 2 / (2 * sz)) / (sxy * np.sqrt(sz))
          * np.exp(-ev["k_per_ms"] * tq))
-    out = out + rate[q] * np.where(on, g, 0.0)
+    out = out + rate[q] * on * g
   return out
 
 
@@ -209,8 +212,8 @@ def _draw_events(rng, cellinfo, t, h, w, rates):
     events.append(dict(
         cls="spark", y_um=sites[i, 0], x_um=sites[i, 1],
         t0_ms=rng.uniform(margin, dur_ms - 60), release_ms=np.exp(rng.uniform(
-            np.log(8), np.log(30))), sigma0_um=rng.uniform(0.45, 0.75),
-        d_um2_per_ms=rng.uniform(0.008, 0.025), k_per_ms=1 / rng.uniform(30, 80),
+            np.log(8), np.log(30))), sigma0_um=rng.uniform(0.45, 0.7),
+        d_um2_per_ms=rng.uniform(0.006, 0.015), k_per_ms=1 / rng.uniform(30, 80),
         dz_um=rng.uniform(-0.8, 0.8),
         peak_dff=float(np.exp(rng.uniform(np.log(0.2), np.log(2.0))))))
   # sympathetic sparks: neighbouring CRUs (next z-line or along it) fire 4-30 ms later
@@ -237,8 +240,8 @@ def _draw_events(rng, cellinfo, t, h, w, rates):
     rel = np.exp(rng.uniform(np.log(50), np.log(500)))
     nq = 24
     ramp = np.minimum(1.0, (np.arange(nq) + 0.5) / nq * rel / 20.0)
-    flick = np.clip(1 + 0.5 * ndimage.gaussian_filter1d(rng.standard_normal(nq), 1.5),
-                    0.5, 1.5)                   # channel flicker within the puff
+    flick = np.clip(1 + 0.3 * ndimage.gaussian_filter1d(rng.standard_normal(nq), 1.5),
+                    0.6, 1.4)                   # channel flicker within the puff
     events.append(dict(
         cls="puff", y_um=sites[n_spark + i, 0], x_um=sites[n_spark + i, 1],
         t0_ms=rng.uniform(margin, max(margin + 1, dur_ms - rel - 40)), release_ms=rel,
