@@ -50,6 +50,7 @@ def debye_psf(na: float, wavelength_um: float, n: float = N_WATER, half_z: int =
               half_xy: int = 8, voxel_um: float = FINE_UM, supersample: int = 4):
   """Scalar Debye (Born & Wolf 8.8) wide-field detection PSF, aplanatic sqrt(cos)
   apodisation, integrated over [2 half_z + 1, 2 half_xy + 1, same] voxels; sums to 1.
+  Returns (psf, lateral FWHM um, axial FWHM um, (z um, on-axis profile) on the fine grid).
 
   h(r, z) = |int_0^alpha sqrt(cos t) sin t J0(k n r sin t) exp(i k n z cos t) dt|^2."""
   alpha = np.arcsin(min(na / n, 0.999))
@@ -74,7 +75,7 @@ def debye_psf(na: float, wavelength_um: float, n: float = N_WATER, half_z: int =
   fwhm_lat = 2 * np.interp(0.5, fine_lat[::-1] / fine_lat[0], r_grid[::-1])
   ax = h_rz[:, 0] / h_rz[:, 0].max()
   fwhm_ax = (ax >= 0.5).sum() * step
-  return (h / h.sum()).astype(np.float64), float(fwhm_lat), float(fwhm_ax)
+  return (h / h.sum()).astype(np.float64), float(fwhm_lat), float(fwhm_ax), (zf, ax)
 
 
 def _fwhm_of(profile, step_um):
@@ -249,7 +250,7 @@ def simulate_volume(seed, tiny: bool = False, shape=None, label: str | None = No
   # detection PSF and the one-sided light sheet
   na = rng.uniform(0.8, 1.1)
   lam_em, lam_ex = rng.uniform(0.50, 0.60), 0.488
-  psf, fwhm_lat, fwhm_ax = debye_psf(na, lam_em)
+  psf, fwhm_lat, fwhm_ax, (z_fine, axial) = debye_psf(na, lam_em)
   w0 = rng.uniform(1.8, 3.5)                                # 1/e^2 waist, um
   zr = np.pi * w0 ** 2 * N_WATER / lam_ex
   from_left = bool(rng.random() < 0.5)
@@ -293,8 +294,8 @@ def simulate_volume(seed, tiny: bool = False, shape=None, label: str | None = No
   fused_clean = ndimage.gaussian_filter(obj.astype(np.float64), sig)[::2]
   fscale = 2000.0 / max(np.percentile(fused_clean, 99.8), 1e-9)
   fused = (rng.poisson(fused_clean * fscale) / 2000.0).astype(np.float32)
-  c = psf.shape[1] // 2                                     # on-axis system profile
-  eff_ax = _fwhm_of(psf[:, c, c] * np.exp(-2 * dz ** 2 / widths.min() ** 2), FINE_UM)
+  eff_ax = _fwhm_of(axial * np.exp(-2 * z_fine ** 2 / widths.min() ** 2),  # at focus,
+                    z_fine[1] - z_fine[0])                 # before depth effects
   meta = dict(
       simulator="experiments/second_sim/fusion_sim.py", seed=_seed_of(seed),
       shape_zyx=[z, h, w], axes="ZYX", voxel_size_um=list(VOXEL_UM), label=label,
