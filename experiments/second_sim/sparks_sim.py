@@ -101,10 +101,11 @@ def _cell(rng, h, w):
     vc = rng.uniform(-0.2, 0.2) * half_w
     nucleus = np.maximum(nucleus, (((u - uc) / a) ** 2 + ((v - vc) / b) ** 2 <= 1.0))
   nucleus *= cell
-  # striation (t-tubules / mitochondria between z-lines) and loading inhomogeneity
+  # striation: dimmer at z-lines (t-tubule lumen excludes the dye), where the release
+  # sites lie (u = period * (k - phase / 2 pi)); dye-loading inhomogeneity, granularity
   period = rng.uniform(1.8, 2.0)
   phase = rng.uniform(0, 2 * np.pi)
-  stri = 1.0 + rng.uniform(0.04, 0.12) * np.cos(2 * np.pi * u / period + phase)
+  stri = 1.0 - rng.uniform(0.04, 0.12) * np.cos(2 * np.pi * u / period + phase)
   smooth = ndimage.gaussian_filter(rng.standard_normal(cell.shape), 20) * 8.0
   grain = ndimage.gaussian_filter(rng.standard_normal(cell.shape), 1.0) * 0.08
   nuc_level = rng.choice([rng.uniform(1.15, 1.6), rng.uniform(0.65, 0.9)])
@@ -207,6 +208,8 @@ def _draw_events(rng, cellinfo, t, h, w, rates):
   n_wave = int(rng.random() < rates[2])
   events = []
   sites = _release_sites(rng, cellinfo, n_spark + n_puff)
+  if len(sites) < n_spark + n_puff:                   # no cytosol in the field
+    n_spark = n_puff = 0
   margin = 20.0
   for i in range(n_spark):
     events.append(dict(
