@@ -23,8 +23,8 @@ pipeline     ``calibrate``: both stages on both models, the model choice, the re
 plots        ``plot_calibration``: real vs. simulated statistics, photon transfer, loss
 cli          the command (``main``), ``load_movies``, ``json_text``, ``summary_table``
 
-Dependencies run one way: camera, statistics, parameters <- uncertainty <- fit <-
-pipeline <- cli (camera uses uncertainty only for ``bootstrap_indices``).
+Imports run one way: statistics, parameters <- uncertainty <- camera <- fit <-
+pipeline <- cli (plots reads camera and statistics only).
 ``smlm_jax.diffusion.calibrate`` is the command's module name and re-exports these names.
 """
 from smlm_jax.diffusion.calibration.camera import (
