@@ -16,6 +16,9 @@ setup(
         "absl-py>=2.1,<3",
         "numpy>=1.26,<3",
         "tifffile>=2024.8.10",
+        # tifffile's companion codec package: LZW, Zstd, PackBits, JPEG, ... compressed
+        # TIFFs (without it tifffile reads only uncompressed and Deflate files).
+        "imagecodecs>=2024.1.1",
         # Progress bars on long work (simulate, train, predict).
         "tqdm>=4.66,<5",
         # PNG plots of evaluation and calibration results.

@@ -111,7 +111,7 @@ def test_loss_gradient_points_to_true_fwhm(recorded):
   camera = noise_lib.Camera(qe=0.9, gain_adu_per_e=3.0, offset_adu=250.0, read_noise_e=2.0)
   real = calibrate.movie_statistics(noise_lib.adu_to_photons(jnp.asarray(frames), camera))
   real_q = calibrate.quantiles(real)
-  scale = jnp.asarray(calibrate._robust_scale(np.asarray(real)))
+  scale = jnp.asarray(calibrate.robust_scale(np.asarray(real)))
   simulator = sim_lib.simulator_from_config(cfg.sim)
   stats = calibrate.make_sim_statistics(
       simulator, 96, seed=3, noise=calibrate.Noise(qe=0.9, excess=1.0, read_e=2.0))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from configs import sparks as sparks_config
 from smlm_jax.core import tiff_io, trainer
@@ -310,7 +311,7 @@ def test_extraction_splits_merged_sparks_and_drops_small_events():
   classes[dff > 0.3] = sim.SPARK                   # one merged component, two peaks
   classes[15, 2, 2] = sim.SPARK                    # a 1-voxel speck: dropped
   classes[2:14, 18:22, 30:34] = sim.PUFF           # 12 frames x 16 px puff: kept
-  assert ev_lib.ndimage.label(classes == sim.SPARK, structure=np.ones((3, 3, 3)))[1] == 2
+  assert ndimage.label(classes == sim.SPARK, structure=np.ones((3, 3, 3)))[1] == 2
   inst, cls_of = ev_lib.instances_from_classes(classes, spec, dff)
   events = ev_lib.describe(inst, cls_of, dff, spec)
   sparks = sorted((e for e in events if e.cls == sim.SPARK), key=lambda e: e.x_px)

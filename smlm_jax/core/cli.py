@@ -74,6 +74,14 @@ def inputs_and_output(flag_values, argv, output_kind: str = "a .csv file") -> li
   return inputs
 
 
+def workdir_inputs_and_output(flag_values, argv, output_kind: str = "a .csv file"):
+  """:func:`inputs_and_output` for tools that apply a trained run: --workdir is
+  required too (one line otherwise)."""
+  if not flag_values.workdir:
+    fail("--workdir is required (a trained run; see --help)")
+  return inputs_and_output(flag_values, argv, output_kind)
+
+
 def inputs_and_output_folder(flag_values, argv, input_kind: str = "TIFF file or folder",
                              output_kind: str = "a folder") -> list[str]:
   """As :func:`inputs_and_output`, for tools that write several files per input into an

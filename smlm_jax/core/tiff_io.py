@@ -9,6 +9,9 @@ Shared by every system's command-line tools:
 * ``find_movies`` / ``scan_files`` / ``scan_inputs``: expand files and folders and read
   each with a progress bar, turning every unusable input into one ``error:`` line and
   an error record instead of a traceback.
+Compressed files (LZW, Deflate, Zstd, PackBits, ...: what acquisition software and
+Fiji's "save compressed" write) are read through tifffile's codec package imagecodecs;
+without it, the file is one ``missing_codec`` error that says to install it.
 Every way a user file can be unusable raises ``MovieError`` with a one-line reason and a
 short code (for CSV flags ``error:<code>``), never another exception type.
 """
@@ -130,28 +133,65 @@ class Image:
     return self.axes.index(name) if name in self.axes else None
 
 
+def _missing_codec(page, decode_failed: bool = False) -> str | None:
+  """The compression (or predictor) of a TIFF page that needs the ``imagecodecs``
+  package, when that package is not installed; else None.
+
+  tifffile decodes LZW, PackBits, JPEG, ... and horizontal-differencing predictors only
+  through imagecodecs (Deflate without it, Zstd only on Python >= 3.14: its fallback
+  decoder fails on import, hence ``decode_failed``). A file that cannot be decoded for
+  another reason is left to fail as unreadable.
+  """
+  try:
+    import imagecodecs  # noqa: F401
+    return None
+  except ImportError:
+    pass
+  compression, predictor = page.compression, page.predictor
+  missing = [getattr(value, "name", str(value)) for value, needed in (
+      (compression, decode_failed or compression not in tifffile.TIFF.DECOMPRESSORS),
+      (predictor, predictor not in tifffile.TIFF.UNPREDICTORS)) if value != 1 and needed]
+  return " and ".join(missing) or None
+
+
 def read_image(path: str, allow_rgb: bool = False) -> Image:
   """Reads the first series of a TIFF with its axes and metadata (OME preferred, then
-  ImageJ). Raises MovieError for missing/unreadable files, RGB (unless allowed),
-  complex/bool pixels and NaN/inf values."""
+  ImageJ), uncompressed or compressed (LZW, Deflate, Zstd, PackBits, ... through
+  tifffile and imagecodecs). Raises MovieError for missing/unreadable files, RGB
+  (unless allowed; told from the header, whatever the compression), a compression
+  whose codec is not installed (``missing_codec``), complex/bool pixels and NaN/inf
+  values."""
   if not os.path.exists(path):
     raise MovieError(f"{path}: no such file", "not_found")
   if os.path.isdir(path):
     raise MovieError(f"{path}: is a folder, expected a TIFF file", "not_a_file")
+  data = codec = None
   try:
     with tifffile.TiffFile(path) as tif:
       series = tif.series[0]
-      data = series.asarray()
       axes = series.axes
+      # Classified from the header, before any pixel is decoded: a compressed RGB file
+      # is reported as RGB whether or not its codec is available.
       rgb = "S" in axes or tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
       px_nm, z_nm, interval, channels = _ome_metadata(tif)
       if px_nm is None and interval is None and z_nm is None:
         px_nm, z_nm, interval = _imagej_metadata(tif)
+      codec = _missing_codec(tif.pages[0])
+      if codec is None and not (rgb and not allow_rgb):
+        try:
+          data = series.asarray()
+        except ImportError:   # a decoder whose library is absent
+          codec = _missing_codec(tif.pages[0], decode_failed=True)
+          if codec is None:
+            raise
   except Exception as e:  # tifffile raises many types for corrupt files
     raise MovieError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
   if rgb and not allow_rgb:
     raise MovieError(f"{path}: RGB/RGBA image (axes {axes}); expected grayscale frames",
                      "rgb")
+  if codec is not None:
+    raise MovieError(f"{path}: compressed with {codec}, which needs the 'imagecodecs' "
+                     "package: pip install imagecodecs", "missing_codec")
   if np.iscomplexobj(data) or data.dtype == bool:
     raise MovieError(f"{path}: unsupported pixel type {data.dtype}", "bad_dtype")
   if data.dtype.kind == "f" and not np.all(np.isfinite(data)):

@@ -8,6 +8,7 @@ metrics       D accuracy metrics (relative RMSE per decade, interval coverage)
 evaluate      python -m smlm_jax.diffusion.evaluate: test set + plots
 predict       python -m smlm_jax.diffusion.predict: D for your TIFF movies
 calibrate     python -m smlm_jax.diffusion.calibrate: fit camera/PSF/priors to real data
+calibration   the calibration package (camera, statistics, fit, uncertainty, cli, ...)
 baselines     python -m smlm_jax.diffusion.baselines: MLE localization + CVE/MSD + CRLB
 simulate      python -m smlm_jax.diffusion.simulate: write simulated TIFFs + truth
 camera_setup  which camera numbers convert a user's ADU (flags > calibration > config)

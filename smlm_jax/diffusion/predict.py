@@ -316,9 +316,7 @@ def _define_flags():
 def main(argv):
   cli.quiet_logs()
   f = flags.FLAGS
-  if not f.workdir:
-    cli.fail("--workdir is required (a trained run; see --help)")
-  inputs = cli.inputs_and_output(f, argv)
+  inputs = cli.workdir_inputs_and_output(f, argv)
   if f.stride is not None and f.stride < 1:
     cli.fail("--stride must be >= 1")
   cli.require_positive(f, ("pixel_size_nm", "frame_interval_s", "camera_gain_adu_per_e",

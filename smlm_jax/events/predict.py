@@ -188,9 +188,7 @@ def _define_flags():
 def main(argv):
   cli.quiet_logs()
   f = flags.FLAGS
-  if not f.workdir:
-    cli.fail("--workdir is required (a trained run; see --help)")
-  inputs = cli.inputs_and_output(f, argv)
+  inputs = cli.workdir_inputs_and_output(f, argv)
   if f.threshold is not None and not 0.0 < f.threshold < 1.0:
     cli.fail("--threshold must be in (0, 1)")
   cli.require_positive(f, ("radius_px", "batch_size"))

@@ -1,0 +1,109 @@
+"""Choosing the confidence filter (``confidence``) per class on validation movies, and
+keeping it with the trained run (FILTER_FILE), where evaluate and predict read it."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from smlm_jax.sparks.events.matching import greedy, prf
+from smlm_jax.sparks.events.scoring import simulated_scorer
+from smlm_jax.sparks.events.spec import NAMES, EventSpec
+from smlm_jax.sparks.simulator import EVENT_CLASSES
+
+# The confidence filter (``confidence``) is chosen per class on simulated
+# validation movies (:func:`choose_filter`): every mean-probability threshold of
+# PROBABILITY_GRID (0 = off) with every volume floor of VOLUME_GRID_UM2_MS.
+PROBABILITY_GRID = (0.0,) + tuple(round(0.30 + 0.02 * i, 2) for i in range(31))
+VOLUME_GRID_UM2_MS = (0.0, 100.0, 200.0, 400.0, 800.0)
+FILTER_FILE = "events_filter.json"
+
+
+def filter_counts(records, cls: int, min_probability: float, min_volume: float):
+  """(TP, FP, FN) of class ``cls`` over :class:`MovieRecord` s when its predictions
+  need mean probability >= min_probability and volume >= min_volume (the class-``cls``
+  part of :meth:`Scorer.metrics`, fast enough for a grid)."""
+  tp = fp = fn = 0
+  for d in records:
+    keep = ((d.cls == cls) & (d.pmean >= min_probability - 1e-9)
+            & (d.volume >= min_volume - 1e-9))
+    same = (d.true_cls[d.pairs[:, 0]] == cls) & keep[d.pairs[:, 1]]
+    m = len(greedy(d.pairs[same], d.iomin[same], -1.0))
+    n_p = int(np.sum(keep & d.scored))
+    tp, fp, fn = tp + m, fp + n_p - m, fn + d.n_true(cls) - m
+  return tp, fp, fn
+
+
+def choose_filter(records, classes=EVENT_CLASSES) -> dict:
+  """Per class, the (min_probability, min_volume_um2_ms) of the grids with the highest
+  event F1 over the movies' records (:attr:`Scorer.records`; ties: the weakest
+  filter). Returns
+  {'min_probability': (spark, wave, puff), 'min_volume_um2_ms': (...),
+  'f1' / 'precision' / 'recall' / 'tp' / 'fp' / 'fn': {name: ...}, 'unfiltered_f1'}."""
+  out = {"min_probability": [0.0] * 3, "min_volume_um2_ms": [0.0] * 3}
+  stats = {k: {} for k in ("f1", "precision", "recall", "tp", "fp", "fn", "unfiltered_f1")}
+  for c in classes:
+    best = None
+    for v in VOLUME_GRID_UM2_MS:
+      for p in PROBABILITY_GRID:
+        tp, fp, fn = filter_counts(records, c, p, v)
+        f1 = prf(tp, fp, fn)[2]
+        f1 = -1.0 if math.isnan(f1) else f1
+        if best is None:
+          stats["unfiltered_f1"][NAMES[c]] = f1
+        if best is None or f1 > best[0] + 1e-12:
+          best = (f1, p, v, tp, fp, fn)
+    f1, p, v, tp, fp, fn = best
+    out["min_probability"][c - 1], out["min_volume_um2_ms"][c - 1] = p, v
+    pr, rc, _ = prf(tp, fp, fn)
+    for k, val in zip(("f1", "precision", "recall", "tp", "fp", "fn"), (f1, pr, rc, tp, fp, fn)):
+      stats[k][NAMES[c]] = val
+  out["min_probability"] = tuple(out["min_probability"])
+  out["min_volume_um2_ms"] = tuple(out["min_volume_um2_ms"])
+  out.update(stats)
+  return out
+
+
+def tune_simulated(probs, data, spec: EventSpec) -> dict:
+  """:func:`choose_filter` on a simulated set (``SparksTask.simulate_set``)."""
+  return choose_filter(simulated_scorer(probs, data, spec).records)
+
+
+def save_filter(workdir: str, chosen: dict, step: int, seed: int, num_movies: int) -> dict:
+  """Writes a :func:`choose_filter` result with where it was chosen as the run's
+  FILTER_FILE (atomically); returns the record."""
+  from smlm_jax.core import cli
+  record = dict(chosen, step=int(step), seed=int(seed), num_movies=int(num_movies))
+  cli.atomic_write_text(os.path.join(workdir, FILTER_FILE),
+                        json.dumps(record, indent=1, default=float))
+  return record
+
+
+def load_filter(workdir: str):
+  """The confidence filter a run chose on its validation movies (FILTER_FILE written
+  after training), or None for runs trained without it."""
+  path = os.path.join(workdir, FILTER_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def use_run_filter(config, workdir: str) -> str:
+  """Sets ``config.events.min_probability`` / ``min_volume_um2_ms`` to the run's tuned
+  filter when it has one; returns a line saying which filter is used."""
+  chosen = load_filter(workdir)
+  ev = config.events
+  if chosen is not None:
+    ev.min_probability = tuple(float(v) for v in chosen["min_probability"])
+    ev.min_volume_um2_ms = tuple(float(v) for v in chosen["min_volume_um2_ms"])
+    source = (f"chosen on {chosen.get('num_movies', '?')} validation movies (seed "
+              f"{chosen.get('seed', '?')}, step {chosen.get('step', '?')}; {FILTER_FILE})")
+  else:
+    source = "from the run's config"
+  mp = tuple(ev.get("min_probability", (0.0,) * 3))
+  mv = tuple(ev.get("min_volume_um2_ms", (0.0,) * 3))
+  return (f"confidence filter (spark, wave, puff): mean probability >= {mp}, volume >= "
+          f"{mv} um^2 ms, {source}")
