@@ -14,7 +14,9 @@ short code (for CSV flags ``error:<code>``), never another exception type.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -130,6 +132,42 @@ class Image:
     return self.axes.index(name) if name in self.axes else None
 
 
+class _Collect(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def open_tiff(path: str):
+  """``tifffile.TiffFile`` of a complete file. tifffile reads a truncated or damaged
+  file without an exception (it logs a warning and returns fewer pages), so this
+  raises MovieError (code ``truncated``) when tifffile warned about the file's
+  structure while the block read it, or when the last page's data lie past its end."""
+  logger = logging.getLogger("tifffile")
+  handler, propagate = _Collect(), logger.propagate
+  logger.addHandler(handler)
+  logger.propagate = False
+  try:
+    with tifffile.TiffFile(path) as tif:
+      yield tif
+      size = tif.filehandle.size
+      last = tif.series[0].pages[-1] if tif.series and len(tif.series[0].pages) else None
+      ends = [o + c for o, c in zip(getattr(last, "dataoffsets", ()),
+                                    getattr(last, "databytecounts", ()))]
+    bad = [m.splitlines()[0] for m in handler.messages
+           if any(w in m.lower() for w in ("invalid", "corrupt", "truncat"))]
+    if bad or (ends and max(ends) > size):
+      reason = bad[0] if bad else f"its data end at byte {max(ends)} of {size}"
+      raise MovieError(f"{path}: truncated or damaged TIFF ({reason})", "truncated")
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = propagate
+
+
 def read_image(path: str, allow_rgb: bool = False) -> Image:
   """Reads the first series of a TIFF with its axes and metadata (OME preferred, then
   ImageJ). Raises MovieError for missing/unreadable files, RGB (unless allowed),
@@ -139,7 +177,7 @@ def read_image(path: str, allow_rgb: bool = False) -> Image:
   if os.path.isdir(path):
     raise MovieError(f"{path}: is a folder, expected a TIFF file", "not_a_file")
   try:
-    with tifffile.TiffFile(path) as tif:
+    with open_tiff(path) as tif:
       series = tif.series[0]
       data = series.asarray()
       axes = series.axes
@@ -147,6 +185,8 @@ def read_image(path: str, allow_rgb: bool = False) -> Image:
       px_nm, z_nm, interval, channels = _ome_metadata(tif)
       if px_nm is None and interval is None and z_nm is None:
         px_nm, z_nm, interval = _imagej_metadata(tif)
+  except MovieError:
+    raise
   except Exception as e:  # tifffile raises many types for corrupt files
     raise MovieError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
   if rgb and not allow_rgb:
@@ -162,6 +202,22 @@ def read_image(path: str, allow_rgb: bool = False) -> Image:
   axes = "".join(axes[i] for i in keep)
   return Image(path=path, data=data, axes=axes, pixel_size_nm=px_nm, z_spacing_nm=z_nm,
                frame_interval_s=interval, channel_names=channels)
+
+
+def check_plausible(data: np.ndarray, path: str, camera_offset_adu: float | None = None):
+  """MovieError for data that cannot be a recording of the sample: every value equal
+  (code ``constant_input``: nothing to normalize) or, given the camera offset, a mean
+  at or below it (``below_camera_offset``: the signal would be negative photons - a
+  wrong --camera_offset_adu, or data already offset-subtracted or converted)."""
+  lo, hi = float(np.min(data)), float(np.max(data))
+  if lo == hi:
+    raise MovieError(f"{path}: every value is {lo:g}; nothing to measure", "constant_input")
+  if camera_offset_adu is not None:
+    mean = float(np.mean(data, dtype=np.float64))
+    if mean <= camera_offset_adu:
+      raise MovieError(f"{path}: mean value {mean:.4g} is not above the camera offset "
+                       f"{camera_offset_adu:g} ADU; set --camera_offset_adu for these "
+                       "data", "below_camera_offset")
 
 
 def write_image(path: str, data: np.ndarray, axes: str, pixel_size_nm: float | None = None,

@@ -319,6 +319,8 @@ def main(argv):
   if not f.workdir:
     cli.fail("--workdir is required (a trained run; see --help)")
   inputs = cli.inputs_and_output(f, argv)
+  if f.plot:
+    cli.check_writable(f.plot, "plot")
   if f.stride is not None and f.stride < 1:
     cli.fail("--stride must be >= 1")
   cli.require_positive(f, ("pixel_size_nm", "frame_interval_s", "camera_gain_adu_per_e",

@@ -177,17 +177,19 @@ def _movie_axes(axes: str, shape, path: str):
 
 
 def movie_info(path: str) -> MovieInfo:
-  """Geometry and OME/ImageJ metadata of a movie, from its header only."""
-  import tifffile
+  """Geometry and OME/ImageJ metadata of a movie, from its header only (a truncated
+  file is a MovieError, code ``truncated``)."""
   if not os.path.exists(path):
     raise MovieError(f"{path}: no such file", "not_found")
   try:
-    with tifffile.TiffFile(path) as tif:
+    with tiff_io.open_tiff(path) as tif:
       series = tif.series[0]
       shape, axes = series.shape, series.axes
       px, _, dt, _ = tiff_io._ome_metadata(tif)
       if px is None and dt is None:
         px, _, dt = tiff_io._imagej_metadata(tif)
+  except MovieError:
+    raise
   except Exception as e:  # tifffile raises many types for corrupt files
     raise MovieError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
   keep = [i for i, n in enumerate(shape) if n > 1 or axes[i] in "YX"]
