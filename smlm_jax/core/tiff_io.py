@@ -312,13 +312,15 @@ def window_starts(num_frames_in_file: int, num_frames: int, stride: int) -> list
 
 
 def read_windows(path: str, num_frames: int, height_px: int | None, width_px: int | None,
-                 stride: int | None = None) -> tuple[Movie, list[int]]:
+                 stride: int | None = None, camera_offset_adu: float | None = None
+                 ) -> tuple[Movie, list[int]]:
   """Reads a movie and splits it into windows of ``num_frames`` frames.
 
   Returns (movie, first frames). A stack of exactly T frames is one window; longer
   stacks give one window per ``stride`` frames (default T). Raises MovieError for
-  unreadable files, fewer than T frames, or frames of another size than the model's
-  (no size check when height_px is None).
+  unreadable files, fewer than T frames, frames of another size than the model's
+  (no size check when height_px is None), a constant movie and, given the camera
+  offset, a mean not above it (:func:`check_plausible`).
   """
   movie = read_movie(path)
   t, h, w = movie.frames.shape
@@ -329,6 +331,7 @@ def read_windows(path: str, num_frames: int, height_px: int | None, width_px: in
   if t < num_frames:
     raise MovieError(f"{path}: only {t} frames; the model needs windows of {num_frames}",
                      "too_few_frames")
+  check_plausible(movie.frames, path, camera_offset_adu)
   return movie, window_starts(t, num_frames, stride or num_frames)
 
 
@@ -390,10 +393,12 @@ def scan_files(inputs, read_fn, desc: str = "reading", log=print,
 
 
 def scan_inputs(inputs, num_frames: int, height_px: int | None, width_px: int | None,
-                stride: int | None = None, desc: str = "reading", log=print):
+                stride: int | None = None, desc: str = "reading", log=print,
+                camera_offset_adu: float | None = None):
   """Every input movie as (path, movie, first frames, None) or (path, None, [], error):
   :func:`scan_files` with :func:`read_windows` (predict, baselines, calibrate)."""
-  read = lambda p: read_windows(p, num_frames, height_px, width_px, stride)
+  read = lambda p: read_windows(p, num_frames, height_px, width_px, stride,
+                                camera_offset_adu)
   for path, result, error in scan_files(inputs, read, desc, log):
     if error:
       yield path, None, [], error

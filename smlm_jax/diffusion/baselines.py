@@ -347,7 +347,8 @@ def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
   rows, errors = [], 0
   assumed = set()
   for path, movie, starts, error in tiff_io.scan_inputs(inputs, t, None, None, stride,
-                                                       "baselines", log):
+                                                       "baselines", log,
+                                                       float(camera.offset_adu)):
     if error:
       rows.append([path, ""] + [""] * 7 + [f"error:{error[1]}"])
       errors += 1

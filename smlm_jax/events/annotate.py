@@ -13,8 +13,9 @@ shown with a physical scale (napari then exports world coordinates).
 
 The movie (OME-TIFF or ImageJ TIFF, any of T, C, Y, X; only its header is read) gives
 the frame count, size, pixel size and time increment; ``--shape=T,H,W`` replaces it when
-the movie is not at hand. Annotations outside the movie, non-integer frames and CSVs with
-other columns are errors (one line, exit 2).
+the movie is not at hand. Annotations outside the movie, non-integer frames, CSVs with
+other columns, a truncated movie file and an output that cannot be written (checked
+first) are errors (one line, exit 2).
 
 Output: ``[T, H, W]`` uint8 TIFF (ImageJ hyperstack with the movie's pixel size and
 frame interval), value ``254 * g``, with ``g = exp(-d^2 / (2 sigma^2))`` of the distance
@@ -334,6 +335,11 @@ def main(argv):
     cli.fail("give exactly one of --movie=PATH or --shape=T,H,W")
   if not f.sigma_px > 0:
     cli.fail("--sigma_px must be > 0")
+  output = f.output or os.path.join(os.path.dirname(os.path.abspath(f.movie or ".")),
+                                    "ground_truth.tif")
+  if os.path.isdir(output):
+    cli.fail(f"--output={output} is a folder; give a .tif file name")
+  cli.check_writable(output)
   try:
     if f.movie:
       info = movie_info(f.movie)
@@ -345,10 +351,6 @@ def main(argv):
     check_points(points, info)
   except (MovieError, ValueError) as e:
     cli.fail(str(e))
-  output = f.output or os.path.join(os.path.dirname(os.path.abspath(f.movie or ".")),
-                                    "ground_truth.tif")
-  if os.path.isdir(output):
-    cli.fail(f"--output={output} is a folder; give a .tif file name")
   bar = cli.progress(ground_truth_frames(points, info.shape, f.sigma_px),
                      total=info.num_frames, desc="ground truth", unit="frame")
   try:
