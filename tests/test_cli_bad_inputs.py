@@ -319,7 +319,7 @@ def test_baselines_from_another_folder_with_the_bad_inputs(tmp_path, monkeypatch
   out = tmp_path / "b.csv"
   code, err = run_cli("smlm_jax.diffusion.baselines", f"--input={folder}",
                       f"--input={tmp_path}/empty", f"--input={tmp_path}/missing.tif",
-                      f"--output={out}")
+                      f"--output={out}", "--config.sim.num_frames=8")
   expected = dict(BAD, **{"too_small.tif": "single_frame"})
   assert code == 1 and len(_errors(err)) == len(expected), err
   rows = [l.split(",") for l in out.read_text().splitlines() if not l.startswith("#")][1:]
