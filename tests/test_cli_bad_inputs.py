@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import io
 import os
+import sys
 import types
 
 from absl import flags
@@ -35,19 +36,20 @@ def run_cli(module_name, *args):
   """(exit code, stderr) of ``python -m module_name args`` run in this process."""
   module = importlib.import_module(module_name)
   before = set(FLAGS)
-  module._define_flags()
-  new = set(FLAGS) - before
+  saved_argv, sys.argv = sys.argv, [module_name, *args]  # config flags read overrides here
   err = io.StringIO()
   code = 0
   try:
-    argv = FLAGS([module_name, *args])
+    module._define_flags()
+    argv = FLAGS(sys.argv)
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
       try:
         module.main(argv)
       except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
   finally:
-    for name in new:
+    sys.argv = saved_argv
+    for name in set(FLAGS) - before:       # also config override flags made by parsing
       delattr(FLAGS, name)
     FLAGS.unparse_flags()
   return code, err.getvalue()
