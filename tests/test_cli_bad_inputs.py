@@ -259,7 +259,8 @@ SWEEP = {
     "diffusion": ("smlm_jax.diffusion.predict", "Predictor", _FakeDiffusion,
                   (8, 32, 32), "csv", dict(BAD, **{"too_small.tif": "single_frame"})),
     "events": ("smlm_jax.events.predict", "Predictor", _fake_events, (4, 24, 24), "csv",
-               dict(BAD, **{"below_offset.tif": None, "too_small.tif": "single_frame"})),
+               dict(BAD, **{"below_offset.tif": None, "too_small.tif": "single_frame",
+                            "short.tif": "too_few_frames", "small_frames.tif": "too_small"})),
     "sparks": ("smlm_jax.sparks.predict", "Segmenter", _fake_sparks, (16, 12, 20),
                "folder", dict(BAD, **{"too_small.tif": "single_frame"})),
     "fusion": ("smlm_jax.fusion.predict", "Predictor", _fake_fusion, (8, 12, 12), "folder",
@@ -274,6 +275,9 @@ def test_bad_inputs_sweep(system, tmp_path, monkeypatch):
   monkeypatch.setattr(module, attr, fake)
   folder = str(tmp_path / "in")
   _write_bad_inputs(folder, _movie(shape), 100.0)
+  if system == "events":      # the tiny run: windows of 3 frames, a depth-2 U-Net (8 px)
+    tiff_io.write_image(f"{folder}/short.tif", _movie((2, 24, 24)), "TYX")
+    tiff_io.write_image(f"{folder}/small_frames.tif", _movie((3, 6, 6)), "TYX")
   out = tmp_path / "out" / ("result.csv" if kind == "csv" else "result")
   args = [f"--workdir={tmp_path}", f"--output={out}", f"--input={folder}",
           f"--input={tmp_path}/empty", f"--input={tmp_path}/missing.tif"]
