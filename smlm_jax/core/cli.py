@@ -62,7 +62,8 @@ def progress(iterable=None, total=None, desc=None, unit="it"):
 
 def inputs_and_output(flag_values, argv, output_kind: str = "a .csv file") -> list[str]:
   """Inputs from --input (repeatable) plus positional paths (shell globs); checks that
-  --output is given and is not a folder. Ends the command with one line otherwise."""
+  --output is given, is not a folder and can be written (:func:`check_writable`). Ends
+  the command with one line otherwise."""
   inputs = list(flag_values.input) + list(argv[1:])
   output = flag_values.output
   if not output:
@@ -71,6 +72,7 @@ def inputs_and_output(flag_values, argv, output_kind: str = "a .csv file") -> li
     fail("give at least one --input=PATH (TIFF file or folder)")
   if os.path.isdir(output):
     fail(f"--output={output} is a folder; give {output_kind} name")
+  check_writable(output)
   return inputs
 
 
@@ -85,7 +87,8 @@ def workdir_inputs_and_output(flag_values, argv, output_kind: str = "a .csv file
 def inputs_and_output_folder(flag_values, argv, input_kind: str = "TIFF file or folder",
                              output_kind: str = "a folder") -> list[str]:
   """As :func:`inputs_and_output`, for tools that write several files per input into an
-  --output folder: checks that it is given and is not an existing file."""
+  --output folder: checks that it is given, is not an existing file and can be
+  written."""
   inputs = list(flag_values.input) + list(argv[1:])
   if not inputs:
     fail(f"give at least one --input=PATH ({input_kind})")
@@ -93,7 +96,49 @@ def inputs_and_output_folder(flag_values, argv, input_kind: str = "TIFF file or 
     fail(f"--output is required ({output_kind})")
   if os.path.isfile(flag_values.output):
     fail(f"--output={flag_values.output} is a file; give a folder")
+  check_writable(flag_values.output, folder=True)
   return inputs
+
+
+def check_writable(path: str, flag: str = "output", folder: bool = False) -> None:
+  """Ends the command with one line unless ``path`` can be written: a file (its folder
+  must accept a new file) or, with ``folder=True``, a folder. Missing folders are
+  created, a temporary file is written and removed, then the folders created here are
+  removed again, so a command that fails later (a bad --workdir) leaves nothing behind.
+  Call it before reading inputs or doing any work."""
+  target = os.path.abspath(path)
+  if folder and os.path.exists(target) and not os.path.isdir(target):
+    fail(f"--{flag}={path} is a file; give a folder")
+  if not folder and os.path.isdir(target):
+    fail(f"--{flag}={path} is a folder; give a file name")
+  directory = target if folder else os.path.dirname(target)
+  created, existing = [], directory
+  while not os.path.exists(existing):
+    created.append(existing)
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    fail(f"--{flag}={path} cannot be written: {existing} is a file, not a folder")
+  try:
+    for d in reversed(created):
+      os.mkdir(d)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+    os.close(fd)
+    os.unlink(tmp)
+  except OSError as e:
+    fail(f"--{flag}={path} cannot be written: {e.strerror or e} ({e.filename or directory})")
+  finally:
+    for d in created:                      # deepest first
+      try:
+        os.rmdir(d)
+      except OSError:
+        pass
+
+
+def config_path(name: str) -> str:
+  """The absolute path of ``configs/<name>.py`` of this checkout (the folder next to the
+  package), so that config defaults do not depend on the working folder."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return os.path.join(root, "configs", f"{name}.py")
 
 
 def require_positive(flag_values, names) -> None:

@@ -17,7 +17,9 @@ short code (for CSV flags ``error:<code>``), never another exception type.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -154,6 +156,42 @@ def _missing_codec(page, decode_failed: bool = False) -> str | None:
   return " and ".join(missing) or None
 
 
+class _Collect(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def open_tiff(path: str):
+  """``tifffile.TiffFile`` of a complete file. tifffile reads a truncated or damaged
+  file without an exception (it logs a warning and returns fewer pages), so this
+  raises MovieError (code ``truncated``) when tifffile warned about the file's
+  structure while the block read it, or when the last page's data lie past its end."""
+  logger = logging.getLogger("tifffile")
+  handler, propagate = _Collect(), logger.propagate
+  logger.addHandler(handler)
+  logger.propagate = False
+  try:
+    with tifffile.TiffFile(path) as tif:
+      yield tif
+      size = tif.filehandle.size
+      last = tif.series[0].pages[-1] if tif.series and len(tif.series[0].pages) else None
+      ends = [o + c for o, c in zip(getattr(last, "dataoffsets", ()),
+                                    getattr(last, "databytecounts", ()))]
+    bad = [m.splitlines()[0] for m in handler.messages
+           if any(w in m.lower() for w in ("invalid", "corrupt", "truncat"))]
+    if bad or (ends and max(ends) > size):
+      reason = bad[0] if bad else f"its data end at byte {max(ends)} of {size}"
+      raise MovieError(f"{path}: truncated or damaged TIFF ({reason})", "truncated")
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = propagate
+
+
 def read_image(path: str, allow_rgb: bool = False) -> Image:
   """Reads the first series of a TIFF with its axes and metadata (OME preferred, then
   ImageJ), uncompressed or compressed (LZW, Deflate, Zstd, PackBits, ... through
@@ -167,7 +205,7 @@ def read_image(path: str, allow_rgb: bool = False) -> Image:
     raise MovieError(f"{path}: is a folder, expected a TIFF file", "not_a_file")
   data = codec = None
   try:
-    with tifffile.TiffFile(path) as tif:
+    with open_tiff(path) as tif:
       series = tif.series[0]
       axes = series.axes
       # Classified from the header, before any pixel is decoded: a compressed RGB file
@@ -184,6 +222,8 @@ def read_image(path: str, allow_rgb: bool = False) -> Image:
           codec = _missing_codec(tif.pages[0], decode_failed=True)
           if codec is None:
             raise
+  except MovieError:
+    raise
   except Exception as e:  # tifffile raises many types for corrupt files
     raise MovieError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
   if rgb and not allow_rgb:
@@ -202,6 +242,22 @@ def read_image(path: str, allow_rgb: bool = False) -> Image:
   axes = "".join(axes[i] for i in keep)
   return Image(path=path, data=data, axes=axes, pixel_size_nm=px_nm, z_spacing_nm=z_nm,
                frame_interval_s=interval, channel_names=channels)
+
+
+def check_plausible(data: np.ndarray, path: str, camera_offset_adu: float | None = None):
+  """MovieError for data that cannot be a recording of the sample: every value equal
+  (code ``constant_input``: nothing to normalize) or, given the camera offset, a mean
+  at or below it (``below_camera_offset``: the signal would be negative photons - a
+  wrong --camera_offset_adu, or data already offset-subtracted or converted)."""
+  lo, hi = float(np.min(data)), float(np.max(data))
+  if lo == hi:
+    raise MovieError(f"{path}: every value is {lo:g}; nothing to measure", "constant_input")
+  if camera_offset_adu is not None:
+    mean = float(np.mean(data, dtype=np.float64))
+    if mean <= camera_offset_adu:
+      raise MovieError(f"{path}: mean value {mean:.4g} is not above the camera offset "
+                       f"{camera_offset_adu:g} ADU; set --camera_offset_adu for these "
+                       "data", "below_camera_offset")
 
 
 def write_image(path: str, data: np.ndarray, axes: str, pixel_size_nm: float | None = None,
@@ -296,13 +352,15 @@ def window_starts(num_frames_in_file: int, num_frames: int, stride: int) -> list
 
 
 def read_windows(path: str, num_frames: int, height_px: int | None, width_px: int | None,
-                 stride: int | None = None) -> tuple[Movie, list[int]]:
+                 stride: int | None = None, camera_offset_adu: float | None = None
+                 ) -> tuple[Movie, list[int]]:
   """Reads a movie and splits it into windows of ``num_frames`` frames.
 
   Returns (movie, first frames). A stack of exactly T frames is one window; longer
   stacks give one window per ``stride`` frames (default T). Raises MovieError for
-  unreadable files, fewer than T frames, or frames of another size than the model's
-  (no size check when height_px is None).
+  unreadable files, fewer than T frames, frames of another size than the model's
+  (no size check when height_px is None), a constant movie and, given the camera
+  offset, a mean not above it (:func:`check_plausible`).
   """
   movie = read_movie(path)
   t, h, w = movie.frames.shape
@@ -313,6 +371,7 @@ def read_windows(path: str, num_frames: int, height_px: int | None, width_px: in
   if t < num_frames:
     raise MovieError(f"{path}: only {t} frames; the model needs windows of {num_frames}",
                      "too_few_frames")
+  check_plausible(movie.frames, path, camera_offset_adu)
   return movie, window_starts(t, num_frames, stride or num_frames)
 
 
@@ -374,10 +433,12 @@ def scan_files(inputs, read_fn, desc: str = "reading", log=print,
 
 
 def scan_inputs(inputs, num_frames: int, height_px: int | None, width_px: int | None,
-                stride: int | None = None, desc: str = "reading", log=print):
+                stride: int | None = None, desc: str = "reading", log=print,
+                camera_offset_adu: float | None = None):
   """Every input movie as (path, movie, first frames, None) or (path, None, [], error):
   :func:`scan_files` with :func:`read_windows` (predict, baselines, calibrate)."""
-  read = lambda p: read_windows(p, num_frames, height_px, width_px, stride)
+  read = lambda p: read_windows(p, num_frames, height_px, width_px, stride,
+                                camera_offset_adu)
   for path, result, error in scan_files(inputs, read, desc, log):
     if error:
       yield path, None, [], error

@@ -2,7 +2,7 @@
 and the Cramér-Rao lower bounds of both steps. Pure JAX, jitted and vmapped.
 
   python -m smlm_jax.diffusion.baselines --input=PATH [--input=PATH ...] --output=FILE.csv \
-      [--config=configs/diffusion.py] [--camera_offset_adu=A --camera_gain_adu_per_e=G]
+      [--config=configs/diffusion.py (the default, found from any folder)] [--camera_offset_adu=A --camera_gain_adu_per_e=G]
       [--calibration=FILE.json] [--pixel_size_nm=P] [--frame_interval_s=S]
 
 Localization (:func:`localize`): maximum likelihood fit of a pixel-integrated
@@ -347,7 +347,8 @@ def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
   rows, errors = [], 0
   assumed = set()
   for path, movie, starts, error in tiff_io.scan_inputs(inputs, t, None, None, stride,
-                                                       "baselines", log):
+                                                       "baselines", log,
+                                                       float(camera.offset_adu)):
     if error:
       rows.append([path, ""] + [""] * 7 + [f"error:{error[1]}"])
       errors += 1
@@ -392,8 +393,10 @@ def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", "configs/diffusion.py",
-                                  "Config: window length, PSF, camera defaults.")
+  from smlm_jax.core import cli
+  config_flags.DEFINE_config_file("config", cli.config_path("diffusion"),
+                                  "Config: window length, PSF, camera defaults "
+                                  "(default: this checkout's configs/diffusion.py).")
   flags.DEFINE_multi_string("input", [], "TIFF file or folder; repeat for several.")
   flags.DEFINE_string("output", None, "CSV file to write.")
   flags.DEFINE_integer("stride", None, "Frames between windows (default T).")

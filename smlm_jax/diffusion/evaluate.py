@@ -91,6 +91,9 @@ def main(argv):
     cli.fail("--workdir is required")
   if flags.FLAGS.num_movies < 1:
     cli.fail("--num_movies must be >= 1")
+  if not os.path.isdir(flags.FLAGS.workdir):
+    cli.fail(f"--workdir={flags.FLAGS.workdir}: no such folder (a trained run)")
+  cli.check_writable(os.path.join(flags.FLAGS.workdir, "eval"), "workdir", folder=True)
   try:
     evaluate_run(flags.FLAGS.workdir, flags.FLAGS.num_movies, flags.FLAGS.seed)
   except FileNotFoundError as e:

@@ -33,9 +33,13 @@ photons per pixel per frame (both before QE). flag is ``ok`` or ';'-joined reaso
   error:<reason>           the file could not be used (D columns empty), e.g.
                            error:unreadable, error:rgb, error:single_frame,
                            error:too_few_frames, error:nan_or_inf, error:wrong_size,
-                           error:not_found, error:empty_folder
+                           error:not_found, error:empty_folder, error:truncated,
+                           error:constant_input (every value equal),
+                           error:below_camera_offset (the movie's mean is not above
+                           the camera offset: negative photons - set the camera)
 Bad files never stop the run: each gets one line on stderr and an error row; the exit
-code is 1 when any file failed, 0 otherwise. The CSV is written atomically.
+code is 1 when any file failed, 0 otherwise. The CSV is written atomically. --output
+and --plot are checked before anything is read (exit 2 when they cannot be written).
 """
 from __future__ import annotations
 
@@ -178,8 +182,9 @@ def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
         row.flags.append("D_above_trained_range")
     pending.clear()
 
+  offset = float(predictor.camera.offset_adu) if predictor.camera is not None else None
   for path, movie, starts, error in tiff_io.scan_inputs(inputs, t, h, w, stride, "predict",
-                                                       log):
+                                                       log, offset):
     if error:
       rows.append(Row(file=path, error=error[1]))
       continue
@@ -317,6 +322,8 @@ def main(argv):
   cli.quiet_logs()
   f = flags.FLAGS
   inputs = cli.workdir_inputs_and_output(f, argv)
+  if f.plot:
+    cli.check_writable(f.plot, "plot")
   if f.stride is not None and f.stride < 1:
     cli.fail("--stride must be >= 1")
   cli.require_positive(f, ("pixel_size_nm", "frame_interval_s", "camera_gain_adu_per_e",

@@ -22,13 +22,19 @@ from smlm_jax.core import cli
 from smlm_jax.diffusion import simulator as sim_lib
 from smlm_jax.core import tiff_io
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/diffusion.py",
-                                          "Config file with a `sim` section.")
-_NUM = flags.DEFINE_integer("num_movies", 100, "Number of movies to write.")
-_OUT = flags.DEFINE_string("output_dir", None, "Folder for the TIFFs and truth.csv.")
-_SEED = flags.DEFINE_integer("seed", None, "Random seed (default: config.seed).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty folder.")
-_CHUNK = flags.DEFINE_integer("chunk", 256, "Movies simulated per device call.")
+
+
+def _define_flags():
+  """Flags exist only when run as a command (importing this module defines none)."""
+  config_flags.DEFINE_config_file("config", cli.config_path("diffusion"),
+                                  "Config file with a `sim` section (default: this "
+                                  "checkout's configs/diffusion.py).")
+  flags.DEFINE_integer("num_movies", 100, "Number of movies to write.")
+  flags.DEFINE_string("output_dir", None, "Folder for the TIFFs and truth.csv.")
+  flags.DEFINE_integer("seed", None, "Random seed (default: config.seed).")
+  flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty folder.")
+  flags.DEFINE_integer("chunk", 256, "Movies simulated per device call.")
+
 
 TRUTH_COLUMNS = ("file", "D_um2_per_s", "photons", "background_photons",
                  "in_field_fraction")
@@ -71,25 +77,29 @@ def main(argv):
   cli.quiet_logs()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value
-  if _OUT.value is None:
+  f = flags.FLAGS
+  config = f.config
+  if f.output_dir is None:
     cli.fail("--output_dir is required")
-  if _NUM.value < 1:
+  if f.num_movies < 1:
     cli.fail("--num_movies must be >= 1")
-  out = _OUT.value
+  cli.require_positive(f, ("chunk",))
+  out = f.output_dir
   if os.path.exists(out) and not os.path.isdir(out):
     cli.fail(f"--output_dir {out} exists and is not a folder")
-  if os.path.isdir(out) and os.listdir(out) and not _OVERWRITE.value:
+  if os.path.isdir(out) and os.listdir(out) and not f.overwrite:
     cli.fail(f"--output_dir {out} is not empty; pass --overwrite to write into it")
+  cli.check_writable(out, "output_dir", folder=True)
   os.makedirs(out, exist_ok=True)
   try:
     simulator = sim_lib.simulator_from_config(config.sim)
   except ValueError as e:
     cli.fail(f"bad config: {e}")
-  seed = config.seed if _SEED.value is None else _SEED.value
-  write_simulated_movies(simulator, _NUM.value, out, seed, min(_CHUNK.value, _NUM.value))
-  print(f"wrote {_NUM.value} movies and truth.csv to {out}")
+  seed = config.seed if f.seed is None else f.seed
+  write_simulated_movies(simulator, f.num_movies, out, seed, min(f.chunk, f.num_movies))
+  print(f"wrote {f.num_movies} movies and truth.csv to {out}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

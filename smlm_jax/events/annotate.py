@@ -13,8 +13,9 @@ shown with a physical scale (napari then exports world coordinates).
 
 The movie (OME-TIFF or ImageJ TIFF, any of T, C, Y, X; only its header is read) gives
 the frame count, size, pixel size and time increment; ``--shape=T,H,W`` replaces it when
-the movie is not at hand. Annotations outside the movie, non-integer frames and CSVs with
-other columns are errors (one line, exit 2).
+the movie is not at hand. Annotations outside the movie, non-integer frames, CSVs with
+other columns, a truncated movie file and an output that cannot be written (checked
+first) are errors (one line, exit 2).
 
 Output: ``[T, H, W]`` uint8 TIFF (ImageJ hyperstack with the movie's pixel size and
 frame interval), value ``254 * g``, with ``g = exp(-d^2 / (2 sigma^2))`` of the distance
@@ -177,17 +178,19 @@ def _movie_axes(axes: str, shape, path: str):
 
 
 def movie_info(path: str) -> MovieInfo:
-  """Geometry and OME/ImageJ metadata of a movie, from its header only."""
-  import tifffile
+  """Geometry and OME/ImageJ metadata of a movie, from its header only (a truncated
+  file is a MovieError, code ``truncated``)."""
   if not os.path.exists(path):
     raise MovieError(f"{path}: no such file", "not_found")
   try:
-    with tifffile.TiffFile(path) as tif:
+    with tiff_io.open_tiff(path) as tif:
       series = tif.series[0]
       shape, axes = series.shape, series.axes
       px, _, dt, _ = tiff_io._ome_metadata(tif)
       if px is None and dt is None:
         px, _, dt = tiff_io._imagej_metadata(tif)
+  except MovieError:
+    raise
   except Exception as e:  # tifffile raises many types for corrupt files
     raise MovieError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
   keep = [i for i, n in enumerate(shape) if n > 1 or axes[i] in "YX"]
@@ -332,6 +335,11 @@ def main(argv):
     cli.fail("give exactly one of --movie=PATH or --shape=T,H,W")
   if not f.sigma_px > 0:
     cli.fail("--sigma_px must be > 0")
+  output = f.output or os.path.join(os.path.dirname(os.path.abspath(f.movie or ".")),
+                                    "ground_truth.tif")
+  if os.path.isdir(output):
+    cli.fail(f"--output={output} is a folder; give a .tif file name")
+  cli.check_writable(output)
   try:
     if f.movie:
       info = movie_info(f.movie)
@@ -343,10 +351,6 @@ def main(argv):
     check_points(points, info)
   except (MovieError, ValueError) as e:
     cli.fail(str(e))
-  output = f.output or os.path.join(os.path.dirname(os.path.abspath(f.movie or ".")),
-                                    "ground_truth.tif")
-  if os.path.isdir(output):
-    cli.fail(f"--output={output} is a folder; give a .tif file name")
   bar = cli.progress(ground_truth_frames(points, info.shape, f.sigma_px),
                      total=info.num_frames, desc="ground truth", unit="frame")
   try:

@@ -321,6 +321,9 @@ def main(argv):
       cli.fail(f"--{name} must be >= 0")
   if f.negatives is not None and f.negatives < 0:
     cli.fail("--negatives must be >= 0")
+  cli.check_writable(f.output_dir, "output_dir", folder=True)
+  if f.plot and f.plot.lower() != "none":
+    cli.check_writable(f.plot, "plot")
   metadata = f.metadata
   if metadata is None:
     guess = os.path.join(os.path.dirname(os.path.abspath(f.movie)), "db.yaml")

@@ -33,10 +33,11 @@ kept as ``yaml.<key>`` (e.g. deep-events' ``frames: [first, last]`` is
 and frame interval come from the YAML's pixel_size_nm / frame_interval_s, else from
 deep-events' ``ome.physical_size_x`` (um) / ``ome.time_increment`` (ms).
 
-Conditions ``KEY OP VALUE`` (all must hold): ``=`` (case-insensitive text, or numeric
-equality when VALUE is a number), ``!=`` (no element equal; events without the key
+Conditions ``KEY OP VALUE`` (all must hold): ``=`` or ``==`` (case-insensitive text, or
+numeric equality when VALUE is a number), ``!=`` (no element equal; events without the key
 match), ``>=  <=  >  <`` (numeric), ``~`` (substring, case-insensitive). A list-valued
 key matches when any element does (``cell_line=cos7`` matches ``cell_line: [cos7]``).
+A query that finds nothing says which of its keys no event has (a typo, or see ``keys``).
 
 ``split`` assigns each event (or each group of events sharing ``--group_by``, e.g.
 source_file: all crops of a movie together) to validation when
@@ -97,10 +98,12 @@ class DatabaseError(ValueError):
 
 # ------------------------------------------------------------------- folder records
 def _tiff_shape(path: str):
-  import tifffile
+  from smlm_jax.core import tiff_io
   try:
-    with tifffile.TiffFile(path) as tif:
+    with tiff_io.open_tiff(path) as tif:
       shape = [n for n in tif.series[0].shape if n > 1] or [1]
+  except MovieError:
+    raise
   except Exception as e:  # tifffile raises many types for corrupt files
     raise MovieError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
   if len(shape) == 2:
@@ -220,6 +223,11 @@ class EventDB:
   """An SQLite event database (created on first use unless ``must_exist``)."""
 
   def __init__(self, path: str, must_exist: bool = False):
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+      raise DatabaseError(f"--db={path} is a folder; give a database file name")
+    if not os.path.isdir(folder):
+      raise DatabaseError(f"--db={path}: the folder {folder} does not exist")
     if must_exist and not os.path.isfile(path):
       raise DatabaseError(f"no database at {path}; create it with: python -m "
                           f"smlm_jax.events.db add FOLDER --db={path}")
@@ -446,6 +454,16 @@ def cmd_split(db, conditions, val_fraction, seed, group_by, output) -> int:
   return 0
 
 
+def _explain_empty(db, conditions):
+  """One line per condition whose key no event has (the usual reason for no match)."""
+  known = {k for k, _, _ in db.keys()}
+  for cond in conditions:
+    key = _CONDITION.match(cond).group(1)
+    if key not in known:
+      print(f"note: no event has the key {key!r} (python -m smlm_jax.events.db keys "
+            f"--db={db.path} lists them)", file=sys.stderr)
+
+
 def _define_flags():
   from absl import flags
   flags.DEFINE_string("db", "events.db", "SQLite database file.")
@@ -466,6 +484,8 @@ def main(argv):
   if len(argv) < 2 or argv[1] not in COMMANDS:
     cli.fail(f"give a command: {' | '.join(COMMANDS)} (see --help)")
   command, args = argv[1], argv[2:]
+  if f.output and command in ("list", "query", "split"):
+    cli.check_writable(f.output)
   try:
     if command == "add":
       if not args:
@@ -478,7 +498,10 @@ def main(argv):
       elif command == "query":
         if not args:
           cli.fail("query: give conditions like microscope=isim frames>=5 (or use list)")
-        _print_table(db.query(args), f.output)
+        records = db.query(args)
+        _print_table(records, f.output)
+        if not records:
+          _explain_empty(db, args)
       elif command == "keys":
         for key, n, example in db.keys():
           print(f"{key:<40} {n:>6} event(s)   e.g. {example}")

@@ -4,9 +4,10 @@
       --output=detections.csv [--threshold=0.8] [--radius_px=8] [--channel=0] \
       [--no_probability_tiffs]
 
-Inputs: TIFF / OME-TIFF movies [T, H, W] (or [T, C, H, W] with --channel; a single 2D
-frame is a movie of one frame), files or folders (searched recursively); a shell glob
-works too. Any frame size: the U-Net is fully convolutional. Every frame t gets a
+Inputs: TIFF / OME-TIFF movies [T, H, W] (or [T, C, H, W] with --channel) of at least
+the run's window of n frames (``data.num_frames``, 3 by default) and at least
+max(8, 2 x 2^depth) px per side (16 px for the default U-Net), files or folders
+(searched recursively); a shell glob works too. Any frame size: the U-Net is fully convolutional. Every frame t gets a
 prediction from the window of frames t-n+1 .. t (n = the run's data.num_frames; the
 first frame is repeated before the start), normalized as in training
 (:func:`smlm_jax.events.data.normalize`), so camera offset and gain need no flags.
@@ -22,7 +23,10 @@ detection: local maxima of the probability >= the threshold, none within
 frame counts from 0; y_px / x_px are pixel indices (row, column); score is the
 probability; flag is ``ok``, or ``error:<reason>`` on a row (other columns empty) for an
 input that could not be used (error:not_found, error:unreadable, error:rgb,
-error:bad_shape, error:bad_channel, error:too_small, error:empty_folder, ...).
+error:bad_shape, error:bad_channel, error:single_frame, error:too_few_frames,
+error:too_small, error:constant_input, error:truncated, error:empty_folder, ...).
+--output is checked before anything is read: a folder that cannot be written is an
+error (exit 2) and nothing is left behind.
 The threshold is the run's (``threshold.json``: maximum event-level F-beta on its
 validation set) unless ``--threshold`` is given; the header says which, and lists every
 movie with its number of frames and detections. A movie whose pixel size differs by
@@ -79,12 +83,25 @@ class Predictor:
       yield from probs
 
 
-def _read(channel):
+def min_side_px(model_config) -> int:
+  """Smallest frame side the U-Net is run on: its deepest level at least 2 x 2 px."""
+  return max(MIN_SIDE_PX, 2 * 2 ** int(model_config.depth))
+
+
+def _read(channel, min_frames=1, min_side=MIN_SIDE_PX):
   def read(path):
     frames, info = annotate.read_frames(path, channel)
-    if min(frames.shape[1:]) < MIN_SIDE_PX:
+    if frames.shape[0] == 1 < min_frames:
+      raise MovieError(f"{path}: a single 2D frame {frames.shape[1:]}; expected a movie "
+                       f"of at least {min_frames} frames (the model's window)",
+                       "single_frame")
+    if frames.shape[0] < min_frames:
+      raise MovieError(f"{path}: only {frames.shape[0]} frame(s); the model needs at least "
+                       f"{min_frames} (its window)", "too_few_frames")
+    if min(frames.shape[1:]) < min_side:
       raise MovieError(f"{path}: frames of {frames.shape[1]}x{frames.shape[2]} px; need at "
-                       f"least {MIN_SIDE_PX} px per side", "too_small")
+                       f"least {min_side} px per side", "too_small")
+    tiff_io.check_plausible(frames, path)
     return frames.astype(np.float32), info
   return read
 
@@ -116,7 +133,6 @@ def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
   from smlm_jax.events import metrics as metrics_lib
   from smlm_jax.events import task as task_lib
   t0 = time.time()
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   predictor = Predictor(workdir, batch_size)
   cfg = predictor.config
   if threshold is None:
@@ -132,7 +148,8 @@ def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
         f"{radius:g} px", file=sys.stderr)
   rows, notes, used = [], [], set()
   errors = 0
-  for path, result, error in tiff_io.scan_files(inputs, _read(channel), "predict"):
+  read = _read(channel, predictor.n, min_side_px(cfg.model))
+  for path, result, error in tiff_io.scan_files(inputs, read, "predict"):
     if error:
       rows.append([path, "", "", "", "", f"error:{error[1]}"])
       errors += 1

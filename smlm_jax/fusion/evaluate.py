@@ -13,8 +13,11 @@ Files or folders: with folders, predictions are paired with targets (and inputs)
 name, ``X_fused.tif`` (what smlm_jax.fusion.predict writes) or ``X.tif`` <-> ``X.tif``.
 Prints one line per pair and the mean; ``--output`` also writes them as CSV:
   pred, target, input, ssim, psnr_db, input_ssim, input_psnr_db, n_ssim, flag
-flag is ``ok`` or ``error:<code>`` (not_found, unreadable, not_3d, bad_shape, bad_dtype,
-rgb, nan_or_inf, shape_mismatch, no_match). A bad pair gets one ``error:`` line on stderr
+flag is ``ok``, ``input_equals_target`` (the view is the target: N_SSIM undefined, left
+empty and out of the mean) or ``error:<code>`` (not_found, unreadable, truncated, not_3d,
+bad_shape, bad_dtype, rgb, nan_or_inf, shape_mismatch, no_match, constant_input - a
+constant target). A missing --pred/--target/--input path or an --output that cannot be
+written ends the command at once (one line, exit 2). A bad pair gets one ``error:`` line on stderr
 and its row; the others are still scored; the exit code is 1 if any pair failed.
 """
 from __future__ import annotations
@@ -43,6 +46,9 @@ def _key(path: str) -> str:
 
 def pair_paths(pred: str, target: str, view: str | None):
   """[(pred, target, view | None, error | None)] for files or folders (matched by name)."""
+  for flag, path in (("pred", pred), ("target", target), ("input", view)):
+    if path and not os.path.exists(path):
+      raise ValueError(f"--{flag}={path}: no such file or folder")
   if not os.path.isdir(pred):
     if os.path.isdir(target) or (view and os.path.isdir(view)):
       raise ValueError("--pred is a file, so --target and --input must be files too")
@@ -74,7 +80,7 @@ def score_pair(pred_path: str, target_path: str, view_path: str | None) -> dict:
   """Metrics of one pair (raises MovieError for unusable files or shape mismatches)."""
   from smlm_jax.fusion import metrics
   pred, _ = volume_io.read_volume(pred_path)
-  target, _ = volume_io.read_volume(target_path)
+  target, _ = volume_io.read_volume(target_path, reject_constant=True)
   view = volume_io.read_volume(view_path)[0] if view_path else None
   for name, (path, vol) in (("prediction", (pred_path, pred)),
                             ("input", (view_path, view))):
@@ -105,19 +111,25 @@ def run(pred, target, view=None, output=None, log=print) -> int:
       rows.append([p, t, v or "", "", "", "", "", "", f"error:{error[1]}"])
       continue
     results.append(m)
+    flag = "ok"
+    if "n_ssim" in m and not np.isfinite(m["n_ssim"]):
+      flag = "input_equals_target"
+      log(f"warning: {v}: the input view equals the target (SSIM 1): N_SSIM is undefined "
+          "(left empty)", file=sys.stderr)
     rows.append([p, t, v or "", num(m["ssim"], ".4f"), num(m["psnr"], ".2f"),
                  num(m.get("input_ssim", np.nan), ".4f"),
                  num(m.get("input_psnr", np.nan), ".2f"),
-                 num(m.get("n_ssim", np.nan), ".4f"), "ok"])
+                 num(m.get("n_ssim", np.nan), ".4f"), flag])
   bar.close()
   for r in rows:
-    if r[-1] == "ok":
+    if not r[-1].startswith("error:"):
       line = f"{os.path.basename(r[0])}: SSIM {r[3]}  PSNR {r[4]} dB"
       if r[5]:
         line += f"  input SSIM {r[5]}  input PSNR {r[6]} dB  N_SSIM {r[7]}"
       log(line)
   if results:
-    mean = lambda k: float(np.mean([m[k] for m in results]))
+    mean = lambda k: float(np.nanmean([m[k] for m in results])) if any(
+        np.isfinite(m[k]) for m in results) else float("nan")
     line = f"mean over {len(results)} pair(s): SSIM {mean('ssim'):.4f}  PSNR {mean('psnr'):.2f} dB"
     if "n_ssim" in results[0]:
       line += f"  input SSIM {mean('input_ssim'):.4f}  N_SSIM {mean('n_ssim'):.4f}"
@@ -145,8 +157,8 @@ def main(argv):
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not f.pred or not f.target:
     cli.fail("--pred and --target are required (TIFF files or folders)")
-  if f.output and os.path.isdir(f.output):
-    cli.fail(f"--output={f.output} is a folder; give a .csv file name")
+  if f.output:
+    cli.check_writable(f.output)
   try:
     code = run(f.pred, f.target, f.input, f.output)
   except ValueError as e:

@@ -129,7 +129,11 @@ def ssim3d(x, y, slab: int = 64) -> float:
 
 
 def n_ssim(pred_ssim, input_ssim):
-  """(SSIM(pred, fused) - SSIM(view, fused)) / (1 - SSIM(view, fused))."""
+  """(SSIM(pred, fused) - SSIM(view, fused)) / (1 - SSIM(view, fused)); NaN when the
+  view already equals the fused volume (SSIM(view, fused) within 1e-6 of 1, float32
+  rounding: nothing to improve, the ratio is undefined)."""
+  if np.isscalar(input_ssim) and not input_ssim < 1.0 - 1e-6:   # Python/numpy scalars
+    return float("nan")
   return (pred_ssim - input_ssim) / (1.0 - input_ssim)
 
 

@@ -20,8 +20,10 @@ prediction). ``OUT_DIR/predict_summary.csv`` lists every input:
 flag is ``ok`` or ';'-joined reasons: ``voxel_size_mismatch`` (more than 10% from the
 training voxel size: the network learned the PSF in voxels - resample or retrain with
 --config.sim.voxel_size_um), ``voxel_size_unknown`` (no metadata; training value
-assumed), or ``error:<code>`` (not_found, unreadable, not_3d, bad_shape, bad_dtype, rgb,
-nan_or_inf, empty_folder) for inputs that could not be used. Bad inputs never stop the
+assumed), or ``error:<code>`` (not_found, unreadable, truncated, not_3d, bad_shape,
+bad_dtype, rgb, nan_or_inf, constant_input - all voxels equal: nothing to normalize,
+no volume is written -, empty_folder) for inputs that could not be used. --output is
+checked before anything is read (exit 2 when it cannot be written). Bad inputs never stop the
 run: one ``error:`` line each on stderr, exit code 1 if any failed.
 
 Models trained with ``model.depth_channel`` also get each slice's depth below the
@@ -149,8 +151,8 @@ def run(workdir, inputs, output_dir, tile=None, overlap=None, halo=None, memory_
       f"{ref[0]:g} x {ref[1]:g} x {ref[2]:g} um (z, y, x)", file=sys.stderr)
   os.makedirs(output_dir, exist_ok=True)
   rows, failed = [], 0
-  for path, result, error in tiff_io.scan_files(inputs, volume_io.read_volume, "predict",
-                                                log):
+  read = lambda p: volume_io.read_volume(p, reject_constant=True)
+  for path, result, error in tiff_io.scan_files(inputs, read, "predict", log):
     if error:
       failed += 1
       rows.append([path, "", "", "", "", "", f"error:{error[1]}"])

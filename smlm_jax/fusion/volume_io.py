@@ -11,12 +11,14 @@ from smlm_jax.core.tiff_io import MovieError
 MIN_SIDE = 2
 
 
-def read_volume(path: str):
+def read_volume(path: str, reject_constant: bool = False):
   """(float32 volume [Z, Y, X], tiff_io.Image) of a single-channel 3D TIFF stack.
 
-  Raises MovieError (one line, a short code) for missing/unreadable files, RGB,
-  complex/bool/non-numeric pixels, NaN/inf, 2D images and data with more than three
-  axes (time series or several channels: split them first)."""
+  Raises MovieError (one line, a short code) for missing/unreadable/truncated files,
+  RGB, complex/bool/non-numeric pixels, NaN/inf, 2D images, data with more than three
+  axes (time series or several channels: split them first) and, with
+  ``reject_constant``, a volume whose 2nd and 99.8th percentiles are equal
+  (``constant_input``: nothing to normalize by)."""
   image = tiff_io.read_image(path)
   data = image.data
   if data.dtype.kind not in "uif":
@@ -35,6 +37,13 @@ def read_volume(path: str):
   volume = data.astype(np.float32)
   if not np.all(np.isfinite(volume)):
     raise MovieError(f"{path}: contains NaN or infinite voxel values", "nan_or_inf")
+  if reject_constant:
+    from smlm_jax.fusion import metrics
+    lo, hi = metrics.percentiles(volume)
+    if not hi > lo:
+      raise MovieError(f"{path}: its 2nd and 99.8th percentiles are equal ({lo:g}): a "
+                       "constant (or almost empty) volume has nothing to normalize by",
+                       "constant_input")
   return volume, image
 
 

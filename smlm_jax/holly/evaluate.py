@@ -227,6 +227,11 @@ def main(argv):
     cli.fail(f"--workdir={f.workdir}: no such folder")
   if f.num_images < 0 or f.starts < 1:
     cli.fail("--num_images must be >= 0 and --starts >= 1")
+  if f.learned and not os.path.isfile(f.learned):
+    cli.fail(f"--learned={f.learned}: no such file")
+  cli.check_writable(f.output or os.path.join(
+      f.workdir or os.path.dirname(os.path.abspath(f.learned)), "eval"), "output",
+      folder=True)
   if f.reference:
     try:
       shapes.read_shape(f.reference)

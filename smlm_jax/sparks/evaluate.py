@@ -104,7 +104,7 @@ def evaluate_annotated(workdir, movies, labels, instances=(), pixel_size_nm=None
   log(seg.filter_note)
   scorer = None
   for i, (mpath, lpath) in enumerate(zip(movies, labels)):
-    image = predict_lib.read_movie(mpath)
+    image = predict_lib.read_movie(mpath, float(seg.camera.offset_adu))
     lab = _read_volume(lpath, image.data.shape, "labels")
     if lab.min() < 0 or lab.max() > 4:
       raise tiff_io.MovieError(f"{lpath}: label values must be 0-4 (0 background, 1 spark, "
@@ -213,6 +213,13 @@ def main(argv):
     cli.fail("give one --instances per --movie (or none)")
   if f.num_movies < 1:
     cli.fail("--num_movies must be >= 1")
+  if not os.path.isdir(f.workdir):
+    cli.fail(f"--workdir={f.workdir}: no such folder (a trained run)")
+  if f.tune:
+    cli.check_writable(f.workdir, "workdir", folder=True)
+  else:
+    cli.check_writable(f.output or os.path.join(
+        f.workdir, "eval_annotated" if f.movie else "eval"), "output", folder=True)
   try:
     if f.tune:
       tune_run(f.workdir, f.num_movies, None if f["seed"].using_default_value else f.seed)

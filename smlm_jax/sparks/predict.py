@@ -36,7 +36,11 @@ Outputs in --output (a folder), for each movie STEM.tif:
 and summary.csv: file, frames, height_px, width_px, pixel_size_nm, frame_interval_ms,
 sparks, waves, puffs, flag (ok; pixel_size_mismatch / frame_interval_mismatch;
 error:<reason> such as error:not_found, error:unreadable, error:rgb, error:bad_shape,
-error:single_frame, error:too_few_frames, error:nan_or_inf, error:empty_folder).
+error:single_frame, error:too_few_frames, error:nan_or_inf, error:empty_folder,
+error:truncated, error:constant_input, error:below_camera_offset - the movie's mean is
+not above the camera offset: negative photons, so no events are reported; set
+--camera_offset_adu). --output is checked before anything is read (exit 2 when it
+cannot be written; nothing is left behind).
 Bad inputs never stop the run: one error line each on stderr, an error row in
 summary.csv, exit code 1 when any input failed (0 otherwise). Files are written
 atomically (temporary file + rename).
@@ -67,8 +71,10 @@ SUMMARY_COLUMNS = ("file", "frames", "height_px", "width_px", "pixel_size_nm",
                    "frame_interval_ms", "sparks", "waves", "puffs", "flag")
 
 
-def read_movie(path: str) -> tiff_io.Image:
-  """A [T, H, W] movie (float32 data) with its metadata; MovieError otherwise."""
+def read_movie(path: str, camera_offset_adu: float | None = None) -> tiff_io.Image:
+  """A [T, H, W] movie (float32 data) with its metadata; MovieError otherwise, also
+  for a constant movie and, given the camera offset, one whose mean is not above it
+  (:func:`smlm_jax.core.tiff_io.check_plausible`)."""
   image = tiff_io.read_image(path)
   data = image.data
   if data.ndim == 2:
@@ -81,6 +87,7 @@ def read_movie(path: str) -> tiff_io.Image:
   if data.shape[0] < MIN_FRAMES:
     raise tiff_io.MovieError(f"{path}: only {data.shape[0]} frames; need at least "
                              f"{MIN_FRAMES}", "too_few_frames")
+  tiff_io.check_plausible(data, path, camera_offset_adu)
   image.data = data.astype(np.float32)
   return image
 
@@ -202,7 +209,9 @@ def run(workdir, inputs, output, chunk_frames=None, stride_frames=None, batch_si
   files, _ = tiff_io.find_movies(inputs)
   stems = _unique_stems(files)
   summary, failed, assumed, notes = [], 0, set(), set()
-  for path, image, error in tiff_io.scan_files(inputs, read_movie, "predict", log):
+  offset = float(seg.camera.offset_adu)
+  for path, image, error in tiff_io.scan_files(inputs, lambda p: read_movie(p, offset),
+                                               "predict", log):
     if error:
       failed += 1
       summary.append([path, "", "", "", "", "", "", "", "", f"error:{error[1]}"])

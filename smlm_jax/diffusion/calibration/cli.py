@@ -122,7 +122,7 @@ def summary_table(result: dict) -> str:
 
 def _define_flags():
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", "configs/diffusion.py",
+  config_flags.DEFINE_config_file("config", cli.config_path("diffusion"),
                                   "Config whose sim section is calibrated.")
   flags.DEFINE_multi_string("input", [], "TIFF file or folder; repeat for several.")
   flags.DEFINE_string("output", None, "Calibration JSON to write.")
@@ -166,6 +166,8 @@ def main(argv):
   cli.quiet_logs()
   f = flags.FLAGS
   inputs = cli.inputs_and_output(f, argv, "a .json file")
+  if f.plot:
+    cli.check_writable(f.plot, "plot")
   if f.steps < 1 or f.num_sim < 8:
     cli.fail("--steps must be >= 1 and --num_sim >= 8")
   if f.bootstrap == 1 or f.bootstrap < 0:
