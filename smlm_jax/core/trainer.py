@@ -329,6 +329,7 @@ def run_lock(workdir: str):
         busy = e
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+      distributed.barrier("workdir_lock")   # all here before the first collective
       got = int(multihost_utils.broadcast_one_to_all(np.int32(busy is None)))
       if not got and busy is None:
         busy = workdir_lock.WorkdirBusy(
