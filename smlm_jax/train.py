@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import smlm_jax.core.host_devices  # noqa: F401  (before jax: one CPU device per core)
 
+import contextlib
 import os
 import sys
 
@@ -85,11 +86,16 @@ def main(argv):
   local_device_ids = _distributed_flags_or_fail(f)
   from smlm_jax.core import workdir_lock
   if not f.jax_distributed:
-    try:     # before importing JAX: a busy workdir is refused within a second
-      with workdir_lock.hold(_WORKDIR.value):
-        _train()
-    except workdir_lock.WorkdirBusy as e:
-      cli.fail(str(e))
+    with contextlib.ExitStack() as stack:
+      try:   # before importing JAX: a busy workdir is refused within a second
+        stack.enter_context(workdir_lock.hold(_WORKDIR.value))
+      except workdir_lock.WorkdirBusy as e:
+        cli.fail(str(e))
+      except (FileExistsError, NotADirectoryError):
+        cli.fail(f"--workdir={_WORKDIR.value} is (or lies under) a file; give a folder")
+      except OSError as e:
+        cli.fail(f"cannot use --workdir={_WORKDIR.value}: {e.strerror or e}")
+      _train()
     return
   from smlm_jax.core import distributed
   try:
