@@ -124,3 +124,16 @@ def test_kill_9_during_or_after_a_checkpoint_then_resume(tmp_path, cache_dir, mo
   assert again.returncode == 0, err[-3000:]
   assert _loss_steps(workdir) == list(range(1, STEPS + 1))
   assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())[-1] == STEPS
+
+
+def test_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("x")
+  for workdir in (path, path / "sub"):
+    r = subprocess.run([sys.executable, "-m", "smlm_jax.train",
+                        "--config=configs/diffusion.py:tiny", f"--workdir={workdir}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 2 and r.stderr == (
+        f"error: --workdir={workdir} is (or lies under) a file; give a folder\n")
+  assert path.read_text() == "x"
