@@ -121,6 +121,12 @@ def _train(distributed=None):
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     _fail_distributed(distributed, "a cross-process operation failed (did a peer process "
                       f"die?): {first[:300]}", distributed.EXIT_PEER_LOST)
+  except Exception as e:  # noqa: BLE001  (a bug: show it, and do not leave peers waiting)
+    if not distributed:
+      raise
+    import traceback
+    traceback.print_exc()
+    _fail_distributed(distributed, f"{type(e).__name__}: {e}", 1)
 
 
 def _fail_distributed(distributed, message: str, code: int):
