@@ -102,7 +102,8 @@ def _args(config, workdir, steps, extra=()):
 
 
 DIFFUSION = ("configs/diffusion.py:tiny",
-             ("--config.model.name=park_cnn", "--config.eval_num_movies=8"))
+             ("--config.model.name=park_cnn", "--config.eval_num_movies=8",
+              "--config.checkpoint_every_steps=2"))
 
 
 def _start(config, workdir, steps, cache_dir, processes=1, extra=(), **kw):
