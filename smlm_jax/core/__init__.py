@@ -7,4 +7,6 @@ tiff_io      TIFF / OME-TIFF / ImageJ reading and writing with metadata; input s
 cli          one-line errors, atomic files, CSV, progress bars for command-line tools
 plotting     matplotlib (Agg) helpers shared by the systems' plots
 host_devices one CPU device per core (imported before jax by entry points)
+distributed  several processes/hosts: jax.distributed set-up, peer watchdog, gathers
+workdir_lock one training run per workdir (flock on DIR/.lock; imports no jax)
 """

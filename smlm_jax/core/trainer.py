@@ -10,6 +10,16 @@ Sections of :func:`train_and_evaluate` (big_vision style):
               the same workdir resumes from the latest complete checkpoint
   evaluation  the task's evaluator every ``eval_every_steps`` and at the end
   loop        tqdm progress, metrics.jsonl + TensorBoard, stops loudly on NaN/inf
+  lock        one run per workdir (:mod:`smlm_jax.core.workdir_lock`): a second run on
+              a busy workdir stops at once with WorkdirBusy, before touching anything
+
+Several processes (``jax.distributed``, see :mod:`smlm_jax.core.distributed`): the
+mesh spans every process's devices; each process simulates (or, for host-fed tasks,
+feeds) only its slice of the global batch, so the batches, losses and checkpoints are
+those of one process with the same total device count. Process 0 holds the workdir
+lock and alone writes metrics.jsonl, TensorBoard, config.json and exports; every
+process takes part in orbax checkpoints (a shared file system is assumed), which
+restore onto any other process or device count.
 
 Config fields read here (top level): seed, num_train_steps, batch_size, learning_rate,
 warmup_steps, weight_decay, grad_clip_norm, log_every_steps, eval_every_steps,
@@ -19,6 +29,7 @@ Workdir: checkpoints/, metrics.jsonl, config.json, TensorBoard events.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +46,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from smlm_jax.core import cli
+from smlm_jax.core import distributed
+from smlm_jax.core import workdir_lock
 from smlm_jax.core.task import LOSS_KEY_SALT, Task, build_task
 
 
@@ -67,19 +80,17 @@ def divisible_batch(batch_size: int, mesh) -> int:
 
 
 def put_host_batch(tree, mesh):
-  """A host (numpy) batch as global arrays sharded on 'data' (any number of hosts:
-  each process contributes its slice of the leading axis)."""
+  """A host (numpy) batch as global arrays sharded on 'data'. With several processes
+  each one puts only the rows of its own devices (whatever their order in the mesh)."""
   if tree is None:
     return None
   data = data_sharding(mesh)
   if jax.process_count() == 1:
     return jax.device_put(tree, data)
-  n, i = jax.process_count(), jax.process_index()
 
   def local(a):
     a = np.asarray(a)
-    per = a.shape[0] // n
-    return jax.make_array_from_process_local_data(data, a[i * per:(i + 1) * per], a.shape)
+    return jax.make_array_from_callback(a.shape, data, lambda index: a[index])
   return jax.tree.map(local, tree)
 
 
@@ -181,6 +192,7 @@ def batched(fn, inputs, batch_size: int, mesh, pad: str = "zeros"):
   device count; the last batch is padded (zeros, or copies of the first row with
   pad='edge') and the padding dropped. Returns fn's output pytree as numpy [N, ...]."""
   bs = divisible_batch(batch_size, mesh)
+  several = jax.process_count() > 1
   leaves = jax.tree.leaves(inputs)
   n = leaves[0].shape[0]
   outs = []
@@ -194,7 +206,9 @@ def batched(fn, inputs, batch_size: int, mesh, pad: str = "zeros"):
                 else np.zeros((bs - k,) + a.shape[1:], a.dtype))
         return np.concatenate([a, fill])
       chunk = jax.tree.map(padded, chunk)
-    out = jax.device_get(fn(chunk))
+    if several:                   # jit takes global arrays: each process its rows
+      chunk = put_host_batch(chunk, mesh)
+    out = distributed.to_host(fn(chunk))
     outs.append(jax.tree.map(lambda a: np.asarray(a)[:k], out))
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
@@ -298,7 +312,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config = ml_collections.ConfigDict(config.to_dict())
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  with run_lock(workdir):
+    return _train(config, workdir, task)
+
+
+@contextlib.contextmanager
+def run_lock(workdir: str):
+  """Holds the workdir lock (process 0) for the block. With several processes all of
+  them learn whether process 0 got it, and all raise WorkdirBusy if not."""
+  with contextlib.ExitStack() as stack:
+    busy = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lock.hold(workdir))
+      except workdir_lock.WorkdirBusy as e:
+        busy = e
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      distributed.barrier("workdir_lock")   # all here before the first collective
+      got = int(multihost_utils.broadcast_one_to_all(np.int32(busy is None)))
+      if not got and busy is None:
+        busy = workdir_lock.WorkdirBusy(
+            f"workdir {workdir} is in use by another training run (process 0 could not "
+            f"lock it; {workdir_lock.holder(workdir)})")
+    if busy is not None:
+      raise busy
+    yield
+
+
+def _train(config, workdir, task):
   mesh = make_mesh()
   config.batch_size = divisible_batch(config.batch_size, mesh)
   if task is None:
@@ -319,11 +361,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   train_step = make_train_step(task, tx, schedule, mesh, config.seed)
   evaluator = task.make_evaluator(mesh)
+  if jax.process_count() > 1 and start < config.num_train_steps:
+    # Compile ahead, then wait for every process: the first collective must not start
+    # while a slower process still compiles (Gloo gives its set-up 30 s on CPU).
+    train_step = train_step.lower(state, put_host_batch(task.host_batch(start), mesh)
+                                  ).compile()
+    distributed.barrier("train_step_compiled")
   writer = MetricWriter(workdir, config, resume_step=start) if is_main else None
   try:
     final = _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
                   workdir, is_main)
     mngr.wait_until_finished()
+    distributed.finish()                 # before the last barrier (mngr.close)
   finally:
     mngr.close()
     if writer:
@@ -337,7 +386,9 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
           is_main):
   final = {}
   t0, steps_done = time.perf_counter(), 0
-  with cli.progress(total=config.num_train_steps, desc="train", unit="step") as bar:
+  bar = (cli.progress(total=config.num_train_steps, desc="train", unit="step") if is_main
+         else contextlib.nullcontext(_NoBar()))
+  with bar as bar:
     bar.update(start)
     for step in range(start + 1, config.num_train_steps + 1):
       host = put_host_batch(task.host_batch(step - 1), mesh)
@@ -370,6 +421,16 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
   if not final and evaluator is not None:   # resumed a finished run: evaluate once
     final = evaluator(state)
   return final
+
+
+class _NoBar:
+  """The progress bar of processes other than 0: silent."""
+
+  def update(self, n=1):
+    pass
+
+  def set_postfix(self, **kwargs):
+    pass
 
 
 def validate(config):

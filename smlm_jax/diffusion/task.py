@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from smlm_jax.core import trainer
+from smlm_jax.core import distributed, trainer
 from smlm_jax.core.task import Task
 from smlm_jax.diffusion import metrics as metrics_lib
 from smlm_jax.diffusion import models
@@ -87,9 +87,9 @@ class DiffusionTask(Task):
 
     xs, ds = [], []
     for start in range(0, num_movies, bs):
-      x, d = make(jnp.arange(start, start + bs))
-      xs.append(np.asarray(x))
-      ds.append(np.asarray(d))
+      x, d = distributed.to_host(make(jnp.arange(start, start + bs)))
+      xs.append(x)
+      ds.append(d)
     return np.concatenate(xs)[:num_movies], np.concatenate(ds)[:num_movies]
 
   def predict(self, state, x, mesh):
