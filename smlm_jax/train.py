@@ -37,7 +37,7 @@ _WORKDIR = None
 def _define_flags():
   global _CONFIG, _WORKDIR
   from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file("config", "configs/diffusion.py",
+  _CONFIG = config_flags.DEFINE_config_file("config", cli.config_path("diffusion"),
                                             "Training config (file[:variant]).")
   _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and logs.")
   flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
