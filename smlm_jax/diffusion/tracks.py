@@ -1,0 +1,200 @@
+"""Tracks from detections, the model's windows along them, and D per molecule.
+
+* ``link``: trackpy's nearest-neighbour linker (Crocker & Grier 1996 as implemented by
+  trackpy, the field's standard Python linker) with gap closing (``memory`` frames a
+  molecule may be missed), keeping tracks of at least ``min_frames`` detections.
+* ``Track``: one molecule's frames and positions, gaps filled by linear interpolation
+  for cutting windows (the measured positions stay marked ``valid``).
+* ``plan_windows``: T-frame windows along a track starting every ``stride`` frames (the
+  last one ends at the track's last frame), each a crop of the model's size whose
+  centre is the molecule's position in the window's first frame (as in training, where
+  the molecule starts near the centre and moves freely). Flags: ``second_molecule``
+  (another track inside the crop during the window), ``at_image_edge`` (the crop had to
+  be shifted by more than 1/8 of its size to stay inside the frame), ``short_track``
+  (the track is shorter than T: one window, centred on it in time).
+* ``combine``: D per molecule from its windows' Gaussian posteriors of ln D (flat prior
+  in ln D, so posteriors multiply like likelihoods). Overlapping windows share frames
+  and their errors are correlated: the combination is the generalized least-squares
+  mean with correlation rho_ij = max(0, 1 - |start_i - start_j| / T), the overlap
+  fraction (the triangular kernel is positive definite). Non-overlapping windows are
+  independent and the interval narrows as 1 / sqrt(windows).
+* ``classical``: per-track CVE with the motion-blur correction and an MSD fit
+  (:mod:`smlm_jax.diffusion.baselines`), on the MLE localizations of the same tracks.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+WINDOW_FLAGS_EXCLUDED = ("second_molecule", "at_image_edge", "no_spot", "spot_at_edge")
+
+
+@dataclasses.dataclass
+class Track:
+  track_id: int
+  frames: np.ndarray          # [n] every frame from first to last (gaps included)
+  xy_px: np.ndarray           # [n, 2] positions (interpolated in gaps)
+  valid: np.ndarray           # [n] bool: detected and localized in that frame
+  photons: np.ndarray         # [n] fitted photons (NaN where not valid)
+  background: np.ndarray      # [n] fitted background photons per pixel (NaN where not)
+
+  @property
+  def t_start(self) -> int:
+    return int(self.frames[0])
+
+  @property
+  def t_end(self) -> int:
+    return int(self.frames[-1])
+
+  def position(self, frame: int) -> np.ndarray:
+    i = int(np.clip(frame - self.t_start, 0, len(self.frames) - 1))
+    return self.xy_px[i]
+
+
+def link(detections, search_range_px: float, memory: int, min_frames: int) -> list[Track]:
+  """Tracks from a detection table (pandas DataFrame with columns frame, x, y, ok,
+  photons, background): trackpy.link with gap closing, then short stubs dropped."""
+  import trackpy
+  trackpy.quiet()
+  if len(detections) == 0:
+    return []
+  linked = trackpy.link(detections, search_range=search_range_px, memory=memory,
+                        adaptive_stop=max(1.0, 0.3 * search_range_px), adaptive_step=0.9,
+                        link_strategy="auto")
+  tracks = []
+  for tid, (_, g) in enumerate(sorted(linked.groupby("particle"),
+                                      key=lambda kv: (kv[1]["frame"].min(), kv[0]))):
+    g = g.sort_values("frame").drop_duplicates("frame")
+    if len(g) < min_frames:
+      continue
+    frames = np.arange(int(g["frame"].min()), int(g["frame"].max()) + 1)
+    f = g["frame"].to_numpy()
+    xy = np.stack([np.interp(frames, f, g["x"].to_numpy()),
+                   np.interp(frames, f, g["y"].to_numpy())], -1)
+    valid = np.zeros(len(frames), bool)
+    valid[f - frames[0]] = g["ok"].to_numpy().astype(bool)
+    photons = np.full(len(frames), np.nan)
+    background = np.full(len(frames), np.nan)
+    photons[f - frames[0]] = g["photons"].to_numpy()
+    background[f - frames[0]] = g["background"].to_numpy()
+    tracks.append(Track(len(tracks) + 1, frames, xy, valid, photons, background))
+  return tracks
+
+
+@dataclasses.dataclass
+class Window:
+  track_id: int
+  first_frame: int
+  y0: int                     # crop origin (row, col) in the frame
+  x0: int
+  flags: list
+
+
+def window_starts(t_start: int, t_end: int, num_frames: int, stride: int,
+                  movie_frames: int) -> tuple[list[int], bool]:
+  """First frames of a track's windows, and whether the track is shorter than T."""
+  n = t_end - t_start + 1
+  if n < num_frames:
+    first = int(np.clip(t_start - (num_frames - n) // 2, 0, movie_frames - num_frames))
+    return [first], True
+  last = t_end - num_frames + 1
+  starts = list(range(t_start, last + 1, stride))
+  if starts[-1] != last:
+    starts.append(last)
+  return starts, False
+
+
+def plan_windows(tracks: list[Track], window_shape, frame_shape, movie_frames: int,
+                 stride: int) -> list[Window]:
+  """The model's windows for every track, with their flags (see module docstring)."""
+  t, h, w = window_shape
+  H, W = frame_shape
+  windows = []
+  for tr in tracks:
+    starts, short = window_starts(tr.t_start, tr.t_end, t, stride, movie_frames)
+    for s in starts:
+      x, y = tr.position(s)
+      y_c, x_c = int(np.floor(y)) - h // 2, int(np.floor(x)) - w // 2
+      y0, x0 = int(np.clip(y_c, 0, H - h)), int(np.clip(x_c, 0, W - w))
+      flags = ["short_track"] if short else []
+      if max(abs(y0 - y_c), abs(x0 - x_c)) > h / 8:
+        flags.append("at_image_edge")
+      for other in tracks:
+        if other is tr or other.t_end < s or other.t_start > s + t - 1:
+          continue
+        lo, hi = max(s, other.t_start), min(s + t - 1, other.t_end)
+        p = other.xy_px[lo - other.t_start:hi - other.t_start + 1]
+        inside = ((p[:, 0] >= x0) & (p[:, 0] < x0 + w) & (p[:, 1] >= y0) & (p[:, 1] < y0 + h))
+        if inside.any():
+          flags.append("second_molecule")
+          break
+      windows.append(Window(tr.track_id, s, y0, x0, flags))
+  return windows
+
+
+def combine(means, log_vars, starts, num_frames: int):
+  """(mean, sd) of ln D for one molecule from its windows' Gaussian posteriors [n].
+
+  Generalized least squares with correlation max(0, 1 - |start_i - start_j| / T)
+  between windows (overlapping frames); equals inverse-variance weighting when no
+  windows overlap."""
+  m = np.asarray(means, np.float64)
+  sd = np.sqrt(np.exp(np.clip(np.asarray(log_vars, np.float64), -30, 30)))
+  s = np.asarray(starts, np.float64)
+  rho = np.maximum(0.0, 1.0 - np.abs(s[:, None] - s[None, :]) / float(num_frames))
+  cov = rho * sd[:, None] * sd[None, :] + 1e-12 * np.eye(len(m))
+  ones = np.ones(len(m))
+  w = np.linalg.solve(cov, ones)
+  precision = float(ones @ w)
+  return float(w @ m / precision), float(np.sqrt(1.0 / precision))
+
+
+def msd_fit_short_lags(positions_nm, valid, frame_interval_s: float, R: float,
+                       max_lag: int = 4) -> float:
+  """D (um^2/s) from an unweighted fit of MSD(n dt) = 4 D dt (n - 2R) + 4 sigma^2 over
+  lags 1..min(max_lag, N/2) (the usual few-point MSD fit; baselines.msd_fit chooses the
+  lags optimally but its table costs O(N^4) for long tracks)."""
+  p = np.asarray(positions_nm, np.float64)
+  v = np.asarray(valid, bool)
+  n = len(p)
+  lags, msd = [], []
+  for k in range(1, max(2, min(max_lag, n // 2)) + 1):
+    ok = v[k:] & v[:-k]
+    if ok.sum() >= 2:
+      lags.append(k)
+      msd.append(np.mean(np.sum((p[k:] - p[:-k])[ok] ** 2, -1)))
+  if len(lags) < 2:
+    return float("nan")
+  slope = np.polyfit(np.array(lags, float), np.array(msd), 1)[0]
+  return float(slope / (4 * frame_interval_s) * 1e-6)
+
+
+def classical(tracks: list[Track], pixel_size_nm: float, frame_interval_s: float,
+              exposure_s: float) -> dict[int, dict]:
+  """{track_id: D_cve, D_msd, localization_sd_nm} on the tracks' MLE localizations:
+  CVE with the blur coefficient R = t_exp / (6 dt) (baselines.cve) and the MSD fit."""
+  import jax
+  import jax.numpy as jnp
+  from smlm_jax.diffusion import baselines
+  R = min(exposure_s / (6 * frame_interval_s), 1.0 / 6)
+  out = {}
+  if not tracks:
+    return out
+  n_max = max(len(t.frames) for t in tracks)
+  size = 1 << max(4, (n_max - 1).bit_length())   # few compiled sizes
+  pos = np.zeros((len(tracks), size, 2), np.float32)
+  val = np.zeros((len(tracks), size), bool)
+  for i, t in enumerate(tracks):
+    pos[i, :len(t.frames)] = t.xy_px * pixel_size_nm
+    val[i, :len(t.frames)] = t.valid
+  f = jax.jit(jax.vmap(lambda p, v: baselines.cve(p, v, frame_interval_s, R)))
+  D, s2, _ = jax.device_get(f(jnp.asarray(pos), jnp.asarray(val)))
+  for i, t in enumerate(tracks):
+    out[t.track_id] = {
+        "D_cve_um2_per_s": float(D[i]),
+        "D_msd_um2_per_s": msd_fit_short_lags(t.xy_px * pixel_size_nm, t.valid,
+                                              frame_interval_s, R),
+        "localization_sd_nm": float(np.sqrt(max(float(s2[i]), 0.0)))
+        if np.isfinite(s2[i]) else float("nan")}
+  return out
