@@ -275,7 +275,7 @@ def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
   return rows, list(warnings.values()), notes
 
 
-def plot_histogram(rows, path, D_range, title=""):
+def plot_histogram(rows, path, D_range, title="", ylabel="windows"):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -293,7 +293,7 @@ def plot_histogram(rows, path, D_range, title=""):
       ax.axvline(np.median(ok), color="k", ls="--", lw=1,
                  label=f"median ok = {np.median(ok):.3g}")
   ax.axvspan(*D_range, color="0.9", zorder=-1, label="trained D range")
-  ax.set(xscale="log", xlabel="predicted D (um$^2$/s)", ylabel="windows", title=title)
+  ax.set(xscale="log", xlabel="predicted D (um$^2$/s)", ylabel=ylabel, title=title)
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

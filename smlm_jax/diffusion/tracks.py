@@ -9,9 +9,11 @@
   last one ends at the track's last frame), each a crop of the model's size whose
   centre is the molecule's position in the window's first frame (as in training, where
   the molecule starts near the centre and moves freely). Flags: ``second_molecule``
-  (another track inside the crop during the window), ``at_image_edge`` (the crop had to
-  be shifted by more than 1/8 of its size to stay inside the frame), ``short_track``
-  (the track is shorter than T: one window, centred on it in time).
+  (another track comes within two mask radii of the molecule), ``at_image_edge`` (the
+  molecule is within 2 px of the frame border in > 25% of the frames), ``short_track``
+  (the track is shorter than T: one window, centred on it in time). Other molecules in
+  the crop and the part of the crop outside the frame are replaced by synthetic
+  background (``fill_background``) so the model sees one molecule, as in training.
 * ``combine``: D per molecule from its windows' Gaussian posteriors of ln D (flat prior
   in ln D, so posteriors multiply like likelihoods). Overlapping windows share frames
   and their errors are correlated: the combination is the generalized least-squares
@@ -86,9 +88,10 @@ def link(detections, search_range_px: float, memory: int, min_frames: int) -> li
 class Window:
   track_id: int
   first_frame: int
-  y0: int                     # crop origin (row, col) in the frame
+  y0: int                     # crop origin (row, col) in the frame; may lie outside it
   x0: int
   flags: list
+  masks: list = dataclasses.field(default_factory=list)   # (frame in window, x, y) in crop px
 
 
 def window_starts(t_start: int, t_end: int, num_frames: int, stride: int,
@@ -106,8 +109,15 @@ def window_starts(t_start: int, t_end: int, num_frames: int, stride: int,
 
 
 def plan_windows(tracks: list[Track], window_shape, frame_shape, movie_frames: int,
-                 stride: int) -> list[Window]:
-  """The model's windows for every track, with their flags (see module docstring)."""
+                 stride: int, mask_radius_px: float, edge_px: float = 2.0,
+                 edge_fraction: float = 0.25) -> list[Window]:
+  """The model's windows for every track, with their flags (see module docstring).
+
+  The crop is centred on the molecule's position in the window's first frame even
+  near the image border (the part outside the frame is filled with synthetic
+  background when cut). Other tracks inside the crop are listed in ``masks`` (to be
+  replaced by background within ``mask_radius_px``) unless one comes closer than
+  2 mask radii to the molecule: then the window is flagged second_molecule."""
   t, h, w = window_shape
   H, W = frame_shape
   windows = []
@@ -115,22 +125,57 @@ def plan_windows(tracks: list[Track], window_shape, frame_shape, movie_frames: i
     starts, short = window_starts(tr.t_start, tr.t_end, t, stride, movie_frames)
     for s in starts:
       x, y = tr.position(s)
-      y_c, x_c = int(np.floor(y)) - h // 2, int(np.floor(x)) - w // 2
-      y0, x0 = int(np.clip(y_c, 0, H - h)), int(np.clip(x_c, 0, W - w))
+      y0, x0 = int(np.floor(y)) - h // 2, int(np.floor(x)) - w // 2
       flags = ["short_track"] if short else []
-      if max(abs(y0 - y_c), abs(x0 - x_c)) > h / 8:
+      own = np.array([tr.position(f) for f in range(s, s + t)])
+      alive = (np.arange(s, s + t) >= tr.t_start) & (np.arange(s, s + t) <= tr.t_end)
+      near = ((own[:, 0] < edge_px) | (own[:, 0] > W - edge_px)
+              | (own[:, 1] < edge_px) | (own[:, 1] > H - edge_px)) & alive
+      if near.mean() > edge_fraction:
         flags.append("at_image_edge")
+      masks = []
       for other in tracks:
         if other is tr or other.t_end < s or other.t_start > s + t - 1:
           continue
         lo, hi = max(s, other.t_start), min(s + t - 1, other.t_end)
         p = other.xy_px[lo - other.t_start:hi - other.t_start + 1]
-        inside = ((p[:, 0] >= x0) & (p[:, 0] < x0 + w) & (p[:, 1] >= y0) & (p[:, 1] < y0 + h))
-        if inside.any():
+        r = mask_radius_px
+        inside = ((p[:, 0] >= x0 - r) & (p[:, 0] < x0 + w + r)
+                  & (p[:, 1] >= y0 - r) & (p[:, 1] < y0 + h + r))
+        if not inside.any():
+          continue
+        k = np.arange(lo, hi + 1) - s
+        d = np.hypot(*(p - own[k]).T)
+        if np.any((d < 2 * r) & alive[k]):
           flags.append("second_molecule")
-          break
-      windows.append(Window(tr.track_id, s, y0, x0, flags))
+        masks += [(int(kk), float(px - x0), float(py - y0))
+                  for kk, (px, py), ins in zip(k, p, inside) if ins]
+      windows.append(Window(tr.track_id, s, y0, x0, list(dict.fromkeys(flags)), masks))
   return windows
+
+
+def fill_background(window_adu: np.ndarray, masks, radius_px: float, camera, seed: int):
+  """Replaces NaN pixels (outside the frame) and discs of ``radius_px`` around the
+  ``masks`` (frame, x, y) of a [T, H, W] ADU window by synthetic background: the
+  window's median background level with Poisson shot noise and read noise, so the
+  model sees one molecule on background as in training. Deterministic per seed."""
+  t, h, w = window_adu.shape
+  fill = ~np.isfinite(window_adu)
+  yy, xx = np.mgrid[0:h, 0:w]
+  for k, x, y in masks:
+    fill[k] |= (xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2 < radius_px ** 2
+  if not fill.any():
+    return window_adu
+  real = window_adu[~fill]
+  adu_per_e = float(camera.adu_per_electron_in)
+  level_e = max((float(np.median(real)) - float(camera.offset_adu)) / adu_per_e, 0.0) \
+      if real.size else 0.0
+  rng = np.random.default_rng(seed)            # host-side fill, seeded per window
+  e = rng.poisson(level_e, int(fill.sum())) + rng.normal(0.0, float(camera.read_noise_e),
+                                                          int(fill.sum()))
+  out = window_adu.copy()
+  out[fill] = float(camera.offset_adu) + adu_per_e * e
+  return out
 
 
 def combine(means, log_vars, starts, num_frames: int):
