@@ -10,7 +10,7 @@ memory bounded by the frame size and the windows in flight, never the movie leng
 1. Detection on photons (camera as in ``predict``: flags > calibration file > training
    camera) with a DoG whose threshold gives ``--false_positives_per_frame`` noise
    detections per frame (:mod:`smlm_jax.diffusion.detect`); each spot is localized by
-   MLE (:func:`smlm_jax.diffusion.baselines.localize`) in an 11x11 px box.
+   MLE (:func:`smlm_jax.diffusion.baselines.localize`) in a 9x9 px box.
 2. Linking with trackpy with gap closing (``--memory`` missed frames; search range
    3.5 sd of a one-frame step at ``--max_D_um2_per_s``), tracks of >= ``--min_track_frames``.
 3. Windows of the model's size (T frames of H x W px, from the run's config) along each
@@ -56,12 +56,13 @@ TRACK_COLUMNS = ("file", "track_id", "t_start", "t_end", "n_frames", "n_windows"
                  "background_photons", "flag", "D_cve_um2_per_s", "D_msd_um2_per_s",
                  "localization_sd_nm")
 WINDOW_COLUMNS = ("file", "track_id") + predict.COLUMNS[1:]
-LOCALIZE_BOX_PX = 11
+LOCALIZE_BOX_PX = 9
+LOCALIZE_ITERATIONS = 10     # from the centroid start: positions within 0.01 px of 30
 
 
 @dataclasses.dataclass
 class Options:
-  stride: int | None = None                 # default: T // 2
+  stride: int | None = None                 # default: T (the last window ends at the track's end)
   false_positives_per_frame: float = 0.1
   max_D_um2_per_s: float | None = None      # default: the model's trained upper bound
   memory: int = 2
@@ -90,7 +91,7 @@ class TrackRow:
   D_cve: float = float("nan")
   D_msd: float = float("nan")
   localization_sd_nm: float = float("nan")
-  xy_px: np.ndarray | None = None           # the track (for the map), not written
+  xy_track: np.ndarray | None = None        # [t_end - t_start + 1, 2] (gaps interpolated)
 
   def flag(self) -> str:
     if self.error:
@@ -141,7 +142,7 @@ def detect_and_localize(stack, camera, detector, sigma_px, desc="detect"):
   df["background"] = np.nan
   if n:
     theta, _, ok = baselines.localize_frames(np.stack(crops), sigma_px, camera.qe,
-                                             camera.read_noise_e)
+                                             camera.read_noise_e, LOCALIZE_ITERATIONS)
     theta, ok = np.array(theta, np.float64), np.array(ok, bool)
     org = np.asarray(origins, np.float64)
     ok &= np.hypot(theta[:, 0] + org[:, 0] - df["x"].to_numpy(),
@@ -222,9 +223,9 @@ def track_rows(file, tracks, results, classical, num_frames, sim, file_flags):
     used = clean or got
     row = TrackRow(file=file, track_id=tr.track_id, t_start=tr.t_start, t_end=tr.t_end,
                    n_frames=int(tr.valid.sum()), n_windows=len(used),
-                   xy_px=tr.xy_px[tr.valid] if tr.valid.any() else tr.xy_px,
-                   flags=list(file_flags))
-    row.x_px, row.y_px = (float(v) for v in np.mean(row.xy_px, axis=0))
+                   xy_track=tr.xy_px, flags=list(file_flags))
+    row.x_px, row.y_px = (float(v) for v in np.mean(tr.xy_px[tr.valid] if tr.valid.any()
+                                                    else tr.xy_px, axis=0))
     row.photons = float(np.nanmedian(tr.photons)) if np.isfinite(tr.photons).any() else math.nan
     row.background_photons = (float(np.nanmedian(tr.background))
                               if np.isfinite(tr.background).any() else math.nan)
@@ -278,7 +279,7 @@ def analyze_movie(path, predictor, options: Options, warnings: dict, assumed: di
     d_max = options.max_D_um2_per_s or float(sim.D_um2_per_s[1])
     search_px = max(2.0, 3.5 * math.sqrt(2 * d_max * 1e6 * dt) / px)
     tracks = tracks_lib.link(dets, search_px, options.memory, options.min_track_frames)
-    stride = options.stride or max(1, t // 2)
+    stride = options.stride or t
     blur_px = math.sqrt(2 * d_max * 1e6 * float(sim.exposure_s) / 3) / px
     mask_px = 3.5 * fwhm_nm / 2.3548 / px + 1.5 * blur_px
     windows = tracks_lib.plan_windows(tracks, (t, h, w), (H, W), n, stride, mask_px)
@@ -303,8 +304,8 @@ def plot_map(maxproj, rows, path, D_range, title=""):
   ax.imshow(maxproj, cmap="gray", vmin=lo, vmax=hi, extent=(0, maxproj.shape[1],
                                                             maxproj.shape[0], 0))
   norm = LogNorm(*D_range)
-  good = [r for r in rows if np.isfinite(r.D) and r.xy_px is not None]
-  lc = LineCollection([r.xy_px for r in good], cmap="plasma", norm=norm, linewidths=1.2)
+  good = [r for r in rows if np.isfinite(r.D) and r.xy_track is not None]
+  lc = LineCollection([r.xy_track for r in good], cmap="plasma", norm=norm, linewidths=1.2)
   lc.set_array(np.array([r.D for r in good]))
   ax.add_collection(lc)
   fig.colorbar(lc, ax=ax, label="D per molecule (um$^2$/s)", shrink=0.8)
@@ -347,7 +348,7 @@ def run(workdir, inputs, output_dir, options: Options, camera_offset_adu=None,
     print(f"note: {n}", file=sys.stderr)
   for wmsg in warnings.values():
     print(f"\n!!! WARNING: {wmsg}\n", file=sys.stderr)
-  stride = options.stride or max(1, predictor.window_shape[0] // 2)
+  stride = options.stride or predictor.window_shape[0]
   header = predict.header_lines("smlm_jax.diffusion.analyze", predictor, workdir,
                                 camera_notes, notes, list(warnings.values()))
   header.append(f"detection: DoG, false_positives_per_frame="
@@ -389,7 +390,7 @@ def _define_flags():
   flags.DEFINE_multi_string("input", [], "TIFF movie or folder; repeat for several.")
   flags.DEFINE_string("output", None, "Folder for tracks.csv, windows.csv and plots.")
   flags.DEFINE_integer("stride", None, "Frames between a track's windows "
-                       "(default: half the model's window length T).")
+                       "(default: the model's window length T; the last window ends at the track's end).")
   flags.DEFINE_float("false_positives_per_frame", 0.1,
                      "Expected noise detections per frame (sets the detection threshold).")
   flags.DEFINE_float("max_D_um2_per_s", None, "Fastest D to link (sets the search range; "

@@ -215,6 +215,19 @@ def msd_fit_short_lags(positions_nm, valid, frame_interval_s: float, R: float,
   return float(slope / (4 * frame_interval_s) * 1e-6)
 
 
+def _cve_tracks(pos, val, frame_interval_s, R):
+  import jax
+  from smlm_jax.diffusion import baselines
+  global _CVE_JIT
+  if _CVE_JIT is None:
+    _CVE_JIT = jax.jit(lambda p, v, dt, r: jax.vmap(lambda a, b: baselines.cve(a, b, dt, r))(
+        p, v), static_argnums=(2, 3))
+  return _CVE_JIT(pos, val, frame_interval_s, R)
+
+
+_CVE_JIT = None
+
+
 def classical(tracks: list[Track], pixel_size_nm: float, frame_interval_s: float,
               exposure_s: float) -> dict[int, dict]:
   """{track_id: D_cve, D_msd, localization_sd_nm} on the tracks' MLE localizations:
@@ -233,8 +246,8 @@ def classical(tracks: list[Track], pixel_size_nm: float, frame_interval_s: float
   for i, t in enumerate(tracks):
     pos[i, :len(t.frames)] = t.xy_px * pixel_size_nm
     val[i, :len(t.frames)] = t.valid
-  f = jax.jit(jax.vmap(lambda p, v: baselines.cve(p, v, frame_interval_s, R)))
-  D, s2, _ = jax.device_get(f(jnp.asarray(pos), jnp.asarray(val)))
+  D, s2, _ = jax.device_get(_cve_tracks(jnp.asarray(pos), jnp.asarray(val),
+                                         float(frame_interval_s), float(R)))
   for i, t in enumerate(tracks):
     out[t.track_id] = {
         "D_cve_um2_per_s": float(D[i]),
