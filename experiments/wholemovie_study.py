@@ -43,6 +43,10 @@ _NUM_MOVIES = flags.DEFINE_integer("num_movies", 3, "Movies per condition.")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", 200, "Frames per movie.")
 _CONDITIONS = flags.DEFINE_list("conditions", ["sparse", "crowded"], "Conditions to run.")
 _SEED = flags.DEFINE_integer("seed", 0, "Simulation seed.")
+_BIG_FRAMES = flags.DEFINE_integer(
+    "big_frames", 0, "If > 0: also run the CLI on a 2048 x 2048 movie of this many frames "
+    "(8 x 8 tiles of a simulated 256 x 256 movie, cycled every 64 frames) and report its "
+    "peak memory.")
 
 CONDITIONS = {"sparse": dict(molecules_per_frame=15.0, min_start_distance_px=30.0),
               "crowded": dict(molecules_per_frame=40.0, min_start_distance_px=8.0)}
@@ -116,6 +120,36 @@ def run_condition(name, predictor, tmp, n_movies, n_frames, seed):
           "frames_per_s": frames / seconds}
 
 
+def big_movie(predictor, tmp, num_frames):
+  """(seconds, peak RSS MB) of the analyze CLI on a 2048 x 2048 x num_frames movie."""
+  import resource
+  import subprocess
+  from smlm_jax.core import tiff_io
+  spec = fullmovie.FieldSpec(num_frames=64)
+  small = os.path.join(tmp, "tile.tif")
+  fullmovie.simulate_to_tiff(jax.random.key(777), spec, predictor.camera, small)
+  from smlm_jax.core.tiff_stream import FrameStack
+  with FrameStack(small) as st:
+    tiles = [np.tile(st[i], (8, 8)).astype(np.uint16) for i in range(len(st))]
+  path = os.path.join(tmp, "big.tif")
+  tiff_io.write_frames(path, (tiles[i % 64] for i in range(num_frames)),
+                       (num_frames, 2048, 2048), np.uint16, 100.0, 0.01)
+  del tiles
+  t0 = time.time()
+  r = subprocess.run([sys.executable, "-m", "smlm_jax.diffusion.analyze",
+                      f"--workdir={_WORKDIR.value}", f"--input={path}",
+                      f"--output={os.path.join(tmp, 'big_out')}"], cwd=ROOT,
+                     capture_output=True, text=True)
+  seconds = time.time() - t0
+  if r.returncode != 0:
+    print(r.stderr[-2000:])
+  peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+  print(f"2048 x 2048 x {num_frames} movie ({os.path.getsize(path) / 2**30:.1f} GiB): "
+        f"analyze CLI {seconds:.0f} s, peak resident memory {peak:.0f} MB "
+        f"(exit code {r.returncode}); {r.stderr.strip().splitlines()[-2]}")
+  os.remove(path)
+
+
 def main(_):
   from smlm_jax.core import cli
   cli.quiet_logs()
@@ -133,6 +167,8 @@ def main(_):
     for name in _CONDITIONS.value:
       results[name] = run_condition(name, predictor, tmp, _NUM_MOVIES.value,
                                     _NUM_FRAMES.value, _SEED.value)
+    if _BIG_FRAMES.value:
+      big_movie(predictor, tmp, _BIG_FRAMES.value)
   print("\nPer-molecule D on simulated 256x256 movies (our own simulator, "
         f"{_NUM_MOVIES.value} x {_NUM_FRAMES.value} frames per condition; model "
         f"{predictor.config.model.name} step {int(predictor.state['step'])})")

@@ -57,6 +57,7 @@ TRACK_COLUMNS = ("file", "track_id", "t_start", "t_end", "n_frames", "n_windows"
                  "localization_sd_nm")
 WINDOW_COLUMNS = ("file", "track_id") + predict.COLUMNS[1:]
 LOCALIZE_BOX_PX = 9
+LOCALIZE_BATCH = 2048
 LOCALIZE_ITERATIONS = 10     # from the centroid start: positions within 0.01 px of 30
 
 
@@ -115,44 +116,47 @@ def _crop(image, y, x, size):
 
 
 def detect_and_localize(stack, camera, detector, sigma_px, desc="detect"):
-  """Pass 1 over the frames: (detections DataFrame, max projection in photons)."""
+  """Pass 1 over the frames: (detections DataFrame with frame, x, y, score, ok, photons,
+  background; max projection in photons). Spots are localized in batches of
+  LOCALIZE_BATCH as they come, so memory holds the table, not the crops."""
   import pandas as pd
   from smlm_jax.core import noise
   from smlm_jax.diffusion import baselines
-  cols = {k: [] for k in ("frame", "x", "y", "score")}
-  crops, origins = [], []
+  cols = {k: [] for k in ("frame", "x", "y", "score", "ok", "photons", "background")}
+  crops, pend = [], []            # pending crops and their (frame, x, y, score, x0, y0)
   maxproj = None
-  box = LOCALIZE_BOX_PX
+
+  def flush():
+    if not crops:
+      return
+    theta, _, ok = baselines.localize_frames(np.stack(crops), sigma_px, camera.qe,
+                                             camera.read_noise_e, LOCALIZE_ITERATIONS)
+    theta, ok = np.array(theta, np.float64), np.array(ok, bool)
+    p = np.asarray(pend, np.float64)
+    fx, fy = theta[:, 0] + p[:, 4], theta[:, 1] + p[:, 5]
+    ok &= np.hypot(fx - p[:, 1], fy - p[:, 2]) < 2
+    cols["frame"] += p[:, 0].astype(int).tolist()
+    cols["x"] += np.where(ok, fx, p[:, 1]).tolist()
+    cols["y"] += np.where(ok, fy, p[:, 2]).tolist()
+    cols["score"] += p[:, 3].tolist()
+    cols["ok"] += ok.tolist()
+    cols["photons"] += np.where(ok, theta[:, 2], np.nan).tolist()
+    cols["background"] += np.where(ok, theta[:, 3], np.nan).tolist()
+    crops.clear()
+    pend.clear()
+
   for i in cli.progress(range(len(stack)), desc=desc, unit="frame"):
     photons = np.asarray(noise.adu_to_photons(stack[i], camera), np.float32)
     maxproj = photons if maxproj is None else np.maximum(maxproj, photons)
     x, y, s = detector(photons)
     for xi, yi, si in zip(x, y, s):
-      crop, y0, x0 = _crop(photons, yi, xi, box)
+      crop, y0, x0 = _crop(photons, yi, xi, LOCALIZE_BOX_PX)
       crops.append(crop)
-      origins.append((x0, y0))
-      cols["frame"].append(i)
-      cols["x"].append(xi)
-      cols["y"].append(yi)
-      cols["score"].append(si)
-  df = pd.DataFrame(cols)
-  n = len(df)
-  df["ok"] = False
-  df["photons"] = np.nan
-  df["background"] = np.nan
-  if n:
-    theta, _, ok = baselines.localize_frames(np.stack(crops), sigma_px, camera.qe,
-                                             camera.read_noise_e, LOCALIZE_ITERATIONS)
-    theta, ok = np.array(theta, np.float64), np.array(ok, bool)
-    org = np.asarray(origins, np.float64)
-    ok &= np.hypot(theta[:, 0] + org[:, 0] - df["x"].to_numpy(),
-                   theta[:, 1] + org[:, 1] - df["y"].to_numpy()) < 2
-    df.loc[ok, "x"] = theta[ok, 0] + org[ok, 0]
-    df.loc[ok, "y"] = theta[ok, 1] + org[ok, 1]
-    df["ok"] = ok
-    df.loc[ok, "photons"] = theta[ok, 2]
-    df.loc[ok, "background"] = theta[ok, 3]
-  return df, maxproj
+      pend.append((i, xi, yi, si, x0, y0))
+    if len(crops) >= LOCALIZE_BATCH:
+      flush()
+  flush()
+  return pd.DataFrame(cols), maxproj
 
 
 def _cut(frame, y0, x0, h, w):
