@@ -53,10 +53,11 @@ CONDITIONS = {"sparse": dict(molecules_per_frame=15.0, min_start_distance_px=30.
 
 
 def match(truth, rows, max_px=2.0, min_fraction=0.5):
-  """[(molecule index, row)] for every true molecule followed by one track."""
-  out = []
+  """[(molecule index, row)], one to one: each track goes to the true molecule it
+  follows (within max_px) in most frames; a molecule is recovered when its track
+  follows it for >= min_fraction of its frames."""
+  best = {}                                  # track id -> (frames, molecule)
   for i, (t0, pos) in enumerate(zip(truth["t0"], truth["positions_px"])):
-    best, best_n = None, 0
     for r in rows:
       if r.error or r.xy_track is None:
         continue
@@ -66,11 +67,14 @@ def match(truth, rows, max_px=2.0, min_fraction=0.5):
       d = np.hypot(*(r.xy_track[lo - r.t_start:hi - r.t_start + 1]
                      - pos[lo - t0:hi - t0 + 1]).T)
       n = int(np.sum(d < max_px))
-      if n > best_n:
-        best, best_n = r, n
-    if best is not None and best_n >= min_fraction * len(pos):
-      out.append((i, best))
-  return out
+      if n > best.get(r.track_id, (0, None))[0]:
+        best[r.track_id] = (n, i)
+  by_id = {r.track_id: r for r in rows if not r.error}
+  out = {}
+  for tid, (n, i) in best.items():
+    if n >= min_fraction * len(truth["positions_px"][i]) and n > out.get(i, (0, None))[0]:
+      out[i] = (n, by_id[tid])
+  return [(i, r) for i, (_, r) in sorted(out.items())]
 
 
 def rel_rmse(est, true):

@@ -19,7 +19,9 @@ memory bounded by the frame size and the windows in flight, never the movie leng
 4. D per molecule: the windows' posteriors of ln D combined by generalized least squares
    that accounts for overlapping windows, with the 68% interval; windows flagged
    second_molecule, at_image_edge, no_spot or spot_at_edge are left out when the track
-   has clean ones. Classical per-track CVE (blur-corrected) and MSD on the same tracks.
+   has clean ones; a window whose ln D is > 3.5 sd from the windows' median is
+   dropped (flag inconsistent_windows: a linking error or an unseen second molecule).
+   Classical per-track CVE (blur-corrected) and MSD on the same tracks.
 
 Outputs in OUT_DIR (CSV files start with ``#`` lines; ``pandas.read_csv(p, comment="#")``):
   tracks.csv   file, track_id, t_start, t_end, n_frames, n_windows, x_px, y_px,
@@ -28,7 +30,7 @@ Outputs in OUT_DIR (CSV files start with ``#`` lines; ``pandas.read_csv(p, comme
                localization_sd_nm   (x/y: mean position, pixel i spans [i, i+1);
                photons/background: medians of the used windows; flag: ok or
                ';'-joined reasons as in predict plus short_track, second_molecule,
-               at_image_edge; error:<code> rows for unusable files)
+               at_image_edge, inconsistent_windows; error:<code> rows for unusable files)
   windows.csv  as ``predict`` writes it, plus track_id (first_frame = window start)
   <movie>_D_map.png  tracks on the movie's max projection, coloured by D
   D_histogram.png    D per molecule
@@ -126,13 +128,13 @@ def detect_and_localize(stack, camera, detector, sigma_px, desc="detect"):
   crops, pend = [], []            # pending crops and their (frame, x, y, score, x0, y0)
   maxproj = None
 
-  def flush():
+  def flush(n):                   # the first n pending spots (full batches: one compile)
     if not crops:
       return
-    theta, _, ok = baselines.localize_frames(np.stack(crops), sigma_px, camera.qe,
+    theta, _, ok = baselines.localize_frames(np.stack(crops[:n]), sigma_px, camera.qe,
                                              camera.read_noise_e, LOCALIZE_ITERATIONS)
     theta, ok = np.array(theta, np.float64), np.array(ok, bool)
-    p = np.asarray(pend, np.float64)
+    p = np.asarray(pend[:n], np.float64)
     fx, fy = theta[:, 0] + p[:, 4], theta[:, 1] + p[:, 5]
     ok &= np.hypot(fx - p[:, 1], fy - p[:, 2]) < 2
     cols["frame"] += p[:, 0].astype(int).tolist()
@@ -142,8 +144,7 @@ def detect_and_localize(stack, camera, detector, sigma_px, desc="detect"):
     cols["ok"] += ok.tolist()
     cols["photons"] += np.where(ok, theta[:, 2], np.nan).tolist()
     cols["background"] += np.where(ok, theta[:, 3], np.nan).tolist()
-    crops.clear()
-    pend.clear()
+    del crops[:n], pend[:n]
 
   for i in cli.progress(range(len(stack)), desc=desc, unit="frame"):
     photons = np.asarray(noise.adu_to_photons(stack[i], camera), np.float32)
@@ -153,9 +154,9 @@ def detect_and_localize(stack, camera, detector, sigma_px, desc="detect"):
       crop, y0, x0 = _crop(photons, yi, xi, LOCALIZE_BOX_PX)
       crops.append(crop)
       pend.append((i, xi, yi, si, x0, y0))
-    if len(crops) >= LOCALIZE_BATCH:
-      flush()
-  flush()
+    while len(crops) >= LOCALIZE_BATCH:
+      flush(LOCALIZE_BATCH)
+  flush(len(crops))
   return pd.DataFrame(cols), maxproj
 
 
@@ -234,6 +235,11 @@ def track_rows(file, tracks, results, classical, num_frames, sim, file_flags):
     row.background_photons = (float(np.nanmedian(tr.background))
                               if np.isfinite(tr.background).any() else math.nan)
     if used:
+      keep = tracks_lib.consistent_windows([g[2] for g in used], [g[3] for g in used])
+      if len(keep) < len(used):
+        row.flags.append("inconsistent_windows")
+        used = [used[i] for i in keep]
+        row.n_windows = len(used)
       mean, sd = tracks_lib.combine([g[2] for g in used], [g[3] for g in used],
                                     [g[0].first_frame for g in used], num_frames)
       row.D, row.D_low, row.D_high = math.exp(mean), math.exp(mean - sd), math.exp(mean + sd)
@@ -286,7 +292,7 @@ def analyze_movie(path, predictor, options: Options, warnings: dict, assumed: di
     stride = options.stride or t
     blur_px = math.sqrt(2 * d_max * 1e6 * float(sim.exposure_s) / 3) / px
     mask_px = 3.5 * fwhm_nm / 2.3548 / px + 1.5 * blur_px
-    windows = tracks_lib.plan_windows(tracks, (t, h, w), (H, W), n, stride, mask_px)
+    windows = tracks_lib.plan_windows(tracks, (t, h, w), (H, W), n, stride, mask_px, dets)
     results = predict_windows(stack, windows, predictor, path, file_flags, mask_px,
                               f"D {name}")
   classical = tracks_lib.classical(tracks, px, dt, float(sim.exposure_s))

@@ -2,7 +2,9 @@
 
 * ``link``: trackpy's nearest-neighbour linker (Crocker & Grier 1996 as implemented by
   trackpy, the field's standard Python linker) with gap closing (``memory`` frames a
-  molecule may be missed), keeping tracks of at least ``min_frames`` detections.
+  molecule may be missed); tracks are cut at steps far beyond their local step size
+  (``jump_steps``: one molecule bleaching and another appearing nearby), keeping
+  tracks of at least ``min_frames`` detections.
 * ``Track``: one molecule's frames and positions, gaps filled by linear interpolation
   for cutting windows (the measured positions stay marked ``valid``).
 * ``plan_windows``: T-frame windows along a track starting every ``stride`` frames (the
@@ -64,10 +66,13 @@ def link(detections, search_range_px: float, memory: int, min_frames: int) -> li
   linked = trackpy.link(detections, search_range=search_range_px, memory=memory,
                         adaptive_stop=max(1.0, 0.3 * search_range_px), adaptive_step=0.9,
                         link_strategy="auto")
-  tracks = []
-  for tid, (_, g) in enumerate(sorted(linked.groupby("particle"),
-                                      key=lambda kv: (kv[1]["frame"].min(), kv[0]))):
+  pieces = []
+  for _, g in linked.groupby("particle"):
     g = g.sort_values("frame").drop_duplicates("frame")
+    cuts = jump_steps(g["x"].to_numpy(), g["y"].to_numpy(), g["frame"].to_numpy())
+    pieces += [g.iloc[a:b] for a, b in zip([0] + cuts, cuts + [len(g)])]
+  tracks = []
+  for g in sorted(pieces, key=lambda g: (int(g["frame"].min()), float(g["x"].iloc[0]))):
     if len(g) < min_frames:
       continue
     frames = np.arange(int(g["frame"].min()), int(g["frame"].max()) + 1)
@@ -82,6 +87,24 @@ def link(detections, search_range_px: float, memory: int, min_frames: int) -> li
     background[f - frames[0]] = g["background"].to_numpy()
     tracks.append(Track(len(tracks) + 1, frames, xy, valid, photons, background))
   return tracks
+
+
+def jump_steps(x, y, frames, factor: float = 5.0, min_px: float = 1.5, half: int = 4):
+  """Indices i where a track should be cut before detection i: the step into it is
+  larger than ``factor`` x the local per-axis step sd (robust, from the median of up to
+  ``half`` steps on each side) and than ``min_px``. Brownian steps exceed 5 sd with
+  probability 4e-6; a link from a bleached molecule to another one appearing nearby
+  usually does (the linker only bounds steps by the search range)."""
+  d = np.hypot(np.diff(x), np.diff(y)) / np.sqrt(np.maximum(np.diff(frames), 1))
+  cuts = []
+  for k in range(len(d)):
+    around = np.concatenate([d[max(0, k - half):k], d[k + 1:k + 1 + half]])
+    if around.size < 3:
+      continue
+    sd = np.median(around) / 1.1774            # median of a 2D Rayleigh = 1.1774 sd
+    if d[k] > max(factor * sd, min_px):
+      cuts.append(k + 1)
+  return cuts
 
 
 @dataclasses.dataclass
@@ -109,7 +132,7 @@ def window_starts(t_start: int, t_end: int, num_frames: int, stride: int,
 
 
 def plan_windows(tracks: list[Track], window_shape, frame_shape, movie_frames: int,
-                 stride: int, mask_radius_px: float, edge_px: float = 2.0,
+                 stride: int, mask_radius_px: float, detections=None, edge_px: float = 2.0,
                  edge_fraction: float = 0.25) -> list[Window]:
   """The model's windows for every track, with their flags (see module docstring).
 
@@ -117,10 +140,20 @@ def plan_windows(tracks: list[Track], window_shape, frame_shape, movie_frames: i
   near the image border (the part outside the frame is filled with synthetic
   background when cut). Other tracks inside the crop are listed in ``masks`` (to be
   replaced by background within ``mask_radius_px``) unless one comes closer than
-  2 mask radii to the molecule: then the window is flagged second_molecule."""
+  2 mask radii to the molecule: then the window is flagged second_molecule. So are
+  the ``detections`` (a table with frame, x, y: spots on no kept track, e.g. a
+  molecule seen for a few frames) farther than 2 mask radii from the molecule."""
   t, h, w = window_shape
   H, W = frame_shape
   windows = []
+  by_frame = {}
+  if detections is not None and len(detections):
+    f_all = detections["frame"].to_numpy()
+    xy_all = detections[["x", "y"]].to_numpy()
+    order = np.argsort(f_all, kind="stable")
+    bounds = np.searchsorted(f_all[order], np.arange(movie_frames + 1))
+    by_frame = {f: xy_all[order[bounds[f]:bounds[f + 1]]] for f in range(movie_frames)
+                if bounds[f + 1] > bounds[f]}
   for tr in tracks:
     starts, short = window_starts(tr.t_start, tr.t_end, t, stride, movie_frames)
     for s in starts:
@@ -150,6 +183,14 @@ def plan_windows(tracks: list[Track], window_shape, frame_shape, movie_frames: i
           flags.append("second_molecule")
         masks += [(int(kk), float(px - x0), float(py - y0))
                   for kk, (px, py), ins in zip(k, p, inside) if ins]
+      r = mask_radius_px
+      for k in range(t):
+        p = by_frame.get(s + k)
+        if p is None:
+          continue
+        sel = ((p[:, 0] >= x0 - r) & (p[:, 0] < x0 + w + r) & (p[:, 1] >= y0 - r)
+               & (p[:, 1] < y0 + h + r) & (np.hypot(*(p - own[k]).T) > 2 * r))
+        masks += [(k, float(px - x0), float(py - y0)) for px, py in p[sel]]
       windows.append(Window(tr.track_id, s, y0, x0, list(dict.fromkeys(flags)), masks))
   return windows
 
@@ -193,6 +234,19 @@ def combine(means, log_vars, starts, num_frames: int):
   w = np.linalg.solve(cov, ones)
   precision = float(ones @ w)
   return float(w @ m / precision), float(np.sqrt(1.0 / precision))
+
+
+def consistent_windows(means, log_vars, z_max: float = 3.5):
+  """Indices of the windows kept (3 or more windows): those whose ln D lies within z_max
+  sd of the windows' median (sd = sqrt(own variance + median variance)). A window that
+  spans a linking error or an unseen second molecule is such an outlier, and two
+  overlapping bad windows cannot outvote the rest as they could a leave-one-out test."""
+  m = np.asarray(means, np.float64)
+  var = np.exp(np.clip(np.asarray(log_vars, np.float64), -30, 30))
+  if len(m) < 3:
+    return list(range(len(m)))
+  keep = np.abs(m - np.median(m)) <= z_max * np.sqrt(var + np.median(var))
+  return list(np.nonzero(keep)[0]) if keep.any() else list(range(len(m)))
 
 
 def msd_fit_short_lags(positions_nm, valid, frame_interval_s: float, R: float,
