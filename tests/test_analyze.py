@@ -85,6 +85,18 @@ def test_linking_reproduces_known_tracks():
     assert tr.valid.sum() == (28 if k == 1 else 30)
 
 
+def test_tracks_cut_at_jumps_and_outlier_windows_dropped():
+  steps = np.asarray(jax.random.normal(jax.random.key(7), (300, 2))) * 0.5
+  path = np.cumsum(steps, 0)
+  assert tracks.jump_steps(path[:, 0], path[:, 1], np.arange(300)) == []
+  jumped = path.copy()
+  jumped[40:] += 8.0                     # another molecule appears 11 px away
+  assert tracks.jump_steps(jumped[:, 0], jumped[:, 1], np.arange(300)) == [40]
+  lv = np.log(np.full(5, 0.2 ** 2))
+  assert tracks.consistent_windows([0.0, 0.1, -0.1, 4.0, 4.1], lv) == [0, 1, 2]
+  assert tracks.consistent_windows([0.0, 0.1, -0.1, 0.2], lv[:4]) == [0, 1, 2, 3]
+
+
 def test_combining_windows_narrows_as_one_over_sqrt_windows():
   T, sd = 16, 0.3
   for n in (1, 2, 4, 9):
