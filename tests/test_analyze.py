@@ -95,6 +95,9 @@ def test_tracks_cut_at_jumps_and_outlier_windows_dropped():
   lv = np.log(np.full(5, 0.2 ** 2))
   assert tracks.consistent_windows([0.0, 0.1, -0.1, 4.0, 4.1], lv) == [0, 1, 2]
   assert tracks.consistent_windows([0.0, 0.1, -0.1, 0.2], lv[:4]) == [0, 1, 2, 3]
+  # Two confident overlapping bad windows at the end (starts 32 and 34, T = 16) vote once.
+  lv2 = np.log([0.2 ** 2, 0.2 ** 2, 0.05 ** 2, 0.05 ** 2])
+  assert tracks.consistent_windows([0.0, 0.1, 3.6, 3.6], lv2, [0, 16, 32, 34], 16) == [0, 1]
 
 
 def test_combining_windows_narrows_as_one_over_sqrt_windows():

@@ -137,13 +137,13 @@ def detect_and_localize(stack, camera, detector, sigma_px, desc="detect"):
     p = np.asarray(pend[:n], np.float64)
     fx, fy = theta[:, 0] + p[:, 4], theta[:, 1] + p[:, 5]
     ok &= np.hypot(fx - p[:, 1], fy - p[:, 2]) < 2
-    cols["frame"] += p[:, 0].astype(int).tolist()
-    cols["x"] += np.where(ok, fx, p[:, 1]).tolist()
-    cols["y"] += np.where(ok, fy, p[:, 2]).tolist()
-    cols["score"] += p[:, 3].tolist()
-    cols["ok"] += ok.tolist()
-    cols["photons"] += np.where(ok, theta[:, 2], np.nan).tolist()
-    cols["background"] += np.where(ok, theta[:, 3], np.nan).tolist()
+    cols["frame"].append(p[:, 0].astype(np.int32))
+    cols["x"].append(np.where(ok, fx, p[:, 1]))
+    cols["y"].append(np.where(ok, fy, p[:, 2]))
+    cols["score"].append(p[:, 3].astype(np.float32))
+    cols["ok"].append(ok)
+    cols["photons"].append(np.where(ok, theta[:, 2], np.nan).astype(np.float32))
+    cols["background"].append(np.where(ok, theta[:, 3], np.nan).astype(np.float32))
     del crops[:n], pend[:n]
 
   for i in cli.progress(range(len(stack)), desc=desc, unit="frame"):
@@ -157,7 +157,8 @@ def detect_and_localize(stack, camera, detector, sigma_px, desc="detect"):
     while len(crops) >= LOCALIZE_BATCH:
       flush(LOCALIZE_BATCH)
   flush(len(crops))
-  return pd.DataFrame(cols), maxproj
+  return pd.DataFrame({k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+                      ), maxproj
 
 
 def _cut(frame, y0, x0, h, w):
@@ -235,7 +236,8 @@ def track_rows(file, tracks, results, classical, num_frames, sim, file_flags):
     row.background_photons = (float(np.nanmedian(tr.background))
                               if np.isfinite(tr.background).any() else math.nan)
     if used:
-      keep = tracks_lib.consistent_windows([g[2] for g in used], [g[3] for g in used])
+      keep = tracks_lib.consistent_windows([g[2] for g in used], [g[3] for g in used],
+                                           [g[0].first_frame for g in used], num_frames)
       if len(keep) < len(used):
         row.flags.append("inconsistent_windows")
         used = [used[i] for i in keep]

@@ -236,16 +236,25 @@ def combine(means, log_vars, starts, num_frames: int):
   return float(w @ m / precision), float(np.sqrt(1.0 / precision))
 
 
-def consistent_windows(means, log_vars, z_max: float = 3.5):
+def consistent_windows(means, log_vars, starts=None, num_frames: int = 1,
+                       z_max: float = 3.5):
   """Indices of the windows kept (3 or more windows): those whose ln D lies within z_max
-  sd of the windows' median (sd = sqrt(own variance + median variance)). A window that
-  spans a linking error or an unseen second molecule is such an outlier, and two
-  overlapping bad windows cannot outvote the rest as they could a leave-one-out test."""
+  sd of the windows' median (sd = sqrt(own variance + median variance)). The median is
+  over windows at least T/2 frames apart (an overlapping pair, such as the last window
+  aligned to the track's end, votes once). A window that spans a linking error or an
+  unseen second molecule is such an outlier; confident bad windows cannot outweigh the
+  rest as they do in a weighted mean."""
   m = np.asarray(means, np.float64)
   var = np.exp(np.clip(np.asarray(log_vars, np.float64), -30, 30))
   if len(m) < 3:
     return list(range(len(m)))
-  keep = np.abs(m - np.median(m)) <= z_max * np.sqrt(var + np.median(var))
+  votes, last = [], None
+  for i in np.argsort(starts if starts is not None else np.arange(len(m)), kind="stable"):
+    s = starts[i] if starts is not None else i * num_frames
+    if last is None or s - last >= num_frames / 2:
+      votes.append(i)
+      last = s
+  keep = np.abs(m - np.median(m[votes])) <= z_max * np.sqrt(var + np.median(var))
   return list(np.nonzero(keep)[0]) if keep.any() else list(range(len(m)))
 
 
