@@ -119,6 +119,10 @@ def run_condition(name, predictor, tmp, n_movies, n_frames, seed):
           "model_relative_rmse": rel_rmse(D_model[both], D_true[both]),
           "cve_relative_rmse": rel_rmse(D_cve[both], D_true[both]),
           "model_relative_rmse_ok": rel_rmse(D_model[both & ok_flags], D_true[both & ok_flags]),
+          "model_median_abs_rel": float(np.median(np.abs(D_model[both] / D_true[both] - 1))),
+          "cve_median_abs_rel": float(np.median(np.abs(D_cve[both] / D_true[both] - 1))),
+          "worst": max(((abs(m / t - 1), t, m) for m, t in zip(D_model[both], D_true[both])),
+                       default=(0, 0, 0)),
           "coverage_68": float(np.mean((D_true >= lo) & (D_true <= hi))),
           "ok_fraction": float(np.mean(ok_flags)), "n_compared": int(both.sum()),
           "frames_per_s": frames / seconds}
@@ -177,12 +181,15 @@ def main(_):
         f"{_NUM_MOVIES.value} x {_NUM_FRAMES.value} frames per condition; model "
         f"{predictor.config.model.name} step {int(predictor.state['step'])})")
   keys = ("molecules", "recovered", "n_compared", "model_relative_rmse",
-          "model_relative_rmse_ok", "cve_relative_rmse", "coverage_68", "ok_fraction",
-          "frames_per_s")
-  print(f"{'condition':<10}" + "".join(f"{k:>24}" for k in keys))
+          "model_relative_rmse_ok", "cve_relative_rmse", "model_median_abs_rel",
+          "cve_median_abs_rel", "coverage_68", "ok_fraction", "frames_per_s")
+  print(f"{'condition':<10}" + "".join(f"{k:>23}" for k in keys))
   for name, r in results.items():
-    print(f"{name:<10}" + "".join(f"{r[k]:>24.3f}" if isinstance(r[k], float)
-                                  else f"{r[k]:>24}" for k in keys))
+    print(f"{name:<10}" + "".join(f"{r[k]:>23.3f}" if isinstance(r[k], float)
+                                  else f"{r[k]:>23}" for k in keys))
+  for name, r in results.items():
+    print(f"{name}: worst molecule true D {r['worst'][1]:.4g}, model {r['worst'][2]:.4g} "
+          "um^2/s")
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"peak resident memory of this process: {peak_mb:.0f} MB")
   r = results.get("sparse") or next(iter(results.values()))
