@@ -32,6 +32,10 @@ setup(
         "astropy>=6",
         # YAML metadata files next to event data (deep-events' format).
         "PyYAML>=6",
+        # Linking spots into tracks with gap closing in diffusion.analyze: trackpy is the
+        # field's standard Python linker (Crocker-Grier); pandas is its table format.
+        "trackpy>=0.6",
+        "pandas>=2",
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
 )

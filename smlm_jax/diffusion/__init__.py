@@ -12,4 +12,8 @@ calibration   the calibration package (camera, statistics, fit, uncertainty, cli
 baselines     python -m smlm_jax.diffusion.baselines: MLE localization + CVE/MSD + CRLB
 simulate      python -m smlm_jax.diffusion.simulate: write simulated TIFFs + truth
 camera_setup  which camera numbers convert a user's ADU (flags > calibration > config)
+analyze       python -m smlm_jax.diffusion.analyze: whole movies -> tracks -> D per molecule
+detect        spot detection with a set false-positive rate (Anscombe + DoG + null tail)
+tracks        trackpy linking, the model's windows along tracks, combining windows, CVE/MSD
+fullmovie     simulated full-frame movies: many molecules appearing, diffusing, bleaching
 """

@@ -147,7 +147,7 @@ def localize_movies(photons, sigma_px, qe, read_noise_e, iterations: int = 30,
           ok.reshape(lead))
 
 
-def localize_frames(photons, sigma_px, qe, read_noise_e):
+def localize_frames(photons, sigma_px, qe, read_noise_e, iterations: int = 30):
   """:func:`localize_movies` with the frame count padded to a few fixed sizes, so files
   with different numbers of windows reuse one compiled fit."""
   photons = jnp.asarray(photons, jnp.float32)
@@ -157,7 +157,7 @@ def localize_frames(photons, sigma_px, qe, read_noise_e):
   size = 1 << max(4, (n - 1).bit_length()) if n <= 256 else -(-n // 256) * 256
   if size > n:
     flat = jnp.concatenate([flat, jnp.broadcast_to(flat[:1], (size - n,) + hw)])
-  theta, se, ok = localize_movies(flat, sigma_px, qe, read_noise_e)
+  theta, se, ok = localize_movies(flat, sigma_px, qe, read_noise_e, iterations)
   return (theta[:n].reshape(lead + (NUM_PARAMS,)), se[:n].reshape(lead + (NUM_PARAMS,)),
           ok[:n].reshape(lead))
 

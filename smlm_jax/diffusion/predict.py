@@ -147,10 +147,104 @@ def _mismatch(value, reference):
   return abs(value / reference - 1.0) > MISMATCH_TOLERANCE
 
 
+def fill_rows(rows, out, sim):
+  """Fills D, interval, photons, background and flags of ``rows`` from the predictor's
+  outputs ``out`` (dict of [len(rows)] arrays) for a model trained with ``sim``."""
+  from smlm_jax.diffusion import metrics as metrics_lib
+  D, lo, hi = metrics_lib.point_and_interval(out["mean"], out["log_var"])
+  for i, row in enumerate(rows):
+    row.D, row.D_low, row.D_high = float(D[i]), float(lo[i]), float(hi[i])
+    row.photons = float(out["photons"][i])
+    row.background_photons = float(out["background_photons"][i])
+    if out["peak_snr"][i] < NO_SPOT_SNR:
+      row.flags.append("no_spot")
+    if out["edge_fraction"][i] > EDGE_FRACTION:
+      row.flags.append("spot_at_edge")
+    if not (sim.photons[0] / 2 <= row.photons <= sim.photons[1] * 2):
+      row.flags.append("photons_outside_trained_range")
+    if not (sim.background_photons[0] / 2 <= row.background_photons
+            <= sim.background_photons[1] * 2):
+      row.flags.append("background_outside_trained_range")
+    row.flags += D_range_flags(row.D, sim)
+
+
+def D_range_flags(D, sim) -> list[str]:
+  """['D_below_trained_range'] / ['D_above_trained_range'] / [] for a D estimate."""
+  if D < sim.D_um2_per_s[0]:
+    return ["D_below_trained_range"]
+  if D > sim.D_um2_per_s[1]:
+    return ["D_above_trained_range"]
+  return []
+
+
+def geometry_flags(px, dt, sim, warnings: dict) -> list[str]:
+  """Flags (and one warning each in ``warnings``) for a pixel size / frame interval more
+  than 5% from the training config's."""
+  file_flags = []
+  if _mismatch(px, sim.pixel_size_nm):
+    file_flags.append("pixel_size_mismatch")
+    warnings.setdefault(f"px{px:.4g}", (
+        f"pixel size {px:.4g} nm differs from the model's {sim.pixel_size_nm:.4g} nm by "
+        f"more than 5% (D scales with pixel size squared); rows flagged "
+        f"pixel_size_mismatch - retrain with --config.sim.pixel_size_nm={px:.4g}"))
+  if _mismatch(dt, sim.frame_interval_s):
+    file_flags.append("frame_interval_mismatch")
+    warnings.setdefault(f"dt{dt:.4g}", (
+        f"frame interval {dt:.4g} s differs from the model's {sim.frame_interval_s:.4g} s "
+        f"by more than 5% (D scales with 1/interval and the blur changes); rows flagged "
+        f"frame_interval_mismatch - retrain with --config.sim.frame_interval_s={dt:.4g}"))
+  return file_flags
+
+
+def assumed_notes(assumed: dict, sim) -> list[str]:
+  """Header/console notes for geometry values assumed (training value) for ``assumed``
+  ({name: number of files}) files without metadata."""
+  notes = []
+  if assumed["pixel_size_nm"]:
+    notes.append(f"pixel_size_nm={sim.pixel_size_nm:g} ASSUMED (training value) for "
+                 f"{assumed['pixel_size_nm']} file(s) without metadata; set --pixel_size_nm")
+  if assumed["frame_interval_s"]:
+    notes.append(f"frame_interval_s={sim.frame_interval_s:g} ASSUMED (training value) for "
+                 f"{assumed['frame_interval_s']} file(s) without metadata; "
+                 "set --frame_interval_s")
+  return notes
+
+
+def header_lines(tool, predictor, workdir, camera_notes, notes, warnings) -> list[str]:
+  """The CSV header of predict and analyze: model, training geometry, camera sources,
+  assumed values and warnings."""
+  cfg = predictor.config
+  header = [f"{tool} model={cfg.model.name} step={int(predictor.state['step'])} "
+            f"workdir={os.path.abspath(workdir)}",
+            f"training: pixel_size_nm={cfg.sim.pixel_size_nm:g} "
+            f"frame_interval_s={cfg.sim.frame_interval_s:g} exposure_s={cfg.sim.exposure_s:g} "
+            f"D_um2_per_s={cfg.sim.D_um2_per_s[0]:g}-{cfg.sim.D_um2_per_s[1]:g}",
+            "camera: " + ", ".join(camera_notes)]
+  return header + [f"note: {n}" for n in notes] + [f"WARNING: {w}" for w in warnings]
+
+
+def setup_predictor(workdir, camera_offset_adu=None, camera_gain_adu_per_e=None,
+                    camera_qe=None, calibration=None, batch_size=None):
+  """(predictor with the data's camera, camera notes): loads the run, resolves the camera
+  (flags > calibration file > training config) and prints the start-up lines."""
+  cal = camera_setup.read_calibration(calibration) if calibration else None
+  predictor = Predictor(workdir, batch_size=batch_size)
+  cfg = predictor.config
+  camera, camera_notes = camera_setup.data_camera(
+      cfg.sim.camera, camera_offset_adu, camera_gain_adu_per_e, camera_qe, cal)
+  predictor.camera = camera
+  print(f"model {cfg.model.name} (step {int(predictor.state['step'])}) from "
+        f"{workdir}; windows of {'x'.join(map(str, predictor.window_shape))} (T x H x W)",
+        file=sys.stderr)
+  for n in camera_notes:
+    if "ASSUMED" in n:
+      print(f"note: camera {n}", file=sys.stderr)
+  return predictor, camera_notes
+
+
 def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
                   frame_interval_s=None, log=print):
   """Rows (one per window or failed path) and warnings for the header and console."""
-  from smlm_jax.diffusion import metrics as metrics_lib
   sim = predictor.config.sim
   t, h, w = predictor.window_shape
   rows: list[Row] = []
@@ -161,25 +255,7 @@ def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
   def flush():
     if not pending:
       return
-    out = predictor(np.stack([f for _, f in pending]))
-    D, lo, hi = metrics_lib.point_and_interval(out["mean"], out["log_var"])
-    for i, (row, _) in enumerate(pending):
-      row.D, row.D_low, row.D_high = float(D[i]), float(lo[i]), float(hi[i])
-      row.photons = float(out["photons"][i])
-      row.background_photons = float(out["background_photons"][i])
-      if out["peak_snr"][i] < NO_SPOT_SNR:
-        row.flags.append("no_spot")
-      if out["edge_fraction"][i] > EDGE_FRACTION:
-        row.flags.append("spot_at_edge")
-      if not (sim.photons[0] / 2 <= row.photons <= sim.photons[1] * 2):
-        row.flags.append("photons_outside_trained_range")
-      if not (sim.background_photons[0] / 2 <= row.background_photons
-              <= sim.background_photons[1] * 2):
-        row.flags.append("background_outside_trained_range")
-      if row.D < sim.D_um2_per_s[0]:
-        row.flags.append("D_below_trained_range")
-      elif row.D > sim.D_um2_per_s[1]:
-        row.flags.append("D_above_trained_range")
+    fill_rows([row for row, _ in pending], predictor(np.stack([f for _, f in pending])), sim)
     pending.clear()
 
   offset = float(predictor.camera.offset_adu) if predictor.camera is not None else None
@@ -192,19 +268,7 @@ def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
                                                sim.pixel_size_nm, sim.frame_interval_s)
     for name in missing:
       assumed[name] += 1
-    file_flags = []
-    if _mismatch(px, sim.pixel_size_nm):
-      file_flags.append("pixel_size_mismatch")
-      warnings.setdefault(f"px{px:.4g}", (
-          f"pixel size {px:.4g} nm differs from the model's {sim.pixel_size_nm:.4g} nm by "
-          f"more than 5% (D scales with pixel size squared); rows flagged "
-          f"pixel_size_mismatch - retrain with --config.sim.pixel_size_nm={px:.4g}"))
-    if _mismatch(dt, sim.frame_interval_s):
-      file_flags.append("frame_interval_mismatch")
-      warnings.setdefault(f"dt{dt:.4g}", (
-          f"frame interval {dt:.4g} s differs from the model's {sim.frame_interval_s:.4g} s "
-          f"by more than 5% (D scales with 1/interval and the blur changes); rows flagged "
-          f"frame_interval_mismatch - retrain with --config.sim.frame_interval_s={dt:.4g}"))
+    file_flags = geometry_flags(px, dt, sim, warnings)
     for first in starts:
       row = Row(file=path, first_frame=first, flags=list(file_flags))
       rows.append(row)
@@ -212,18 +276,11 @@ def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
     if len(pending) >= predictor.batch_size:
       flush()
   flush()
-  notes = []
-  if assumed["pixel_size_nm"]:
-    notes.append(f"pixel_size_nm={sim.pixel_size_nm:g} ASSUMED (training value) for "
-                 f"{assumed['pixel_size_nm']} file(s) without metadata; set --pixel_size_nm")
-  if assumed["frame_interval_s"]:
-    notes.append(f"frame_interval_s={sim.frame_interval_s:g} ASSUMED (training value) for "
-                 f"{assumed['frame_interval_s']} file(s) without metadata; "
-                 "set --frame_interval_s")
+  notes = assumed_notes(assumed, sim)
   return rows, list(warnings.values()), notes
 
 
-def plot_histogram(rows, path, D_range, title=""):
+def plot_histogram(rows, path, D_range, title="", ylabel="windows"):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -241,7 +298,7 @@ def plot_histogram(rows, path, D_range, title=""):
       ax.axvline(np.median(ok), color="k", ls="--", lw=1,
                  label=f"median ok = {np.median(ok):.3g}")
   ax.axvspan(*D_range, color="0.9", zorder=-1, label="trained D range")
-  ax.set(xscale="log", xlabel="predicted D (um$^2$/s)", ylabel="windows", title=title)
+  ax.set(xscale="log", xlabel="predicted D (um$^2$/s)", ylabel=ylabel, title=title)
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -253,31 +310,17 @@ def run(workdir, inputs, output, stride=None, camera_offset_adu=None,
         frame_interval_s=None, batch_size=None, plot=None) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   t0 = time.time()
-  cal = camera_setup.read_calibration(calibration) if calibration else None
-  predictor = Predictor(workdir, batch_size=batch_size)
+  predictor, camera_notes = setup_predictor(workdir, camera_offset_adu, camera_gain_adu_per_e,
+                                            camera_qe, calibration, batch_size)
   cfg = predictor.config
-  camera, camera_notes = camera_setup.data_camera(
-      cfg.sim.camera, camera_offset_adu, camera_gain_adu_per_e, camera_qe, cal)
-  predictor.camera = camera
-  print(f"model {cfg.model.name} (step {int(predictor.state['step'])}) from {workdir}; "
-        f"windows of {'x'.join(map(str, predictor.window_shape))} (T x H x W)",
-        file=sys.stderr)
-  for n in camera_notes:
-    if "ASSUMED" in n:
-      print(f"note: camera {n}", file=sys.stderr)
   rows, warnings, notes = predict_files(predictor, inputs, stride, pixel_size_nm,
                                         frame_interval_s)
   for n in notes:
     print(f"note: {n}", file=sys.stderr)
   for wmsg in warnings:
     print(f"\n!!! WARNING: {wmsg}\n", file=sys.stderr)
-  header = [f"smlm_jax.diffusion.predict model={cfg.model.name} step={int(predictor.state['step'])} "
-            f"workdir={os.path.abspath(workdir)}",
-            f"training: pixel_size_nm={cfg.sim.pixel_size_nm:g} "
-            f"frame_interval_s={cfg.sim.frame_interval_s:g} exposure_s={cfg.sim.exposure_s:g} "
-            f"D_um2_per_s={cfg.sim.D_um2_per_s[0]:g}-{cfg.sim.D_um2_per_s[1]:g}",
-            "camera: " + ", ".join(camera_notes)]
-  header += [f"note: {n}" for n in notes] + [f"WARNING: {wmsg}" for wmsg in warnings]
+  header = header_lines("smlm_jax.diffusion.predict", predictor, workdir, camera_notes, notes,
+                        warnings)
   header.append("D = posterior median; D_low/D_high = 68% interval; photons per frame "
                 "(spot) and per pixel per frame (background), before QE")
   cli.atomic_write_text(output, cli.csv_text(COLUMNS, [r.cells() for r in rows], header))
