@@ -7,17 +7,18 @@ The detector the field used before deep learning (Cheng et al. 1999, Biophys. J.
 
 1. Smooth with a Gaussian of ``smooth_ms`` in time and ``smooth_um`` in space: S.
 2. Baseline per pixel, robust to events (which only raise the fluorescence): the
-   temporal quantiles P10 and P30 of S; the noise SD of S is ``sd = (P30 - P10) /
-   0.758`` (the quantile spacing of a normal), smoothed over 2 px, and ``F0 = P30 +
-   0.524 sd`` (the median of the noise alone). A long puff or wave may cover more than
+   temporal 30% quantile P30 of S; the noise SD of S from the RMS deviation of the
+   frames below P30 (``/ SD_BELOW_Q``, the value for normal noise), smoothed over 1 px,
+   and ``F0 = P30 + 0.524 sd`` (the median of the noise alone). A long puff or wave may cover more than
    half of a short movie, which a median baseline would absorb; the 30% quantile does
    not. Pixels with F0 below ``cell_fraction`` of the 90th percentile of F0 are outside
    the cell and hold no events.
 3. ``z = (S - F0) / sd`` (the smoothed signal in units of the noise SD) and
    ``dF/F0 = S / F0 - 1``.
-4. Hysteresis: 26-connected components in (t, y, x) of ``z >= extent_sd`` that
-   contain a voxel with ``z >= detect_sd`` (Cheng et al.'s detection and extent
-   criteria).
+4. Hysteresis: 26-connected components in (t, y, x) of ``z >= extent_sd`` (and
+   ``dF/F0 >= extent_dff``: without it a bright spark's Gaussian tails spread far above
+   the noise) that contain a voxel with ``z >= detect_sd`` (Cheng et al.'s detection
+   and extent criteria).
 5. Classes by the size/duration rules: a component whose extent along the cell's
    long axis x (or across it, y) reaches ``wave_min_extent_um`` is a wave (a
    propagating front covers the cell; a spark is < ~4 um); otherwise a spark if it
@@ -50,17 +51,21 @@ STRUCT26 = np.ones((3, 3, 3), bool)
 # Score with the events module's extraction but without the network's confidence
 # filter (it needs class probabilities; a one-hot map would pass any threshold anyway).
 NO_FILTER = {"min_probability": (0.0, 0.0, 0.0), "min_volume_um2_ms": (0.0, 0.0, 0.0)}
-Q_LO, Q_HI = 0.1, 0.3
+Q_HI = 0.3
+# sqrt(E[(X - q)^2 | X <= q]) / SD for q the 30% quantile of 64 samples of the smoothed
+# noise (0.826 asymptotically; 0.79 measured on 64-frame Poisson movies smoothed as here).
+SD_BELOW_Q = 0.79
 
 
 @dataclasses.dataclass(frozen=True)
 class Params:
   smooth_ms: float = 7.0              # temporal Gaussian sigma
   smooth_um: float = 0.4              # spatial Gaussian sigma
-  detect_sd: float = 5.0              # seed threshold (noise SDs of the smoothed movie)
-  extent_sd: float = 2.5              # extent threshold (hysteresis)
+  detect_sd: float = 3.0              # seed threshold (noise SDs of the smoothed movie)
+  extent_sd: float = 1.5              # extent threshold (hysteresis)
   spark_max_ms: float = 130.0         # longer local events are puffs
   wave_min_extent_um: float = 9.0     # wider events are waves
+  extent_dff: float = 0.1             # extent voxels also need dF/F0 >= this
   cell_fraction: float = 0.2
 
 
@@ -68,7 +73,9 @@ class Params:
 # (A first grid, detect 3-5, extent 1.5-2.5, spark_max 70-130 ms, wave 6-9 um, chose
 # its upper corner on 32 validation movies of seed 4242: mean F1 0.64; this one lies
 # around it.)
-GRID = {"detect_sd": (4.0, 5.0, 6.0), "extent_sd": (2.5, 3.0),
+# The noise SD was then underestimated ~1.7x (quantile spacing of 64 correlated
+# samples): those thresholds were ~2.8 and ~1.4 true SDs, around which this grid lies.
+GRID = {"detect_sd": (2.5, 3.0, 4.0), "extent_sd": (1.25, 1.5),
         "spark_max_ms": (130.0, 170.0), "wave_min_extent_um": (9.0, 12.0)}
 
 
@@ -78,8 +85,13 @@ def significance(movie, pixel_size_um: float, frame_interval_ms: float, params: 
   sig = (params.smooth_ms / frame_interval_ms, params.smooth_um / pixel_size_um,
          params.smooth_um / pixel_size_um)
   s = ndimage.gaussian_filter(movie, sig, mode="nearest")
-  lo, hi = np.quantile(s, (Q_LO, Q_HI), axis=0)
-  sd = ndimage.gaussian_filter((hi - lo) / 0.758, 2.0, mode="nearest")
+  hi = np.quantile(s, Q_HI, axis=0)
+  below = s <= hi
+  # Deviations below the 30% quantile, about the estimated median (hi + 0.524 sd):
+  # E[(X - q)^2 | X < q] of a normal, solved for sd by two fixed-point steps.
+  sd = np.sqrt(np.sum(np.where(below, (s - hi) ** 2, 0), 0) / np.maximum(below.sum(0), 1))
+  sd = sd / SD_BELOW_Q
+  sd = ndimage.gaussian_filter(sd, 1.0, mode="nearest")
   f0 = hi + 0.524 * sd
   cell = f0 >= params.cell_fraction * max(float(np.percentile(f0, 90)), 1e-12)
   sd = np.maximum(sd, 1e-6 * max(float(np.max(np.abs(f0))), 1e-12))
@@ -88,9 +100,12 @@ def significance(movie, pixel_size_um: float, frame_interval_ms: float, params: 
   return z, dff, cell
 
 
-def components(z, params: Params):
+def components(z, params: Params, dff=None):
   """(component ids [T, H, W] int32, count): step 4 (hysteresis)."""
-  comp, n = ndimage.label(z >= params.extent_sd, structure=STRUCT26)
+  mask = z >= params.extent_sd
+  if dff is not None:
+    mask &= dff >= params.extent_dff
+  comp, n = ndimage.label(mask, structure=STRUCT26)
   if n == 0:
     return comp.astype(np.int32), 0
   seeded = np.zeros(n + 1, bool)
@@ -124,7 +139,7 @@ def detect(movie, pixel_size_um: float, frame_interval_ms: float,
   """(class map [T, H, W] uint8, component ids [T, H, W] int32, class per id, dF/F0)
   of a movie [T, H, W] (linear intensities, offset removed)."""
   z, dff, _ = significance(movie, pixel_size_um, frame_interval_ms, params)
-  comp, n = components(z, params)
+  comp, n = components(z, params, dff)
   classes, cls_of = classify(comp, n, pixel_size_um, frame_interval_ms, params)
   return classes, comp, cls_of, dff
 
@@ -154,7 +169,7 @@ def tune(movies, data, spec, grid=None, base: Params = Params(), log=None):
   grid = dict(GRID if grid is None else grid)
   names = list(grid)
   # Significance maps do not depend on the grid's parameters: computed once per movie.
-  sig = [significance(m, spec.pixel_size_um, spec.frame_interval_ms, base)[0]
+  sig = [significance(m, spec.pixel_size_um, spec.frame_interval_ms, base)[:2]
          for m in movies]
   results, best = [], None
   for values in itertools.product(*(grid[k] for k in names)):
@@ -162,8 +177,8 @@ def tune(movies, data, spec, grid=None, base: Params = Params(), log=None):
     if p.extent_sd > p.detect_sd:
       continue
     probs = []
-    for z in sig:
-      comp, n = components(z, p)
+    for z, dff in sig:
+      comp, n = components(z, p, dff)
       probs.append(as_probabilities(classify(comp, n, spec.pixel_size_um,
                                              spec.frame_interval_ms, p)[0]))
     m = events_lib.simulated_scorer(np.stack(probs), data, spec).metrics(NO_FILTER)
