@@ -3,7 +3,8 @@ simulated volumes from an unseen seed.
 
   flock /tmp/smlm_cpu.lock env PYTHONPATH=. python experiments/fusion_study.py \
       --workdir=/tmp/fusion_study [--config=configs/fusion.py] [--num_volumes=16] \
-      [--test_shape=24,80,80] [--tile=24,48,48] [--plot=fusion_study.png]
+      [--test_shape=24,80,80] [--tile=24,48,48] [--plot=fusion_study.png] \
+      [--num_val=16] [--val_seed=4242] [--skip_training] [--second_sim_dir=DIR]
 
 1. Trains ``configs/fusion.py`` (default variant) in --workdir, timed (``seconds``: wall
    time of train_and_evaluate, compilation and periodic evaluation included); an

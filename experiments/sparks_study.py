@@ -1,7 +1,8 @@
 """Sparks study: train the default config, then score it on unseen simulated movies.
 
   flock /tmp/smlm_cpu.lock python experiments/sparks_study.py [--workdir=/tmp/sparks_study] \
-      [--config=configs/sparks.py] [--num_movies=96] [--seed=777] [--skip_training]
+      [--config=configs/sparks.py] [--num_movies=96] [--seed=777] [--skip_training] \
+      [--num_val=32] [--val_seed=4242] [--second_sim_dir=DIR]
 
 1. Trains ``--config`` (default: the CPU default) in ``--workdir`` with the shared
    trainer and times it (wall clock, compilation and validation included; a finished
