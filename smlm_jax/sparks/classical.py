@@ -69,12 +69,10 @@ class Params:
   cell_fraction: float = 0.2
 
 
-# The grid searched by tune (thresholds and class rules; smoothing fixed).
-# (A first grid, detect 3-5, extent 1.5-2.5, spark_max 70-130 ms, wave 6-9 um, chose
-# its upper corner on 32 validation movies of seed 4242: mean F1 0.64; this one lies
-# around it.)
-# The noise SD was then underestimated ~1.7x (quantile spacing of 64 correlated
-# samples): those thresholds were ~2.8 and ~1.4 true SDs, around which this grid lies.
+# The grid searched by tune (thresholds and class rules; smoothing fixed). A first
+# grid (detect 3-5, extent 1.5-2.5, spark_max 70-130 ms, wave 6-9 um), with a noise SD
+# then underestimated ~1.7x, chose its upper corner on 32 validation movies of seed
+# 4242 (mean F1 0.64): ~2.8 and ~1.4 true SDs, around which this grid lies.
 GRID = {"detect_sd": (2.5, 3.0, 4.0), "extent_sd": (1.25, 1.5),
         "spark_max_ms": (130.0, 170.0), "wave_min_extent_um": (9.0, 12.0)}
 
@@ -87,8 +85,8 @@ def significance(movie, pixel_size_um: float, frame_interval_ms: float, params: 
   s = ndimage.gaussian_filter(movie, sig, mode="nearest")
   hi = np.quantile(s, Q_HI, axis=0)
   below = s <= hi
-  # Deviations below the 30% quantile, about the estimated median (hi + 0.524 sd):
-  # E[(X - q)^2 | X < q] of a normal, solved for sd by two fixed-point steps.
+  # RMS deviation of the frames below the 30% quantile (noise only: events only raise
+  # the fluorescence), converted to the SD of normal noise.
   sd = np.sqrt(np.sum(np.where(below, (s - hi) ** 2, 0), 0) / np.maximum(below.sum(0), 1))
   sd = sd / SD_BELOW_Q
   sd = ndimage.gaussian_filter(sd, 1.0, mode="nearest")
