@@ -74,8 +74,8 @@ class Params:
 # then underestimated ~1.7x, chose its upper corner on 32 validation movies of seed
 # 4242 (mean F1 0.64): ~2.8 and ~1.4 true SDs. A second grid (detect 2.5-4, extent
 # 1.25-1.5) chose detect 4 and extent 1.25 on 24 movies (mean F1 0.748), a third
-# (detect 3-5, extent 1-1.5) detect 5 and extent 1.5 on 48 movies (0.804): this one
-# extends past that edge.
+# (detect 3-5, extent 1-1.5) detect 5 and extent 1.5 on 48 movies (0.804); this one
+# extends past that edge and chose the same interior point (0.804).
 GRID = {"detect_sd": (4.0, 5.0, 6.0, 7.0), "extent_sd": (1.25, 1.5),
         "spark_max_ms": (130.0, 170.0), "wave_min_extent_um": (9.0, 12.0)}
 
