@@ -3,7 +3,8 @@ simulated volumes from an unseen seed.
 
   flock /tmp/smlm_cpu.lock env PYTHONPATH=. python experiments/fusion_study.py \
       --workdir=/tmp/fusion_study [--config=configs/fusion.py] [--num_volumes=16] \
-      [--test_shape=24,80,80] [--tile=24,48,48] [--plot=fusion_study.png]
+      [--test_shape=24,80,80] [--tile=24,48,48] [--plot=fusion_study.png] \
+      [--num_val=16] [--val_seed=4242] [--skip_training] [--second_sim_dir=DIR]
 
 1. Trains ``configs/fusion.py`` (default variant) in --workdir, timed (``seconds``: wall
    time of train_and_evaluate, compilation and periodic evaluation included); an
@@ -12,11 +13,20 @@ simulated volumes from an unseen seed.
    training patches, so prediction goes through the blended tiles) with the training
    physics but seed ``--test_seed``, never used in training or validation.
 3. Scores the U-Net prediction (with the run's ``predict.tta`` self-ensemble; the
-   column ``1-pass`` is the same network without it) and a Gaussian filter of the view whose (sigma_z,
-   sigma_xy) is tuned on these same test volumes (an oracle choice, generous to the
-   baseline) with the challenge metric (:mod:`smlm_jax.fusion.metrics`).
+   column ``1-pass`` is the same network without it) and two classical baselines
+   (:mod:`smlm_jax.fusion.baselines`) with the challenge metric
+   (:mod:`smlm_jax.fusion.metrics`): a Gaussian filter of the view and Richardson-Lucy
+   deconvolution with the simulator's PSF (middle of its ranges, at the nominal depth)
+   plus depth-attenuation correction. Both are tuned on ``--num_val`` VALIDATION
+   volumes of ``--val_seed`` (default the config's eval_seed; never the test seed).
+4. ``--second_sim_dir=DIR``: volumes of an independent simulator, NAME_view.tif (uint16
+   ADU), NAME_fused.tif (target), NAME.json (voxel_size_um, camera_offset_adu,
+   camera_gain_adu_per_e): the model, RL and the Gaussian (parameters tuned in 3, PSF
+   from our simulator's mid-range model: only what a user knows) scored there too.
+With ``--skip_training`` and no trained run in --workdir only the baselines are scored.
 Prints a table per channel and one line
-  RESULT n_ssim=... gaussian_n_ssim=... seconds=...
+  RESULT n_ssim=... gaussian_n_ssim=... rl_n_ssim=... seconds=...
+  [n_ssim_second_sim=... rl_n_ssim_second_sim=... gaussian_n_ssim_second_sim=...]
 and writes --plot: orthogonal slices (view, Gaussian, prediction, fused) of one nucleus
 and one membrane volume.
 """
@@ -42,9 +52,12 @@ _OVERLAP = flags.DEFINE_string("overlap", "8,16,16", "Tile overlap z,y,x.")
 _HALO = flags.DEFINE_string("halo", "2,4,4", "Discarded tile border z,y,x.")
 _PLOT = flags.DEFINE_string("plot", "fusion_study.png", "Orthogonal-slices PNG.")
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Config overrides key=python_value.")
-
-SIGMAS_Z = (0.0, 0.5, 1.0, 1.5, 2.0)
-SIGMAS_XY = (0.0, 0.5, 0.75, 1.0, 1.5)
+_NUM_VAL = flags.DEFINE_integer("num_val", 16, "Validation volumes to tune baselines on.")
+_VAL_SEED = flags.DEFINE_integer("val_seed", None, "Validation seed (default eval_seed).")
+_SKIP = flags.DEFINE_bool("skip_training", False, "Never train: score the run in "
+                          "--workdir if there is one, else the baselines only.")
+_SECOND = flags.DEFINE_string("second_sim_dir", None, "Folder of independently simulated "
+                              "volumes (NAME_view.tif, NAME_fused.tif, NAME.json).")
 
 
 def load_config():
@@ -92,83 +105,150 @@ def simulate_test_set(cfg, shape, num, seed):
   return views, fused, np.array(membrane), sc
 
 
+def read_second_sim(folder):
+  """[(name, view ADU, fused, metadata)] of a second simulator's folder."""
+  from smlm_jax.fusion import volume_io
+  out = []
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".json") and os.path.exists(os.path.join(folder, name[:-5] + "_view.tif")):
+      stem = os.path.join(folder, name[:-5])
+      out.append((name[:-5], volume_io.read_volume(stem + "_view.tif")[0],
+                  volume_io.read_volume(stem + "_fused.tif")[0],
+                  json.load(open(stem + ".json"))))
+  if not out:
+    raise app.UsageError(f"--second_sim_dir={folder}: no NAME.json with NAME_view.tif")
+  return out
+
+
 def main(argv):
   del argv
-  from scipy import ndimage
   from smlm_jax.core import plotting
-  from smlm_jax.fusion import metrics
-  from smlm_jax.fusion.predict import Predictor
+  from smlm_jax.fusion import baselines, metrics
   cfg = load_config()
   shape = tuple(int(s) for s in _SHAPE.value.split(","))
-  seconds = train(cfg, _WORKDIR.value)
-  print(f"training: {seconds:.0f} s ({cfg.num_train_steps} steps of {cfg.batch_size} "
-        f"volumes {tuple(cfg.sim.shape)})")
+  have_run = os.path.isdir(os.path.join(_WORKDIR.value, "checkpoints"))
+  seconds = float("nan")
+  if not _SKIP.value or have_run:
+    seconds = train(cfg, _WORKDIR.value)
+    have_run = True
+    print(f"training: {seconds:.0f} s ({cfg.num_train_steps} steps of {cfg.batch_size} "
+          f"volumes {tuple(cfg.sim.shape)})")
+  val_seed = int(cfg.eval_seed) if _VAL_SEED.value is None else _VAL_SEED.value
+  if val_seed == _SEED.value:
+    raise app.UsageError("--val_seed must differ from --test_seed")
   views, fused, membrane, sc = simulate_test_set(cfg, shape, _NUM.value, _SEED.value)
-  predictor = Predictor(_WORKDIR.value)
-  tta = bool(predictor.config.predict.get("tta", False))
-  triple = lambda t: tuple(int(v) for v in t.split(","))
+  vviews, vfused, _, _ = simulate_test_set(cfg, shape, _NUM_VAL.value, val_seed)
+  cam = sc.camera
+  psf, depth = baselines.nominal_psf(sc)
+  t0 = time.perf_counter()
+  sigma, g_val = baselines.tune_gaussian(vviews, vfused)
+  rl_params, rl_val, _ = baselines.tune_restore(
+      vviews, vfused, sc.voxel_size_um, psf, [depth] * len(vviews), cam.offset_adu,
+      cam.gain_adu_per_e)
+  print(f"baselines tuned on {len(vviews)} validation volumes (seed {val_seed}) in "
+        f"{time.perf_counter() - t0:.0f} s: Gaussian sigma (z, xy) = {sigma} voxels "
+        f"(N_SSIM {g_val:.3f}); RL {rl_params} with {psf}, depth {depth:.1f} um "
+        f"(N_SSIM {rl_val:.3f})")
+  rl_fn = lambda v, vox, off, gain: baselines.restore(v, vox, psf, depth, off, gain,
+                                                      rl_params)
+  gauss = [metrics.compare(baselines.gaussian(v, *sigma), f, v) for v, f in zip(views, fused)]
+  rl_preds = [rl_fn(v, sc.voxel_size_um, cam.offset_adu, cam.gain_adu_per_e) for v in views]
+  rl = [metrics.compare(p, f, v) for p, f, v in zip(rl_preds, fused, views)]
+  tri = lambda t: tuple(int(v) for v in t.split(","))
+  unet = plain = preds = None
+  pred_s, n_tiles, tta = 0.0, 0, False
+  if have_run:
+    from smlm_jax.fusion.predict import Predictor
+    predictor = Predictor(_WORKDIR.value)
+    tta = bool(predictor.config.predict.get("tta", False))
 
-  def predict_all(pr):
-    t0 = time.perf_counter()
-    out, n = [], 0
-    for v in views:
-      p, n = pr.predict(v, tile=triple(_TILE.value), overlap=triple(_OVERLAP.value),
-                        halo=triple(_HALO.value))
-      out.append(p)
-    return out, n, (time.perf_counter() - t0) / len(views)
+    def predict_all(pr, vols):
+      t0 = time.perf_counter()
+      out, n = [], 0
+      for v in vols:
+        p, n = pr.predict(v, tile=tri(_TILE.value), overlap=tri(_OVERLAP.value),
+                          halo=tri(_HALO.value))
+        out.append(p)
+      return out, n, (time.perf_counter() - t0) / len(vols)
 
-  preds, n_tiles, pred_s = predict_all(predictor)
-  unet = [metrics.compare(p, f, v) for p, f, v in zip(preds, fused, views)]
-  # The same network without the self-ensemble (one pass per tile), for reference.
-  plain = unet
-  if tta:
-    plain_preds, _, _ = predict_all(Predictor(_WORKDIR.value, tta=False))
-    plain = [metrics.compare(p, f, v) for p, f, v in zip(plain_preds, fused, views)]
+    preds, n_tiles, pred_s = predict_all(predictor, views)
+    unet = [metrics.compare(p, f, v) for p, f, v in zip(preds, fused, views)]
+    plain = unet
+    if tta:
+      plain_preds, _, _ = predict_all(Predictor(_WORKDIR.value, tta=False), views)
+      plain = [metrics.compare(p, f, v) for p, f, v in zip(plain_preds, fused, views)]
 
-  best = None
-  for sz in SIGMAS_Z:
-    for sxy in SIGMAS_XY:
-      ms = [metrics.compare(ndimage.gaussian_filter(v, (sz, sxy, sxy)), f, v)
-            for v, f in zip(views, fused)]
-      score = np.mean([m["n_ssim"] for m in ms])
-      if best is None or score > best[0]:
-        best = (score, (sz, sxy), ms)
-  _, sigma, gauss = best
+  nan = {"ssim": float("nan"), "n_ssim": float("nan"), "psnr": float("nan")}
+  unet_rows = unet or [dict(nan, input_ssim=g["input_ssim"], input_psnr=g["input_psnr"])
+                       for g in gauss]
+  plain = plain or unet_rows
 
   def row(name, sel):
     g = lambda ms, k: np.mean([m[k] for m, s in zip(ms, sel) if s])
-    return (f"{name:<10} {int(sel.sum()):>3} {g(unet, 'input_ssim'):>10.3f} "
-            f"{g(gauss, 'ssim'):>10.3f} {g(gauss, 'n_ssim'):>10.3f} {g(unet, 'ssim'):>10.3f} "
-            f"{g(unet, 'n_ssim'):>10.3f} {g(plain, 'n_ssim'):>10.3f} "
-            f"{g(unet, 'input_psnr'):>9.2f} {g(unet, 'psnr'):>9.2f}")
+    return (f"{name:<10} {int(sel.sum()):>3} {g(unet_rows, 'input_ssim'):>10.3f} "
+            f"{g(gauss, 'n_ssim'):>10.3f} {g(rl, 'n_ssim'):>10.3f} "
+            f"{g(unet_rows, 'ssim'):>10.3f} {g(unet_rows, 'n_ssim'):>10.3f} "
+            f"{g(plain, 'n_ssim'):>10.3f} {g(unet_rows, 'input_psnr'):>9.2f} "
+            f"{g(rl, 'psnr'):>9.2f} {g(unet_rows, 'psnr'):>9.2f}")
 
-  print(f"\ntest: {len(views)} simulated volumes {shape} (z, y, x) of "
-        f"{sc.voxel_size_um} um voxels, seed {_SEED.value}; Gaussian sigma (z, xy) = "
-        f"{sigma} voxels (tuned on the test set); U-Net {pred_s:.1f} s/volume "
-        f"({n_tiles} blended tiles of {_TILE.value}, self-ensemble of 8 flips/transposes: "
-        f"{'on' if tta else 'off'}; 1-pass NSSIM: without it)")
-  print(f"{'channel':<10} {'n':>3} {'input SSIM':>10} {'gauss SSIM':>10} {'gauss NSSIM':>10} "
-        f"{'unet SSIM':>10} {'unet NSSIM':>10} {'1-pass':>10} {'in PSNR':>9} {'unet PSNR':>9}")
+  print(f"\ntest (own simulator): {len(views)} simulated volumes {shape} (z, y, x) of "
+        f"{sc.voxel_size_um} um voxels, seed {_SEED.value}; baselines tuned on validation "
+        f"seed {val_seed}; U-Net {pred_s:.1f} s/volume ({n_tiles} blended tiles of "
+        f"{_TILE.value}, self-ensemble of 8 flips/transposes: {'on' if tta else 'off'}; "
+        f"1-pass NSSIM: without it)")
+  print(f"{'channel':<10} {'n':>3} {'input SSIM':>10} {'gauss NSSIM':>10} {'RL NSSIM':>10} "
+        f"{'unet SSIM':>10} {'unet NSSIM':>10} {'1-pass':>10} {'in PSNR':>9} {'RL PSNR':>9} "
+        f"{'unet PSNR':>9}")
   print(row("nuclei", ~membrane))
   print(row("membranes", membrane))
   print(row("all", np.ones_like(membrane)))
+
+  mean = lambda ms: float(np.mean([m["n_ssim"] for m in ms]))
+  result = (f"gaussian_n_ssim={mean(gauss):.4f} rl_n_ssim={mean(rl):.4f} "
+            f"seconds={seconds:.0f}")
+  if unet:
+    result = f"n_ssim={mean(unet):.4f} " + result
+  if _SECOND.value:
+    items = read_second_sim(_SECOND.value)
+    s_g, s_rl, s_m = [], [], []
+    print(f"\nsecond simulator: {len(items)} volumes in {_SECOND.value}")
+    print(f"{'volume':<24} {'input SSIM':>10} {'gauss NSSIM':>11} {'RL NSSIM':>10} "
+          f"{'unet NSSIM':>10}")
+    for name, v, f, meta in items:
+      vox = tuple(float(x) for x in meta.get("voxel_size_um", sc.voxel_size_um))
+      off = float(meta.get("camera_offset_adu", cam.offset_adu))
+      gain = float(meta.get("camera_gain_adu_per_e", cam.gain_adu_per_e))
+      s_g.append(metrics.compare(baselines.gaussian(v, *sigma), f, v))
+      s_rl.append(metrics.compare(rl_fn(v, vox, off, gain), f, v))
+      if have_run:
+        p, _ = predictor.predict(v, voxel_size_um=vox, tile=tri(_TILE.value),
+                                 overlap=tri(_OVERLAP.value), halo=tri(_HALO.value))
+        s_m.append(metrics.compare(p, f, v))
+      um = s_m[-1]["n_ssim"] if s_m else float("nan")
+      print(f"{name:<24} {s_g[-1]['input_ssim']:>10.3f} {s_g[-1]['n_ssim']:>11.3f} "
+            f"{s_rl[-1]['n_ssim']:>10.3f} {um:>10.3f}")
+    if s_m:
+      result += f" n_ssim_second_sim={mean(s_m):.4f}"
+    result += (f" rl_n_ssim_second_sim={mean(s_rl):.4f} "
+               f"gaussian_n_ssim_second_sim={mean(s_g):.4f}")
 
   if _PLOT.value:
     idx = [i for i in (int(np.argmin(membrane)), int(np.argmax(membrane)))]
     vols, titles = [], []
     for i in dict.fromkeys(idx):
       kind = "membranes" if membrane[i] else "nuclei"
-      g = ndimage.gaussian_filter(views[i], (sigma[0], sigma[1], sigma[1]))
-      vols += [views[i], g, preds[i], fused[i]]
-      titles += [f"{kind} view", f"Gaussian {sigma}", f"U-Net N_SSIM {unet[i]['n_ssim']:.2f}",
-                 "fused (target)"]
+      vols += [views[i], baselines.gaussian(views[i], *sigma), rl_preds[i]]
+      titles += [f"{kind} view", f"Gaussian {sigma}", f"RL N_SSIM {rl[i]['n_ssim']:.2f}"]
+      if preds is not None:
+        vols.append(preds[i])
+        titles.append(f"U-Net N_SSIM {unet[i]['n_ssim']:.2f}")
+      vols.append(fused[i])
+      titles.append("fused (target)")
     fig = plotting.orthogonal_slices(vols, titles,
                                      z_aspect=sc.voxel_size_um[0] / sc.voxel_size_um[1])
     plotting.save(fig, _PLOT.value)
     print(f"wrote {_PLOT.value}")
-  n_ssim = float(np.mean([m["n_ssim"] for m in unet]))
-  g_ssim = float(np.mean([m["n_ssim"] for m in gauss]))
-  print(f"RESULT n_ssim={n_ssim:.4f} gaussian_n_ssim={g_ssim:.4f} seconds={seconds:.0f}")
+  print(f"RESULT {result}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Sparks study: train the default config, then score it on unseen simulated movies.
 
   flock /tmp/smlm_cpu.lock python experiments/sparks_study.py [--workdir=/tmp/sparks_study] \
-      [--config=configs/sparks.py] [--num_movies=96] [--seed=777] [--skip_training]
+      [--config=configs/sparks.py] [--num_movies=96] [--seed=777] [--skip_training] \
+      [--num_val=32] [--val_seed=4242] [--second_sim_dir=DIR]
 
 1. Trains ``--config`` (default: the CPU default) in ``--workdir`` with the shared
    trainer and times it (wall clock, compilation and validation included; a finished
@@ -12,7 +13,21 @@
    the run's event extraction; events are matched by IoMin >= 0.5.
 3. Prints per-class precision / recall / F1, the confusion matrix of matched classes,
    F1 against the true peak dF/F0 (where detection fails), and ends with
-   RESULT f1_sparks=.. f1_waves=.. f1_puffs=.. seconds=..
+   RESULT f1_sparks=.. f1_waves=.. f1_puffs=.. seconds=.. classical_f1_sparks=..
+   classical_f1_waves=.. classical_f1_puffs=..
+   (seconds = training wall-clock time; ...). With --skip_training and no trained run in
+   --workdir only the classical detector is scored (its keys only).
+4. The classical detector (smlm_jax.sparks.classical: smoothed dF/F0, thresholds in
+   noise SDs, hysteresis, components, duration / extent rules) with its thresholds
+   chosen on --num_val movies of the validation seed --val_seed (default the config's
+   eval_seed 4242; never the test seed), scored on the same test movies by the same
+   extraction and IoMin matching.
+5. --second_sim_dir=DIR: movies of an independent simulator, NAME.tif (uint16 ADU),
+   NAME_labels.tif (0-4), NAME_instances.tif (event ids), NAME.json (pixel_size_nm,
+   frame_interval_s, camera_offset_adu, camera_gain_adu_per_e): the model through
+   ``smlm_jax.sparks.evaluate``'s annotated-movie path, the classical detector (the
+   parameters tuned in 4) through the same matching; adds f1_*_second_sim and
+   classical_f1_*_second_sim to the RESULT line.
    (seconds = training wall-clock time; the process CPU time is printed too, since on a
    shared host the wall clock includes waiting for other processes). Writes metrics.json and f1_vs_amplitude.png
    to WORKDIR/study.
@@ -39,6 +54,62 @@ _NUM = flags.DEFINE_integer("num_movies", 96, "Test movies.")
 _SEED = flags.DEFINE_integer("seed", evaluate_lib.TEST_SEED, "Test seed.")
 _SKIP = flags.DEFINE_bool("skip_training", False, "Only evaluate the run in --workdir.")
 _RETRAIN = flags.DEFINE_bool("retrain", False, "Delete --workdir and train from scratch.")
+_NUM_VAL = flags.DEFINE_integer("num_val", 32, "Validation movies to tune the classical "
+                                "detector on.")
+_VAL_SEED = flags.DEFINE_integer("val_seed", None, "Validation seed (default eval_seed).")
+_SECOND = flags.DEFINE_string("second_sim_dir", None, "Folder of independently simulated "
+                              "movies (NAME.tif, NAME_labels.tif, NAME_instances.tif, "
+                              "NAME.json) to score the model and the detector on.")
+
+
+def second_sim_items(folder):
+  """[(name, movie ADU path, labels path, instances path or None, metadata)]."""
+  out = []
+  for name in sorted(os.listdir(folder)):
+    if not name.endswith(".json"):
+      continue
+    stem = name[:-5]
+    movie = os.path.join(folder, stem + ".tif")
+    if not os.path.exists(movie):
+      continue
+    inst = os.path.join(folder, stem + "_instances.tif")
+    out.append((stem, movie, os.path.join(folder, stem + "_labels.tif"),
+                inst if os.path.exists(inst) else None,
+                json.load(open(os.path.join(folder, name)))))
+  if not out:
+    cli.fail(f"--second_sim_dir={folder}: no NAME.json with NAME.tif found")
+  return out
+
+
+def classical_second_sim(items, config, params):
+  import numpy as np
+  from smlm_jax.core import tiff_io
+  from smlm_jax.sparks import classical, events as events_lib
+  rows = []
+  for _, movie, labels, inst, meta in items:
+    adu = np.asarray(tiff_io.read_image(movie).data, np.float32)
+    photons = ((adu - float(meta.get("camera_offset_adu", 100.0)))
+               / float(meta.get("camera_gain_adu_per_e", 1.0)))
+    rows.append((photons, tiff_io.read_image(labels).data,
+                 None if inst is None else tiff_io.read_image(inst).data,
+                 float(meta["pixel_size_nm"]) / 1000, float(meta["frame_interval_s"]) * 1000))
+  spec_for = lambda px, dt: events_lib.spec_from_config(config, px, dt)
+  return classical.score_annotated(rows, spec_for, params)
+
+
+def tune_classical(config, mesh):
+  from smlm_jax.sparks import classical, events as events_lib, task as task_lib
+  seed = int(config.eval_seed) if _VAL_SEED.value is None else _VAL_SEED.value
+  if seed == _SEED.value:
+    cli.fail(f"--val_seed={seed} is the test seed")
+  task = task_lib.SparksTask(config)
+  spec = events_lib.spec_from_config(config)
+  data = task.simulate_set(_NUM_VAL.value, seed, mesh)
+  t0 = time.time()
+  params, m, _ = classical.tune(data["x"][..., 0], data, spec)
+  print(f"classical detector tuned on {_NUM_VAL.value} validation movies of seed {seed} "
+        f"({time.time() - t0:.0f} s): {params}; validation mean F1 {classical.mean_f1(m):.3f}")
+  return params, task, spec
 
 
 def main(argv):
@@ -66,14 +137,43 @@ def main(argv):
   # cores; the wall clock includes waiting for other users' processes on a shared host.
   print(f"training wall-clock: {seconds:.0f} s; process CPU time: {cpu:.0f} s "
         f"(= {cpu / 2:.0f} s on 2 fully used cores)")
+  from smlm_jax.sparks import classical, events as events_lib
+  mesh = trainer.make_mesh()
+  params, task, spec = tune_classical(config, mesh)
+  test = task.simulate_set(_NUM.value, _SEED.value, mesh)
+  cm = classical.score_simulated(test["x"][..., 0], test, spec, params)
+  print(events_lib.summary_table(cm, title=f"classical detector, {_NUM.value} test movies "
+                                 f"(seed {_SEED.value})"))
+  keys = " ".join(f"classical_f1_{n}s={cm[n]['f1']:.3f}" for n in ("spark", "wave", "puff"))
+  items = second_sim_items(_SECOND.value) if _SECOND.value else None
+  if items:
+    c2 = classical_second_sim(items, config, params)
+    print(events_lib.summary_table(c2, title=f"classical detector, {len(items)} movies of "
+                                   f"{_SECOND.value} (second simulator)"))
+    keys += " " + " ".join(f"classical_f1_{n}s_second_sim={c2[n]['f1']:.3f}"
+                           for n in ("spark", "wave", "puff"))
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    print(f"no trained run in {workdir}: classical detector only")
+    print(f"RESULT {keys}")
+    return
   t0 = time.time()
   # The run's own event extraction, with the confidence filter that training chose on
   # its validation movies (WORKDIR/events_filter.json; evaluate_simulated prints it).
   m = evaluate_lib.evaluate_simulated(workdir, _NUM.value, _SEED.value,
                                       os.path.join(workdir, "study"))
   print(f"test evaluation: {time.time() - t0:.0f} s")
+  if items:
+    meta = items[0][4]
+    m2 = evaluate_lib.evaluate_annotated(
+        workdir, [i[1] for i in items], [i[2] for i in items],
+        [i[3] for i in items] if all(i[3] for i in items) else (),
+        float(meta["pixel_size_nm"]), float(meta["frame_interval_s"]),
+        float(meta.get("camera_offset_adu", 100.0)),
+        os.path.join(workdir, "study_second_sim"))
+    keys += " " + " ".join(f"f1_{n}s_second_sim={m2[n]['f1']:.3f}"
+                           for n in ("spark", "wave", "puff"))
   print(f"RESULT f1_sparks={m['spark']['f1']:.3f} f1_waves={m['wave']['f1']:.3f} "
-        f"f1_puffs={m['puff']['f1']:.3f} seconds={seconds:.0f}")
+        f"f1_puffs={m['puff']['f1']:.3f} seconds={seconds:.0f} {keys}")
 
 
 if __name__ == "__main__":
