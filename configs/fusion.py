@@ -9,8 +9,9 @@ Expected result: the final summary reports the validation N_SSIM on 16 simulated
 volumes never seen in training, about 0.84 (0.841 measured). experiments/fusion_study.py
 (unseen test seed 777, 24 x 80 x 80 volumes predicted in 4 blended tiles): N_SSIM 0.800
 (nuclei 0.845, membranes 0.773; 0.792 without the self-ensemble) after 688 s of training
-(2000 steps, 2-core CPU), next to 0.266 for a Gaussian filter with its sigma tuned on
-the test set. What got there from 0.446 (800 steps, 867 s): loss.renormalize (the
+(2000 steps, 2-core CPU), next to 0.255 for a Gaussian filter and 0.484 for Richardson-Lucy + depth
+correction, both tuned on validation volumes (the Gaussian was tuned on the test set
+before, 0.266). What got there from 0.446 (800 steps, 867 s): loss.renormalize (the
 metric percentile-normalizes the prediction on its own, so a prediction trained in the
 target's units was scored after a gain/offset change that SSIM punishes; validation
 N_SSIM at 300 steps 0.378 -> 0.777), more steps in the budget (0.27-0.3 s per step
