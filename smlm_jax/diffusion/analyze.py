@@ -75,7 +75,8 @@ class Options:
 
 
 @dataclasses.dataclass
-class TrackRow:
+class TrackRow(predict.Estimate):
+  """One molecule: its track and D combined from all its windows."""
   file: str
   track_id: int | str = ""
   t_start: int | str = ""
@@ -84,22 +85,13 @@ class TrackRow:
   n_windows: int | str = ""
   x_px: float = float("nan")
   y_px: float = float("nan")
-  D: float = float("nan")
-  D_low: float = float("nan")
-  D_high: float = float("nan")
-  photons: float = float("nan")
-  background_photons: float = float("nan")
-  flags: list = dataclasses.field(default_factory=list)
-  error: str | None = None
   D_cve: float = float("nan")
   D_msd: float = float("nan")
   localization_sd_nm: float = float("nan")
   xy_track: np.ndarray | None = None        # [t_end - t_start + 1, 2] (gaps interpolated)
 
-  def flag(self) -> str:
-    if self.error:
-      return f"error:{self.error}"
-    return ";".join(dict.fromkeys(self.flags)) or "ok"
+  def flag(self) -> str:      # a flag once, however many windows raised it
+    return super().flag() if self.error else ";".join(dict.fromkeys(self.flags)) or "ok"
 
   def cells(self):
     num = cli.number
@@ -409,16 +401,7 @@ def _define_flags():
                      "default: the model's trained upper bound).")
   flags.DEFINE_integer("memory", 2, "Frames a molecule may be missed inside a track.")
   flags.DEFINE_integer("min_track_frames", 5, "Shorter tracks are dropped.")
-  flags.DEFINE_float("camera_offset_adu", None, "Camera baseline (ADU).")
-  flags.DEFINE_float("camera_gain_adu_per_e", None,
-                     "ADU per photo-electron (EMCCD: including EM gain).")
-  flags.DEFINE_float("camera_qe", None, "Quantum efficiency (default: training value).")
-  flags.DEFINE_string("calibration", None,
-                      "Calibration JSON from smlm_jax.diffusion.calibrate (camera offset/gain).")
-  flags.DEFINE_float("pixel_size_nm", None, "Pixel size (nm); overrides file metadata.")
-  flags.DEFINE_float("frame_interval_s", None, "Frame interval (s); overrides file metadata.")
-  flags.DEFINE_integer("batch_size", None, "Windows per device call "
-                       "(default: the run's eval_batch_size).")
+  predict.define_camera_and_geometry_flags()
   flags.DEFINE_bool("plots", True, "Write the D map and histogram PNGs.")
 
 

@@ -64,10 +64,10 @@ NO_SPOT_SNR = 5.0       # pure noise gives a median peak SNR of 3.6-4.1; simulat
 EDGE_PX = 2
 EDGE_FRACTION = 0.25
 
-@dataclasses.dataclass
-class Row:
-  file: str
-  first_frame: int | str = ""
+@dataclasses.dataclass(kw_only=True)
+class Estimate:
+  """D (um^2/s) with its 68% interval, photons and flags of one window (:class:`Row`)
+  or one molecule (``analyze.TrackRow``)."""
   D: float = float("nan")
   D_low: float = float("nan")
   D_high: float = float("nan")
@@ -80,6 +80,12 @@ class Row:
     if self.error:
       return f"error:{self.error}"
     return ";".join(self.flags) or "ok"
+
+
+@dataclasses.dataclass
+class Row(Estimate):
+  file: str
+  first_frame: int | str = ""
 
   def cells(self):
     num = cli.number
@@ -347,6 +353,13 @@ def _define_flags():
   flags.DEFINE_string("output", None, "CSV file to write.")
   flags.DEFINE_integer("stride", None, "Frames between windows of long stacks "
                        "(default: the model's window length T).")
+  define_camera_and_geometry_flags()
+  flags.DEFINE_string("plot", None, "Optional PNG: histogram of predicted D.")
+
+
+def define_camera_and_geometry_flags():
+  """The camera, pixel-size, frame-interval and batch flags that predict and analyze
+  share (read by :func:`camera_setup` and the geometry checks)."""
   flags.DEFINE_float("camera_offset_adu", None, "Camera baseline (ADU).")
   flags.DEFINE_float("camera_gain_adu_per_e", None,
                      "ADU per photo-electron (EMCCD: including EM gain).")
@@ -358,7 +371,6 @@ def _define_flags():
                      "Frame interval (s); overrides file metadata.")
   flags.DEFINE_integer("batch_size", None, "Windows per device call "
                        "(default: the run's eval_batch_size).")
-  flags.DEFINE_string("plot", None, "Optional PNG: histogram of predicted D.")
 
 
 def main(argv):
