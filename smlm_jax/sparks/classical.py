@@ -206,16 +206,7 @@ def score_annotated(items, spec_for, params: Params):
       scorer = events_lib.Scorer(spec)
     scorer.spec = spec
     labels = np.asarray(labels, np.int64)
-    if instances is not None:
-      inst = np.asarray(instances, np.int32)
-      cls_of = np.zeros(int(inst.max()) + 1, np.int32)
-      for i in range(1, len(cls_of)):
-        vals = labels[inst == i]
-        vals = vals[(vals >= 1) & (vals <= 3)]
-        cls_of[i] = np.bincount(vals, minlength=4).argmax() if vals.size else 0
-      inst = np.where(cls_of[inst] > 0, inst, 0)
-    else:
-      inst, cls_of = events_lib.instances_from_labels(labels)
+    inst, cls_of = events_lib.annotated_instances(labels, instances)
     probs = as_probabilities(detect(movie, px_um, dt_ms, params)[0])
     scorer.add(probs, movie, labels, inst, cls_of)
   return scorer.metrics(NO_FILTER)

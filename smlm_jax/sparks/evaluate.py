@@ -119,16 +119,9 @@ def evaluate_annotated(workdir, movies, labels, instances=(), pixel_size_nm=None
     if scorer is None:
       scorer = events_lib.Scorer(spec)
     scorer.spec = spec
-    if i < len(instances):
-      inst = _read_volume(instances[i], image.data.shape, "instances").astype(np.int32)
-      cls_of = np.zeros(int(inst.max()) + 1, np.int32)
-      for k in range(1, len(cls_of)):
-        vals = lab[inst == k]
-        vals = vals[(vals >= 1) & (vals <= 3)]
-        cls_of[k] = np.bincount(vals, minlength=4).argmax() if vals.size else 0
-      inst = np.where(cls_of[inst] > 0, inst, 0)
-    else:
-      inst, cls_of = events_lib.instances_from_labels(lab)
+    inst = (_read_volume(instances[i], image.data.shape, "instances")
+            if i < len(instances) else None)
+    inst, cls_of = events_lib.annotated_instances(lab, inst)
     probs, x, _ = seg.probabilities(image.data, desc=os.path.basename(mpath))
     scorer.add(probs, x[..., 0], lab, inst, cls_of)
   metrics = scorer.metrics()

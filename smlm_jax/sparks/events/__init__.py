@@ -23,7 +23,7 @@ Every name below is importable from here (``from smlm_jax.sparks import events``
 from smlm_jax.sparks.events.spec import NAMES, Event, EventSpec, spec_from_config
 from smlm_jax.sparks.events.confidence import (apply_confidence_filter, confident,
                                                event_confidence, renumber)
-from smlm_jax.sparks.events.extraction import (describe, estimate_dff, extract_events,
+from smlm_jax.sparks.events.extraction import (annotated_instances, describe, estimate_dff, extract_events,
                                                extract_unfiltered, filter_true_instances,
                                                find_peaks, instances_from_classes,
                                                instances_from_labels, smooth)

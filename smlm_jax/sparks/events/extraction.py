@@ -229,3 +229,19 @@ def instances_from_labels(labels):
       inst = np.where(comp > 0, comp + len(cls_of) - 1, inst)
       cls_of += [c] * n
   return inst.astype(np.int32), np.asarray(cls_of, np.int32)
+
+
+def annotated_instances(labels, instances=None):
+  """(instances, class per id) of a user's annotation: with instance ids, each id takes
+  the majority event class (1-3) of its labelled voxels, and ids with none are dropped;
+  without, :func:`instances_from_labels`."""
+  labels = np.asarray(labels, np.int64)
+  if instances is None:
+    return instances_from_labels(labels)
+  inst = np.asarray(instances, np.int32)
+  cls_of = np.zeros(int(inst.max()) + 1, np.int32)
+  for i in range(1, len(cls_of)):
+    vals = labels[inst == i]
+    vals = vals[(vals >= 1) & (vals <= 3)]
+    cls_of[i] = np.bincount(vals, minlength=4).argmax() if vals.size else 0
+  return np.where(cls_of[inst] > 0, inst, 0), cls_of
