@@ -18,33 +18,19 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 import numpy as np
 import pytest
+from toy_line import line_rows, toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRUE_A, TRUE_B = 2.5, -1.0
 
 
 # --------------------------------------------------------------- toy config + task
 def get_config():
   """A line fit fed from the host (numpy rows per step): compiles in about a second."""
-  c = ml_collections.ConfigDict()
-  c.task = "test_multihost:Line"
-  c.seed = 3
-  c.num_train_steps = 4
-  c.batch_size = 8
-  c.learning_rate = 0.3
-  c.warmup_steps = 1
-  c.weight_decay = 0.0
-  c.grad_clip_norm = 10.0
-  c.schedule = "constant"
-  c.log_every_steps = 1
-  c.eval_every_steps = 1000000
-  c.checkpoint_every_steps = 1000000
-  c.max_to_keep = 2
-  c.eval_batch_size = 8
-  return c
+  return toy_config(task="test_multihost:Line", num_train_steps=4,
+                    eval_every_steps=1000000, checkpoint_every_steps=1000000,
+                    max_to_keep=2)
 
 
 def _line_task():
@@ -58,10 +44,7 @@ def _line_task():
       return {"params": {"a": jnp.zeros(()), "b": jnp.zeros(())}}
 
     def host_batch(self, step):
-      rng = np.random.default_rng(step)
-      x = rng.normal(size=self.config.batch_size).astype(np.float32)
-      y = (TRUE_A * x + TRUE_B + 0.1 * rng.normal(size=x.shape)).astype(np.float32)
-      return {"x": x, "y": y}
+      return line_rows(step, self.config.batch_size)
 
     def make_batch(self, key, host_batch, shard):
       return shard(host_batch)

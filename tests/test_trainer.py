@@ -14,26 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from smlm_jax.core import task as task_lib
 from smlm_jax.core import trainer
 
-TRUE_A, TRUE_B = 2.5, -1.0
-
-
-def toy_config(**overrides):
-  c = ml_collections.ConfigDict()
-  c.seed = 3
-  c.num_train_steps = 6
-  c.batch_size = 8
-  c.learning_rate = 0.3
-  c.warmup_steps = 1
-  c.weight_decay = 0.0
-  c.grad_clip_norm = 10.0
-  c.schedule = "constant"
-  c.log_every_steps = 1
-  c.eval_every_steps = 3
-  c.checkpoint_every_steps = 3
-  c.max_to_keep = 5
-  c.eval_batch_size = 8
-  c.update(overrides)
-  return c
+from toy_line import TRUE_A, TRUE_B, line_rows, toy_config
 
 
 class SimulatedLine(task_lib.Task):
@@ -65,10 +46,7 @@ class HostFedLine(SimulatedLine):
   """The same line, but the data come from the host (numpy) each step."""
 
   def host_batch(self, step):
-    rng = np.random.default_rng(step)
-    x = rng.normal(size=self.config.batch_size).astype(np.float32)
-    y = (TRUE_A * x + TRUE_B + 0.1 * rng.normal(size=x.shape)).astype(np.float32)
-    return {"x": x, "y": y}
+    return line_rows(step, self.config.batch_size)
 
   def make_batch(self, key, host_batch, shard):
     return shard(host_batch)
