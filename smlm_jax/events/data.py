@@ -81,16 +81,19 @@ def query_conditions(text) -> list[str]:
 
 
 def split_records(data_config):
-  """(train records, validation records) of config.data: db, query, split."""
+  """(train records, validation records) of config.data: db, query, split; crops
+  flagged unusable (:mod:`.quality`) only with data.include_unusable."""
   from smlm_jax.events import db as db_lib
   if not data_config.db:
     raise ValueError("config.data.source needs config.data.db (an event database from "
                      "python -m smlm_jax.events.db add FOLDER --db=FILE)")
+  include = bool(data_config.get("include_unusable", False))
   with db_lib.EventDB(data_config.db, must_exist=True) as database:
-    records = database.query(query_conditions(data_config.query))
+    records = database.query(query_conditions(data_config.query), usable_only=not include)
   if not records:
-    raise ValueError(f"{data_config.db}: no events match config.data.query="
-                     f"{data_config.query!r}")
+    raise ValueError(f"{data_config.db}: no usable events match config.data.query="
+                     f"{data_config.query!r}" + ("" if include else " (crops flagged "
+                     "unusable are left out; config.data.include_unusable=True keeps them)"))
   return db_lib.split_events(records, float(data_config.val_fraction),
                              int(data_config.split_seed), data_config.group_by or None)
 
