@@ -101,6 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.group_by = ""            # e.g. "source_file": all crops of a movie together
   config.data.real_fraction = 0.5      # 'mixed': probability that an example is real
   config.data.positive_fraction = 0.5  # real windows placed around the annotated site
+  config.data.negative_fraction = 0.0  # real windows drawn as hard negatives (no site
+                                       # of any frame within 16 px; label 0)
   config.data.include_unusable = False  # crops db add flagged (no structure): left out
   config.data.calibration = ""        # JSON of python -m smlm_jax.events.calibrate
 

@@ -114,20 +114,24 @@ def fit(real_stats: np.ndarray, base, num_frames: int, steps: int = 150,
   scale = jnp.asarray(stats_lib.robust_scale(real_stats))
   real = jnp.asarray(real_stats)
   sim_stats = make_sim_statistics(base, num_frames, num_sim, seed)
-  loss_fn = lambda th, r, sc: stats_lib.quantile_distance(r, sim_stats(th), sc)
-  vg = jax.jit(jax.value_and_grad(loss_fn))   # real stats as arguments, not constants
+  def loss_fn(th, r, sc):
+    simulated = sim_stats(th)
+    return stats_lib.quantile_distance(r, simulated, sc), simulated
+
+  # The real statistics are arguments, not constants (XLA would fold them slowly).
+  vg = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   value_and_grad = lambda th: vg(th, real, scale)
   theta = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), theta_from_params(base))
   opt = optax.adam(learning_rate)
   state = opt.init(theta)
-  best = (math.inf, theta, 0)
+  best = (math.inf, theta, 0, None)
   initial = None
   for step in range(steps + 1):
-    loss, grad = value_and_grad(theta)
+    (loss, simulated), grad = value_and_grad(theta)
     loss = float(loss)
-    initial = loss if initial is None else initial
+    initial = (loss, simulated) if initial is None else initial
     if math.isfinite(loss) and loss < best[0]:
-      best = (loss, theta, step)
+      best = (loss, theta, step, simulated)
     if log and (step % 25 == 0 or step == steps):
       log(f"  step {step:4d}  loss {loss:.4f}")
     if step == steps:
@@ -135,11 +139,11 @@ def fit(real_stats: np.ndarray, base, num_frames: int, steps: int = 150,
     grad = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), grad)
     updates, state = opt.update(grad, state)
     theta = optax.apply_updates(theta, updates)
-  loss, theta, step = best
+  loss, theta, step, simulated = best
   values = jax.tree.map(float, values_from_theta(theta))
-  return {"theta": theta, "values": values, "loss_initial": initial, "loss": loss,
-          "step": step, "initial_stats": np.asarray(sim_stats(theta_from_params(base))),
-          "stats": np.asarray(sim_stats(theta))}
+  return {"theta": theta, "values": values, "loss_initial": initial[0], "loss": loss,
+          "step": step, "initial_stats": np.asarray(initial[1]),
+          "stats": np.asarray(simulated)}
 
 
 def sim_overrides(values: dict, num_tubules) -> dict:
@@ -155,7 +159,8 @@ def calibrate(windows: np.ndarray, sim_config, crop_px: int, num_frames: int,
               learning_rate: float = 0.05, seed: int = 0, log=print) -> dict:
   """The calibration record (see the module docstring) of real windows [N, n, c, c]."""
   from smlm_jax.events import simulate as sim_lib
-  real_stats = np.asarray(stats_lib.window_statistics(windows))
+  import jax
+  real_stats = np.asarray(jax.jit(stats_lib.window_statistics)(windows))
   grid = num_tubules_grid or [tuple(sim_config.num_tubules)]
   results = []
   for nt in grid:

@@ -114,7 +114,8 @@ class EventsTask(Task):
       self.train_crops = [data_lib.load_crop(r) for r in train]
       self.val_crops = [data_lib.load_crop(r) for r in val]
       self.sampler = data_lib.HostSampler(self.train_crops, self.n, self.crop_px,
-                                          int(config.seed), float(d.positive_fraction))
+                                          int(config.seed), float(d.positive_fraction),
+                                          float(d.get("negative_fraction", 0.0)))
     self.init_params = self.init_stats = None
     if config.get("init_from"):
       try:
