@@ -13,7 +13,8 @@ import pytest
 from smlm_jax.events import crops, data, db as db_lib, quality
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "real-data", "events_isim")
+SHARED = os.environ.get("EVENTS_ISIM_DIR",     # default: the shared iSIM crops
+                        os.path.join(ROOT, "..", "shared", "real-data", "events_isim"))
 NOISE_CROP = "643a9c8cc961ee3e0ca48b33"
 
 
