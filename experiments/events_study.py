@@ -56,6 +56,7 @@ from smlm_jax.events import crops as crops_lib  # noqa: E402
 from smlm_jax.events import data as data_lib  # noqa: E402
 from smlm_jax.events import db as db_lib  # noqa: E402
 from smlm_jax.events import metrics  # noqa: E402
+from smlm_jax.events import quality  # noqa: E402
 from smlm_jax.events import task as task_lib  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "real-data", "events_isim")
@@ -169,7 +170,7 @@ def load_real(workdir, real_dir, include_unusable, log):
   with db_lib.EventDB(db_path) as database:
     records = [db_lib.read_folder(f) for f in db_lib.find_folders([real_dir])[0]]
     database.add(records)
-    db_lib.report_unusable(records, sys.stdout)
+    quality.report_unusable(records, sys.stdout)
     used = database.query(["microscope=isim"], usable_only=not include_unusable)
   log(f"real crops: {len(records)} in {real_dir}, {len(used)} used"
       + ("" if include_unusable else " (flagged unusable left out)"))

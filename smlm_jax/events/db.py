@@ -127,13 +127,6 @@ def _tiff_shape(path: str):
   return tuple(int(n) for n in shape)
 
 
-def _structure(path: str) -> float:
-  """:func:`.quality.structure_snr` of a crop's images (MovieError if unreadable)."""
-  from smlm_jax.events import annotate
-  frames, _ = annotate.read_frames(path)
-  return quality.structure_snr(frames)
-
-
 def _number(value):
   try:
     v = float(value)
@@ -191,7 +184,7 @@ def read_folder(folder: str) -> dict:
     raise MovieError(f"{folder}: ground_truth.tif {_tiff_shape(truth)} and images.tif "
                      f"{shape} differ in shape", "wrong_size")
   px, dt = _physical(meta)
-  snr = _structure(images)
+  snr = quality.file_structure_snr(images)
   kind = str(meta.get("type") or "event").lower()
   if kind not in ("event", "negative"):
     raise MovieError(f"{path}: type {kind!r}; expected event or negative", "bad_metadata")
@@ -461,22 +454,11 @@ def cmd_add(db: EventDB, paths) -> int:
       print(f"error: {e}", file=sys.stderr)
       failed += 1
   counts = db.add(records)
-  report_unusable(records)
+  quality.report_unusable(records)
   print(f"{db.path}: {counts['added']} added, {counts['updated']} updated, "
         f"{counts['unchanged']} unchanged, {failed} failed; {db.count()} event(s) in total",
         file=sys.stderr)
   return 1 if failed else 0
-
-
-def report_unusable(records, stream=None) -> list[dict]:
-  """One note per record flagged unusable (no structure above the camera noise)."""
-  bad = [r for r in records if not r["usable"]]
-  for r in bad:
-    print(f"note: {r['event_id']} ({r['folder']}): no structure above the camera noise "
-          f"(structure SNR {r['structure_snr']:.1f} < {quality.MIN_STRUCTURE_SNR:g}); "
-          "flagged usable=0, left out of training and scoring unless asked "
-          "(config.data.include_unusable=True)", file=stream or sys.stderr)
-  return bad
 
 
 def cmd_split(db, conditions, val_fraction, seed, group_by, output) -> int:

@@ -18,6 +18,8 @@ training and scoring unless ``config.data.include_unusable`` (or the study's
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 MIN_STRUCTURE_SNR = 6.0
@@ -51,3 +53,21 @@ def structure_snr(frames) -> float:
 
 def usable(score: float, min_snr: float = MIN_STRUCTURE_SNR) -> bool:
   return bool(score >= min_snr)
+
+
+def file_structure_snr(path: str) -> float:
+  """:func:`structure_snr` of a TIFF crop or movie (MovieError if unreadable)."""
+  from smlm_jax.events import annotate
+  frames, _ = annotate.read_frames(path)
+  return structure_snr(frames)
+
+
+def report_unusable(records, stream=None) -> list[dict]:
+  """One ``note:`` line per database record flagged unusable; those records."""
+  bad = [r for r in records if not r["usable"]]
+  for r in bad:
+    print(f"note: {r['event_id']} ({r['folder']}): no structure above the camera noise "
+          f"(structure SNR {r['structure_snr']:.1f} < {MIN_STRUCTURE_SNR:g}); "
+          "flagged usable=0, left out of training and scoring unless asked "
+          "(config.data.include_unusable=True)", file=stream or sys.stderr)
+  return bad
