@@ -135,6 +135,11 @@ def test_calibration_recovers_known_parameters():
   try:
     merged = calibrate.apply(cfg.sim, path)
     assert merged["drift_px"] == fit["drift_px"] and merged["qe"] == cfg.sim.qe
+    from smlm_jax.events import task as task_lib
+    cfg.data.calibration = path                   # training's simulator
+    sim = task_lib.EventsTask(cfg).sim
+    assert sim.drift_px == fit["drift_px"] and sim.photons == tuple(fit["photons"])
+    assert sim.size_px == cfg.crop_px
   finally:
     os.unlink(path)
   with pytest.raises(ValueError, match="no 'sim'"):
