@@ -5,8 +5,9 @@ structures, (99.5th percentile - median), in units of the frame's own camera noi
 sigma = 1.4826 MAD(x[:, j+1] - x[:, j]) / sqrt(2) (adjacent-pixel differences: a
 smooth structure of a few px width barely changes between neighbours, so the MAD of
 the differences is the pixel noise, robust to the structures); the median over frames.
-Camera noise alone (offset and gain drop out) gives about 2.6 (Gaussian) to 4
-(Poisson of a few counts, skewed); a fluorescent structure of a few noise sigmas more.
+Camera noise alone (offset and gain drop out) gives about 2.6 (Gaussian) to 4.8
+(Poisson of 0.05-2 counts: skewed, discrete); a fluorescent structure of a few noise
+sigmas gives more.
 
 ``usable(score)``: ``score >= MIN_STRUCTURE_SNR`` = 6, twice pure noise's value. On the
 shared iSIM crops: the pure-noise crop event_643a9c8cc961ee3e0ca48b33 (mean 105, std
