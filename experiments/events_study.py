@@ -1,34 +1,40 @@
-"""Event detection: simulated events (held-out seed) and the six real iSIM crops.
+"""Event detection: simulated events (held-out seed) and the usable real iSIM crops.
 
   flock /tmp/smlm_cpu.lock python experiments/events_study.py \
-      [--workdir=runs/events_study] [--finetune_steps=200] [--num_test=512] \
-      [--variant=tiny (a quick check of the script)]
+      [--calibration=events_calibration.json] [--workdir=runs/events_study] \
+      [--finetune_steps=200 (0: zero-shot only)] [--num_test=512] [--real=DIR] \
+      [--include_unusable] [--variant=tiny (a quick check of the script)]
 
-1. Trains the default config (configs/events.py: simulated dividing tubules) in
-   WORKDIR/sim (reused if finished there), timing it (``seconds``: the <= 10 min target
-   on 2 CPU cores). Evaluates it on ``--num_test`` crops simulated from
+1. Trains the default config (configs/events.py; with ``--calibration`` the simulator
+   calibrated to real movies, ``config.data.calibration``) in WORKDIR/sim (reused if
+   finished there), timing it (``seconds``: the <= 10 min target on 2 CPU cores).
+   Evaluates it on ``--num_test`` crops simulated (by the same simulator) from
    ``--test_seed`` (neither a training key nor the validation seed that chose the
    threshold): event-level precision / recall / F1 / F-beta at two operating points,
    both chosen on the validation set (``eval.sim_seed``), never on the test crops:
-   the F1-optimal threshold (``sim_f1``: the issue's F1 target) and the run's
-   F-beta-optimal threshold (``sim_f1_at_fbeta_threshold``; beta = 0.1 trades recall
-   for precision, so its F1 is lower: the one ``predict`` uses).
-2. Real crops, leave-one-out (``../shared/real-data/events_isim``, 6 divisions in COS-7
-   mitochondria on an iSIM): for each crop, fine-tunes the simulation model on the 5
-   others (``--finetune_steps`` steps, source 'db', augmentation on device), picks the
-   F-beta-optimal threshold on those 5 (the only labelled data it may see) and
-   predicts every frame of the held-out crop. Event level per frame (a frame with
-   annotation: TP if the probability reaches the threshold within ``eval.radius_px`` =
-   8 px of the site; any frame: FP if it does so farther away), pooled over the 6
-   folds: ``real_fbeta`` (beta 0.1); ``real_median_distance_px``: median over the
-   annotated frames of the distance from the most probable pixel to the site. The same
-   for the simulation model without fine-tuning (zero-shot), and the pooled sweep with
-   the best single threshold chosen on the test folds themselves (an optimistic bound,
-   labelled as such).
+   the F1-optimal threshold (``sim_f1``) and the run's F-beta-optimal threshold
+   (``sim_f1_at_fbeta_threshold``, the one ``predict`` uses).
+2. Real crops (``--real``, default ``../shared/real-data/events_isim``: divisions in
+   COS-7 mitochondria on an iSIM) through the event database; crops ``db add`` flags
+   without structure are left out (``--include_unusable`` keeps them). Leave one crop
+   out, per held-out crop:
+   * zero-shot: the simulation model; threshold = max F0.1 on the OTHER crops (for a
+     model that never saw real crops they are validation data);
+   * fine-tuned: the simulation model fine-tuned ``--finetune_steps`` steps on the
+     other crops, source 'mixed': the (calibrated) simulation and real windows (half
+     around the annotated site, 40% hard negatives far from every annotated site,
+     the rest anywhere), on-device augmentation; threshold = max F0.1 on its own
+     training crops. Never chosen on the held-out crop.
+   Per crop: found (the probability reaches the threshold within ``eval.radius_px`` =
+   8 px of the site in an annotated frame), false detections (local maxima above the
+   threshold, NMS 8 px, farther than 8 px from the frame's site) per frame, frame
+   level TP / FP / FN; pooled over crops: F0.1 and the median distance from the most
+   probable pixel to the site.
 Writes WORKDIR/study.json and WORKDIR/loo_examples.png (held-out frames with overlays).
 
-Last line: RESULT sim_f1=<float> real_fbeta=<float> real_median_distance_px=<float>
-seconds=<float> sim_f1_at_fbeta_threshold=<float>
+Last line: RESULT sim_f1=... sim_f1_at_fbeta_threshold=... seconds=...
+zero_shot_found=k/n zero_shot_false_per_frame=... zero_shot_fbeta=... real_found=k/n
+real_false_per_frame=... real_fbeta=... real_median_distance_px=...
 """
 import os
 import sys
@@ -50,6 +56,7 @@ from smlm_jax.events import crops as crops_lib  # noqa: E402
 from smlm_jax.events import data as data_lib  # noqa: E402
 from smlm_jax.events import db as db_lib  # noqa: E402
 from smlm_jax.events import metrics  # noqa: E402
+from smlm_jax.events import quality  # noqa: E402
 from smlm_jax.events import task as task_lib  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "real-data", "events_isim")
@@ -73,8 +80,9 @@ def crop_frames(crop, n):
   return data_lib.windows(crop.frames, n), crop.truth, sites
 
 
-def sim_part(workdir, variant, num_test, test_seed, mesh, log):
+def sim_part(workdir, variant, num_test, test_seed, mesh, log, calibration=""):
   config = events.get_config(variant)
+  config.data.calibration = calibration
   t0 = time.time()
   trainer.train_and_evaluate(config, workdir)
   seconds = time.time() - t0
@@ -103,6 +111,8 @@ def sim_part(workdir, variant, num_test, test_seed, mesh, log):
 
 
 def fold_counts(prob_list, sites_list, threshold, radius):
+  """Frame-level (TP, FP, FN): an annotated site is TP when the probability reaches
+  the threshold within radius; a frame has one FP when it does so farther away."""
   tp = fp = fn = 0
   for p, s in zip(prob_list, sites_list):
     near, away = metrics.crop_summary(p, s, radius)
@@ -112,133 +122,187 @@ def fold_counts(prob_list, sites_list, threshold, radius):
   return tp, fp, fn
 
 
+def false_detections(prob_list, sites_list, threshold, radius):
+  """Detections (local maxima >= threshold, NMS within radius) farther than radius
+  from every annotated site of their frame, summed over the frames."""
+  count = 0
+  for p, s in zip(prob_list, sites_list):
+    for y, x, _ in metrics.detect(p, threshold, radius):
+      count += int(all(np.hypot(y - sy, x - sx) > radius for sy, sx in s))
+  return count
+
+
 def rates(tp, fp, fn, beta):
   p = tp / (tp + fp) if tp + fp else 1.0
   r = tp / (tp + fn) if tp + fn else 0.0
   return p, r, float(metrics.fbeta(p, r, 1.0)), float(metrics.fbeta(p, r, beta))
 
 
-def real_part(workdir, variant, sim_dir, sim_state, sim_fn, steps, lr, mesh, log):
+def best_threshold(prob_lists, sites_lists, radius, beta):
+  """Max F-beta threshold pooled over the given crops (validation, never the test)."""
+  sweep = metrics.event_sweep([metrics.crop_summary(p, s, radius)
+                               for probs, sites in zip(prob_lists, sites_lists)
+                               for p, s in zip(probs, sites)], beta)
+  return metrics.summarize(sweep)["threshold"]
+
+
+def score_crop(probs, sites, thr, radius):
+  tp, fp, fn = fold_counts(probs, sites, thr, radius)
+  d = [metrics.localization_error(p, s) for p, s in zip(probs, sites) if s]
+  return {"threshold": thr, "found": tp > 0, "tp": tp, "fp": fp, "fn": fn,
+          "false_detections": false_detections(probs, sites, thr, radius),
+          "frames": len(sites), "annotated": sum(1 for s in sites if s),
+          "median_distance_px": float(np.median(d)) if d else float("nan")}
+
+
+def pooled(rows, beta):
+  tp, fp, fn = (sum(r[k] for r in rows) for k in ("tp", "fp", "fn"))
+  p, r, f1, fb = rates(tp, fp, fn, beta)
+  return {"found": sum(r_["found"] for r_ in rows), "crops": len(rows),
+          "false_detections_per_frame": sum(r_["false_detections"] for r_ in rows)
+          / max(1, sum(r_["frames"] for r_ in rows)),
+          "tp": tp, "fp": fp, "fn": fn, "precision": p, "recall": r, "f1": f1, "fbeta": fb,
+          "median_distance_px": float(np.nanmedian([r_["median_distance_px"] for r_ in rows]))}
+
+
+def load_real(workdir, real_dir, include_unusable, log):
   db_path = os.path.join(workdir, "events.db")
   with db_lib.EventDB(db_path) as database:
-    database.add([db_lib.read_folder(f) for f in db_lib.find_folders([SHARED])[0]])
-    records = database.query(["microscope=isim"])
-  crops = [data_lib.load_crop(r) for r in records]
+    records = [db_lib.read_folder(f) for f in db_lib.find_folders([real_dir])[0]]
+    database.add(records)
+    quality.report_unusable(records, sys.stdout)
+    used = database.query(["microscope=isim"], usable_only=not include_unusable)
+  log(f"real crops: {len(records)} in {real_dir}, {len(used)} used"
+      + ("" if include_unusable else " (flagged unusable left out)"))
+  if len(used) < 2:
+    raise SystemExit(f"error: {real_dir}: {len(used)} usable crop(s); leave-one-out needs 2")
+  return db_path, [data_lib.load_crop(r) for r in used]
+
+
+def finetune_config(variant, sim_dir, db_path, held_out, steps, lr, calibration):
+  """Fine-tuning of the simulation model on the other crops: 'mixed' source
+  (calibrated simulation + real windows: half around the site, 40% hard negatives)."""
+  cfg = events.get_config(variant)
+  cfg.init_from = sim_dir
+  cfg.data.update(source="mixed", db=db_path, query=f"microscope=isim; event_id!={held_out}",
+                  val_fraction=0.0, real_fraction=0.5, positive_fraction=0.5,
+                  negative_fraction=0.4, calibration=calibration or "")
+  cfg.eval.num_sim = 0
+  cfg.update(num_train_steps=steps, learning_rate=lr, warmup_steps=min(20, steps),
+             eval_every_steps=steps, checkpoint_every_steps=steps, log_every_steps=50)
+  return cfg
+
+
+def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
+  db_path, crops = load_real(workdir, f.real, f.include_unusable, log)
   base = events.get_config(variant)
   n, radius, beta = base.data.num_frames, base.eval.radius_px, base.eval.beta
-  with open(os.path.join(sim_dir, task_lib.THRESHOLD_FILE)) as f:
-    sim_threshold = json.load(f)["threshold"]
   per_crop = {c.event_id: crop_frames(c, n) for c in crops}
-  rows, pooled, pooled_zero, held_probs, examples = [], [0, 0, 0], [0, 0, 0], [], []
-  dists, dists_zero = [], []
-  for crop in crops:
-    eid = crop.event_id
-    fold = os.path.join(workdir, f"fold_{eid}")
-    cfg = events.get_config(variant)
-    cfg.init_from = sim_dir
-    cfg.data.update(source="db", db=db_path, query=f"microscope=isim; event_id!={eid}",
-                    val_fraction=0.0)
-    cfg.eval.num_sim = 0
-    cfg.update(num_train_steps=steps, learning_rate=lr, warmup_steps=min(20, steps),
-               eval_every_steps=steps, checkpoint_every_steps=steps, log_every_steps=25)
-    t0 = time.time()
-    trainer.train_and_evaluate(cfg, fold)
-    _, state, fn = load_model(fold, mesh)
-    # Threshold: max F-beta on the fold's own training crops.
-    train_probs, train_sites = [], []
-    for other in crops:
-      if other.event_id != eid:
-        w, _, s = per_crop[other.event_id]
-        train_probs += list(predict_windows(fn, state, w, mesh))
-        train_sites += s
-    sweep = metrics.event_sweep([metrics.crop_summary(p, s, radius)
-                                 for p, s in zip(train_probs, train_sites)], beta)
-    thr = metrics.summarize(sweep)["threshold"]
-    w, truth, sites = per_crop[eid]
-    probs = list(predict_windows(fn, state, w, mesh))
-    zero = list(predict_windows(sim_fn, sim_state, w, mesh))
-    counts = fold_counts(probs, sites, thr, radius)
-    counts_zero = fold_counts(zero, sites, sim_threshold, radius)
-    pooled = [a + b for a, b in zip(pooled, counts)]
-    pooled_zero = [a + b for a, b in zip(pooled_zero, counts_zero)]
-    d = [metrics.localization_error(p, s) for p, s in zip(probs, sites) if s]
-    dz = [metrics.localization_error(p, s) for p, s in zip(zero, sites) if s]
-    dists += d
-    dists_zero += dz
-    held_probs.append((probs, sites))
-    t_show = next((t for t, s in enumerate(sites) if s), 0)
-    examples.append((w[t_show][-1], probs[t_show], sites[t_show], thr,
-                     f"{eid[-6:]} t{t_show} (thr {thr:.2f})"))
-    rows.append({"event_id": eid, "frames": len(sites), "annotated": sum(1 for s in sites if s),
-                 "threshold": thr, "tp": counts[0], "fp": counts[1], "fn": counts[2],
-                 "median_distance_px": float(np.median(d)) if d else float("nan"),
-                 "zero_shot_tp": counts_zero[0], "zero_shot_fp": counts_zero[1],
-                 "zero_shot_median_distance_px": float(np.median(dz)) if dz else float("nan"),
-                 "seconds": time.time() - t0})
-    r = rows[-1]
-    log(f"fold {eid}: {r['annotated']}/{r['frames']} annotated frames, threshold "
-        f"{thr:.2f}: TP {counts[0]} FP {counts[1]} FN {counts[2]}, median distance "
-        f"{r['median_distance_px']:.1f} px ({r['seconds']:.0f} s)")
-  p, r, f1, fb = rates(*pooled, beta)
-  pz, rz, f1z, fbz = rates(*pooled_zero, beta)
-  oracle = metrics.event_sweep([metrics.crop_summary(pp, s, radius) for probs, sites in
-                                held_probs for pp, s in zip(probs, sites)], beta)
-  best = metrics.summarize(oracle)
-  log(f"\nreal crops, leave-one-out ({len(crops)} folds, {sum(x['frames'] for x in rows)} "
-      f"frames, {sum(x['annotated'] for x in rows)} annotated)")
-  log(f"{'model':<44}{'TP':>4}{'FP':>4}{'FN':>4}{'P':>7}{'R':>7}{'F1':>7}{'F0.1':>7}"
-      f"{'med. dist px':>14}")
-  for name, c, m, d in (("fine-tuned, threshold from its 5 crops", pooled, (p, r, f1, fb), dists),
-                        ("simulation only (zero-shot), run threshold", pooled_zero,
-                         (pz, rz, f1z, fbz), dists_zero)):
-    log(f"{name:<44}{c[0]:>4}{c[1]:>4}{c[2]:>4}{m[0]:>7.3f}{m[1]:>7.3f}{m[2]:>7.3f}"
-        f"{m[3]:>7.3f}{np.median(d):>14.1f}")
-  log(f"{'fine-tuned, best pooled threshold (optimistic)':<44}{best['tp']:>4.0f}"
-      f"{best['fp']:>4.0f}{best['fn']:>4.0f}{best['precision']:>7.3f}{best['recall']:>7.3f}"
-      f"{best['f1']:>7.3f}{best['fbeta']:>7.3f}   (thr {best['threshold']:.2f})")
-  metrics.plot_examples([e[0] for e in examples], [e[1] for e in examples],
-                        [e[2] for e in examples], float(np.median([e[3] for e in examples])),
-                        radius, os.path.join(workdir, "loo_examples.png"),
-                        [e[4] for e in examples])
-  return {"folds": rows, "precision": p, "recall": r, "f1": f1, "fbeta": fb,
-          "median_distance_px": float(np.median(dists)),
-          "zero_shot": {"precision": pz, "recall": rz, "f1": f1z, "fbeta": fbz,
-                        "median_distance_px": float(np.median(dists_zero))},
-          "best_pooled_threshold": best}
+  ids = [c.event_id for c in crops]
+  sites = {e: per_crop[e][2] for e in ids}
+  # Zero-shot: the simulation model; per held-out crop the threshold of max F0.1 on
+  # the OTHER crops (validation data for a model that never saw real crops).
+  zero = {e: list(predict_windows(sim_fn, sim_state, per_crop[e][0], mesh)) for e in ids}
+  zero_rows = []
+  for e in ids:
+    others = [x for x in ids if x != e]
+    thr = best_threshold([zero[x] for x in others], [sites[x] for x in others], radius, beta)
+    zero_rows.append({"event_id": e, **score_crop(zero[e], sites[e], thr, radius)})
+  rows, examples = [], []
+  if f.finetune_steps > 0:
+    for e in ids:
+      t0 = time.time()
+      fold = os.path.join(workdir, f"fold_{e}")
+      cfg = finetune_config(variant, sim_dir, db_path, e, f.finetune_steps, f.finetune_lr,
+                            f.calibration)
+      trainer.train_and_evaluate(cfg, fold)
+      _, state, fn = load_model(fold, mesh)
+      others = [x for x in ids if x != e]
+      # Threshold: max F0.1 on the fold's own training crops (never the held-out one).
+      probs = {x: list(predict_windows(fn, state, per_crop[x][0], mesh)) for x in ids}
+      thr = best_threshold([probs[x] for x in others], [sites[x] for x in others], radius,
+                           beta)
+      rows.append({"event_id": e, **score_crop(probs[e], sites[e], thr, radius),
+                   "seconds": time.time() - t0})
+      t_show = next((t for t, s in enumerate(sites[e]) if s), 0)
+      examples.append((per_crop[e][0][t_show][-1], probs[e][t_show], sites[e][t_show], thr,
+                       f"{e[-6:]} t{t_show} (thr {thr:.2f})"))
+  log(f"\nreal crops, leave one crop out ({len(ids)} crops, "
+      f"{sum(len(sites[e]) for e in ids)} frames); found = the site reached within "
+      f"{radius:g} px in an annotated frame; false det. = detections farther away")
+  log(f"{'crop':<26}{'model':<12}{'thr':>5}{'found':>6}{'TP':>4}{'FP':>4}{'FN':>4}"
+      f"{'false det./frame':>18}{'med. dist px':>13}")
+  for name, table in (("zero-shot", zero_rows), ("fine-tuned", rows)):
+    for r in table:
+      log(f"{r['event_id']:<26}{name:<12}{r['threshold']:>5.2f}{'yes' if r['found'] else 'no':>6}"
+          f"{r['tp']:>4}{r['fp']:>4}{r['fn']:>4}{r['false_detections'] / r['frames']:>18.2f}"
+          f"{r['median_distance_px']:>13.1f}")
+  summary = {"zero_shot": pooled(zero_rows, beta), "zero_shot_folds": zero_rows}
+  if rows:
+    summary.update(finetuned=pooled(rows, beta), finetuned_folds=rows)
+    metrics.plot_examples([x[0] for x in examples], [x[1] for x in examples],
+                          [x[2] for x in examples], float(np.median([x[3] for x in examples])),
+                          radius, os.path.join(workdir, "loo_examples.png"),
+                          [x[4] for x in examples])
+  log(f"\n{'model':<12}{'found':>8}{'false det./frame':>18}{'P':>7}{'R':>7}{'F1':>7}"
+      f"{'F0.1':>7}{'med. dist px':>13}")
+  for name in ("zero_shot", "finetuned"):
+    if name in summary:
+      m = summary[name]
+      log(f"{name:<12}{m['found']:>5}/{m['crops']:<2}{m['false_detections_per_frame']:>18.2f}"
+          f"{m['precision']:>7.3f}{m['recall']:>7.3f}{m['f1']:>7.3f}{m['fbeta']:>7.3f}"
+          f"{m['median_distance_px']:>13.1f}")
+  return summary
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
   cli.quiet_logs()
-  if not os.path.isdir(SHARED):
-    cli.fail(f"{SHARED} not found (the shared iSIM crops)")
+  if not os.path.isdir(f.real):
+    cli.fail(f"--real={f.real} not found (the shared iSIM crops)")
+  if f.calibration and not os.path.isfile(f.calibration):
+    cli.fail(f"--calibration={f.calibration}: no such file")
   os.makedirs(f.workdir, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", os.path.join(f.workdir, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
   t0 = time.time()
   mesh = trainer.make_mesh()
   sim_dir = os.path.join(f.workdir, "sim")
-  sim, sim_state, sim_fn = sim_part(sim_dir, f.variant, f.num_test, f.test_seed, mesh, print)
-  real = real_part(f.workdir, f.variant, sim_dir, sim_state, sim_fn, f.finetune_steps, f.finetune_lr,
-                   mesh, print)
-  result = {"sim": sim, "real": real, "total_seconds": time.time() - t0}
+  calibration = os.path.abspath(f.calibration) if f.calibration else ""
+  sim, sim_state, sim_fn = sim_part(sim_dir, f.variant, f.num_test, f.test_seed, mesh, print,
+                                    calibration)
+  real = real_part(f.workdir, f.variant, sim_dir, sim_state, sim_fn, f, mesh, print)
+  result = {"sim": sim, "real": real, "calibration": calibration,
+            "total_seconds": time.time() - t0}
   cli.atomic_write_text(os.path.join(f.workdir, "study.json"),
                         json.dumps(result, indent=1, default=float))
   print(f"\ndefault config trained in {sim['seconds']:.0f} s on {len(jax.devices())} "
         f"{jax.devices()[0].platform} device(s); whole study {result['total_seconds']:.0f} s")
-  print(f"RESULT sim_f1={sim['val_f1_threshold']['f1']:.4f} real_fbeta={real['fbeta']:.4f} "
-        f"real_median_distance_px={real['median_distance_px']:.2f} "
-        f"seconds={sim['seconds']:.1f} "
-        f"sim_f1_at_fbeta_threshold={sim['run_threshold']['f1']:.4f}")
+  z, ft = real["zero_shot"], real.get("finetuned")
+  line = (f"RESULT sim_f1={sim['val_f1_threshold']['f1']:.4f} "
+          f"sim_f1_at_fbeta_threshold={sim['run_threshold']['f1']:.4f} seconds={sim['seconds']:.1f} "
+          f"zero_shot_found={z['found']}/{z['crops']} "
+          f"zero_shot_false_per_frame={z['false_detections_per_frame']:.2f} "
+          f"zero_shot_fbeta={z['fbeta']:.4f}")
+  if ft:
+    line += (f" real_found={ft['found']}/{ft['crops']} "
+             f"real_false_per_frame={ft['false_detections_per_frame']:.2f} "
+             f"real_fbeta={ft['fbeta']:.4f} real_median_distance_px={ft['median_distance_px']:.2f}")
+  print(line)
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", "runs/events_study", "Folder of the study's runs.")
   flags.DEFINE_string("variant", None, "configs/events.py variant (default: the CPU one; "
                       "'tiny' for a quick check of this script).")
+  flags.DEFINE_string("real", SHARED, "Folder of the real crop folders.")
+  flags.DEFINE_string("calibration", None, "Simulator calibration JSON (python -m "
+                      "smlm_jax.events.calibrate) for training and the simulated sets.")
+  flags.DEFINE_bool("include_unusable", False, "Keep crops flagged without structure.")
   flags.DEFINE_integer("num_test", 512, "Simulated test crops.")
   flags.DEFINE_integer("test_seed", 777, "Seed of the simulated test crops.")
-  flags.DEFINE_integer("finetune_steps", 200, "Fine-tuning steps per real fold.")
+  flags.DEFINE_integer("finetune_steps", 200, "Fine-tuning steps per real fold (0: "
+                       "zero-shot only).")
   flags.DEFINE_float("finetune_lr", 5e-4, "Fine-tuning peak learning rate.")
   app.run(main)

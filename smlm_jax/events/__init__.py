@@ -11,6 +11,15 @@ Pipeline (each step a module and a command, ``python -m smlm_jax.events.<verb>``
              dividing tubules (:mod:`.simulate`), on database crops augmented on device
              (:mod:`.augment`), or both
   predict    movies -> probability TIFFs + CSV of detections above the run's threshold
+  calibrate  real movies/crops (no labels) -> the simulator's parameters fitted by
+             gradient descent through :func:`.simulate.scene` (``events_calibration.json``,
+             used with ``config.data.calibration``)
+
+Library modules: ``quality`` (the structure check: crops of camera noise only are
+flagged by ``db add`` and left out of training and scoring), ``statistics`` (summary
+statistics of model-input windows, the common measure of real and simulated crops),
+``plots`` (real vs simulated statistics and patches), ``data`` (normalization, windows,
+the host sampler with positives around the site and hard negatives far from it).
 
 Conventions: frames ``[T, H, W]`` (a crop, a movie), a model input window ``[n, H, W]``
 = frames ``t-n+1 .. t`` (the first frame repeated before the start) predicting the

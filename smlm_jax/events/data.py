@@ -10,8 +10,10 @@
   before the start (so every frame gets a prediction).
 * ``Crop`` / ``load_crops``: a database record's images and ground truth as float32.
 * ``HostSampler``: per training step, ``batch_size`` random (crop, frame) windows of
-  the training crops at a common size (half of them around the annotated site),
-  seeded by (seed, step) so that a resumed run sees the same data.
+  the training crops at a common size (a fraction around the annotated site, a
+  fraction of hard negatives: windows that no annotated site of any frame of the
+  crop comes within ``NEGATIVE_MARGIN_PX`` of, label 0), seeded by (seed, step) so
+  that a resumed run sees the same data.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import dataclasses
 import numpy as np
 
 QUANTILE_HIGH = 0.995
+NEGATIVE_MARGIN_PX = 16   # hard negatives keep this far from any annotated site
 MAX_STAT_PIXELS = 65536
 
 
@@ -81,16 +84,19 @@ def query_conditions(text) -> list[str]:
 
 
 def split_records(data_config):
-  """(train records, validation records) of config.data: db, query, split."""
+  """(train records, validation records) of config.data: db, query, split; crops
+  flagged unusable (:mod:`.quality`) only with data.include_unusable."""
   from smlm_jax.events import db as db_lib
   if not data_config.db:
     raise ValueError("config.data.source needs config.data.db (an event database from "
                      "python -m smlm_jax.events.db add FOLDER --db=FILE)")
+  include = bool(data_config.get("include_unusable", False))
   with db_lib.EventDB(data_config.db, must_exist=True) as database:
-    records = database.query(query_conditions(data_config.query))
+    records = database.query(query_conditions(data_config.query), usable_only=not include)
   if not records:
-    raise ValueError(f"{data_config.db}: no events match config.data.query="
-                     f"{data_config.query!r}")
+    raise ValueError(f"{data_config.db}: no usable events match config.data.query="
+                     f"{data_config.query!r}" + ("" if include else " (crops flagged "
+                     "unusable are left out; config.data.include_unusable=True keeps them)"))
   return db_lib.split_events(records, float(data_config.val_fraction),
                              int(data_config.split_seed), data_config.group_by or None)
 
@@ -126,6 +132,26 @@ def fit(frames: np.ndarray, label: np.ndarray, size: int, rng, site=None, crop_p
   return frames[:, y0:y0 + size, x0:x0 + size], label[y0:y0 + size, x0:x0 + size]
 
 
+def site_mask(truth: np.ndarray, margin_px: int = NEGATIVE_MARGIN_PX) -> np.ndarray:
+  """[H, W] bool: pixels within margin_px (square) of an annotated pixel (truth > 0)
+  in ANY frame of the crop [T, H, W]: a division is annotated in some frames only."""
+  from scipy import ndimage
+  any_site = (np.asarray(truth) > 0).any(axis=0)
+  if margin_px <= 0 or not any_site.any():
+    return any_site
+  return ndimage.binary_dilation(any_site, np.ones((2 * margin_px + 1,) * 2, bool))
+
+
+def negative_origins(mask: np.ndarray, size: int) -> np.ndarray:
+  """[k, 2] window origins (y0, x0) whose size x size window holds no True of mask."""
+  h, w = mask.shape
+  if h < size or w < size:
+    return np.zeros((0, 2), int)
+  c = np.pad(np.cumsum(np.cumsum(mask.astype(np.int64), 0), 1), ((1, 0), (1, 0)))
+  inside = c[size:, size:] - c[:-size, size:] - c[size:, :-size] + c[:-size, :-size]
+  return np.argwhere(inside == 0)
+
+
 class HostSampler:
   """Random training windows of database crops, as numpy, reproducible per step.
 
@@ -134,20 +160,25 @@ class HostSampler:
   (:mod:`.augment`). With probability ``positive_fraction`` a frame with an annotated
   site gets a window that has the site in its central square, so that the device's
   crop always contains it: an event is a few hundred pixels of a 256 x 256 crop, and
-  a uniform 64 px crop would miss it ~90% of the time.
+  a uniform 64 px crop would miss it ~90% of the time. With probability
+  ``negative_fraction`` a window is a hard negative (:func:`negative_origins` of
+  :func:`site_mask`: real structure, no event; label 0); the rest are uniform.
   """
 
   def __init__(self, crops: list[Crop], num_frames: int, crop_px: int, seed: int,
-               positive_fraction: float = 0.5):
+               positive_fraction: float = 0.5, negative_fraction: float = 0.0):
     if not crops:
       raise ValueError("no training crops (all events went to validation?); lower "
                        "config.data.val_fraction or add events")
     self.crops, self.n, self.seed, self.crop_px = crops, num_frames, seed, crop_px
     self.positive_fraction = positive_fraction
+    self.negative_fraction = negative_fraction
     self.size = max(crop_px, min([crop_px + crop_px // 2]
                                  + [min(c.frames.shape[1:]) for c in crops]))
     self.sites = [[np.unravel_index(int(np.argmax(g)), g.shape) if g.max() >= 0.5 else None
                    for g in c.truth] for c in crops]
+    self.negatives = [negative_origins(site_mask(c.truth), self.size)
+                      if negative_fraction > 0 else np.zeros((0, 2), int) for c in crops]
 
   def __call__(self, step: int, batch_size: int) -> dict:
     rng = np.random.default_rng([self.seed, step])
@@ -157,7 +188,15 @@ class HostSampler:
       c = int(rng.integers(len(self.crops)))
       crop = self.crops[c]
       t = int(rng.integers(crop.frames.shape[0]))
-      site = self.sites[c][t] if rng.random() < self.positive_fraction else None
-      frames[i], labels[i] = fit(crop.frames[window_indices(t, self.n)], crop.truth[t],
-                                 self.size, rng, site, self.crop_px)
+      r = rng.random()
+      window = crop.frames[window_indices(t, self.n)]
+      origins = self.negatives[c]
+      if self.positive_fraction <= r < self.positive_fraction + self.negative_fraction \
+          and len(origins):
+        y0, x0 = origins[int(rng.integers(len(origins)))]
+        frames[i] = window[:, y0:y0 + self.size, x0:x0 + self.size]
+        labels[i] = 0.0
+        continue
+      site = self.sites[c][t] if r < self.positive_fraction else None
+      frames[i], labels[i] = fit(window, crop.truth[t], self.size, rng, site, self.crop_px)
     return {"frames": frames, "label": labels}

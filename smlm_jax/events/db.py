@@ -23,15 +23,22 @@ YAML's ``_id`` (else the folder name) and the source its ``source_file`` (else
 folder) and never duplicates them. A folder with a problem gets one ``error:`` line and
 is skipped; the others are added; the exit code is then 1.
 
-Schema: ``events`` (one row per crop: event_id, source_file, folder, kind = event |
-negative, frames, height_px, width_px, pixel_size_nm, frame_interval_s, metadata = the
-YAML record as JSON, added) and ``meta`` (pk, key, text, num): every YAML key flattened
+Schema (version 2): ``events`` (one row per crop: event_id, source_file, folder, kind =
+event | negative, frames, height_px, width_px, pixel_size_nm, frame_interval_s,
+structure_snr, usable, metadata = the YAML record as JSON, added) and ``meta`` (pk, key, text, num): every YAML key flattened
 (nested keys joined by '.', one row per list element, numbers also as num), plus the
 derived columns above under their names. A YAML key that clashes with a derived one is
 kept as ``yaml.<key>`` (e.g. deep-events' ``frames: [first, last]`` is
 ``yaml.frames``; ``frames`` is the crop's frame count read from images.tif). Pixel size
 and frame interval come from the YAML's pixel_size_nm / frame_interval_s, else from
 deep-events' ``ome.physical_size_x`` (um) / ``ome.time_increment`` (ms).
+
+Unusable crops: ``add`` measures each crop's structure (:func:`.quality.structure_snr`:
+contrast of its bright structures in units of its own camera noise) and flags a crop
+without structure (camera noise only) ``usable = 0`` with a ``note:`` line; ``query
+usable=1`` lists the others, and training (:func:`.data.split_records`) and the study
+leave flagged crops out unless asked (``config.data.include_unusable``). A version-1
+file gets the two columns on opening (usable until re-added).
 
 Conditions ``KEY OP VALUE`` (all must hold): ``=`` or ``==`` (case-insensitive text, or
 numeric equality when VALUE is a number), ``!=`` (no element equal; events without the key
@@ -60,11 +67,16 @@ import sys
 
 from smlm_jax.core import cli
 from smlm_jax.core.tiff_io import MovieError
+from smlm_jax.events import quality
 
 RECORD_FILE = "event_db.yaml"
 DERIVED = ("event_id", "source_file", "folder", "kind", "frames", "height_px", "width_px",
-           "pixel_size_nm", "frame_interval_s")
-SCHEMA_VERSION = "1"
+           "pixel_size_nm", "frame_interval_s", "structure_snr", "usable")
+SCHEMA_VERSION = "2"
+# Version 1 lacked the structure check; opening such a file adds the columns (usable
+# until re-added, which measures it).
+_MIGRATE_FROM_1 = ("ALTER TABLE events ADD COLUMN structure_snr REAL",
+                   "ALTER TABLE events ADD COLUMN usable INTEGER NOT NULL DEFAULT 1")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS events (
@@ -78,6 +90,8 @@ CREATE TABLE IF NOT EXISTS events (
   width_px INTEGER NOT NULL,
   pixel_size_nm REAL,
   frame_interval_s REAL,
+  structure_snr REAL,
+  usable INTEGER NOT NULL DEFAULT 1,
   metadata TEXT NOT NULL,
   added TEXT NOT NULL,
   UNIQUE (source_file, event_id));
@@ -170,6 +184,7 @@ def read_folder(folder: str) -> dict:
     raise MovieError(f"{folder}: ground_truth.tif {_tiff_shape(truth)} and images.tif "
                      f"{shape} differ in shape", "wrong_size")
   px, dt = _physical(meta)
+  snr = quality.file_structure_snr(images)
   kind = str(meta.get("type") or "event").lower()
   if kind not in ("event", "negative"):
     raise MovieError(f"{path}: type {kind!r}; expected event or negative", "bad_metadata")
@@ -177,6 +192,7 @@ def read_folder(folder: str) -> dict:
           "source_file": str(meta.get("source_file") or meta.get("original_file") or ""),
           "folder": folder, "kind": kind, "frames": shape[0], "height_px": shape[1],
           "width_px": shape[2], "pixel_size_nm": px, "frame_interval_s": dt,
+          "structure_snr": round(snr, 3), "usable": int(quality.usable(snr)),
           "metadata": json.loads(json.dumps(meta, default=str))}
 
 
@@ -241,8 +257,14 @@ class EventDB:
             self.conn.execute(statement)
         self.conn.execute("INSERT OR IGNORE INTO info VALUES ('schema_version', ?)",
                           (SCHEMA_VERSION,))
-      version = self.conn.execute(
-          "SELECT value FROM info WHERE key = 'schema_version'").fetchone()[0]
+        version = self.conn.execute(
+            "SELECT value FROM info WHERE key = 'schema_version'").fetchone()[0]
+        if version == "1":
+          for statement in _MIGRATE_FROM_1:
+            self.conn.execute(statement)
+          self.conn.execute("UPDATE info SET value = ? WHERE key = 'schema_version'",
+                            (SCHEMA_VERSION,))
+          version = SCHEMA_VERSION
     except sqlite3.DatabaseError as e:
       raise DatabaseError(f"{path}: not an event database ({e})") from None
     if version != SCHEMA_VERSION:
@@ -311,10 +333,10 @@ class EventDB:
     return len(pks)
 
   # ----------------------------------------------------------------------- reading
-  def query(self, conditions=()) -> list[dict]:
+  def query(self, conditions=(), usable_only: bool = False) -> list[dict]:
     """Records (dicts of the derived columns + 'metadata' + 'pk') matching all
-    conditions, in insertion order."""
-    where, params = [], []
+    conditions, in insertion order; with ``usable_only`` none flagged unusable."""
+    where, params = (["e.usable = 1"] if usable_only else []), []
     for cond in conditions:
       sql, p = parse_condition(cond)
       where.append(sql)
@@ -387,7 +409,7 @@ def split_events(records, val_fraction: float, seed: int = 0, group_by: str | No
 
 # ----------------------------------------------------------------------------- CLI
 TABLE = ("event_id", "kind", "frames", "size_px", "microscope", "cell_line", "stain",
-         "event_content", "folder")
+         "event_content", "folder", "usable", "structure_snr")
 
 
 def _cell(value):
@@ -398,7 +420,8 @@ def _cell(value):
 
 def table_rows(records):
   return [[r["event_id"], r["kind"], r["frames"], f"{r['height_px']}x{r['width_px']}",
-           *(_cell(r["metadata"].get(k)) for k in TABLE[4:8]), r["folder"]]
+           *(_cell(r["metadata"].get(k)) for k in TABLE[4:8]), r["folder"],
+           r["usable"], _cell(r["structure_snr"])]
           for r in records]
 
 
@@ -431,6 +454,7 @@ def cmd_add(db: EventDB, paths) -> int:
       print(f"error: {e}", file=sys.stderr)
       failed += 1
   counts = db.add(records)
+  quality.report_unusable(records)
   print(f"{db.path}: {counts['added']} added, {counts['updated']} updated, "
         f"{counts['unchanged']} unchanged, {failed} failed; {db.count()} event(s) in total",
         file=sys.stderr)

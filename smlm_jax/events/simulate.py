@@ -97,7 +97,7 @@ class SimParams:
 
 def _log_uniform(key, lo_hi, shape=()):
   lo, hi = lo_hi
-  return jnp.exp(jax.random.uniform(key, shape, minval=math.log(lo), maxval=math.log(hi)))
+  return jnp.exp(jax.random.uniform(key, shape, minval=jnp.log(lo), maxval=jnp.log(hi)))
 
 
 def _uniform(key, lo_hi, shape=()):
@@ -134,6 +134,15 @@ def simulate(key, p: SimParams, num_frames: int, has_event=None):
   """One crop: (frames [n, S, S] float32 ADU, truth dict: label [S, S], has_event,
   site_yx [2] px, q_now, expected_photons [n, S, S] (before QE and noise)).
   ``has_event`` (bool array) overrides the Bernoulli draw."""
+  photons, truth, noise_key = scene(key, p, num_frames, has_event)
+  return noise.apply_camera(noise_key, photons, p.camera), truth
+
+
+def scene(key, p: SimParams, num_frames: int, has_event=None):
+  """The noiseless part of :func:`simulate`: (expected photons [n, S, S], truth, the
+  key of the camera noise). Differentiable in the continuous fields of ``p`` (they may
+  be traced arrays: :mod:`.calibrate` fits them with the random numbers held fixed);
+  ``size_px``, ``num_tubules``, ``points_per_tubule`` must stay static."""
   s, n, k_pts = p.size_px, num_frames, p.points_per_tubule
   m = p.num_tubules[1]
   keys = iter(jax.random.split(key, 24))
@@ -214,11 +223,11 @@ def simulate(key, p: SimParams, num_frames: int, has_event=None):
     return _render(yx, sigma.reshape(-1), mass.reshape(-1), s) * flicker[j]
 
   photons = jax.vmap(frame)(jnp.arange(n)) + background
-  frames = noise.apply_camera(next(keys), photons, p.camera)
+  noise_key = next(keys)
   on = has_event & (q_now >= p.q_range[0]) & (q_now <= p.q_range[1])
   label = gaussian_map(site, (s, s), p.sigma_px) * on
-  return frames, {"label": label, "has_event": on, "site_yx": site, "q_now": q_now,
-                  "expected_photons": photons}
+  return photons, {"label": label, "has_event": on, "site_yx": site, "q_now": q_now,
+                   "expected_photons": photons}, noise_key
 
 
 def batch(keys, p: SimParams, num_frames: int):

@@ -16,6 +16,8 @@ Evaluation: a fixed simulated set (``eval.sim_seed``, never a training key), and
 (:mod:`.metrics`). :meth:`export` writes ``threshold.json`` (the F-beta-optimal
 threshold, on the real validation crops when there are any, else on the simulated set;
 ``predict`` uses it), ``pr_curve.png`` and ``examples.png`` into the workdir.
+``config.data.calibration=FILE`` (from :mod:`.calibrate`) overrides ``config.sim``
+with the fitted simulator parameters, for training and the simulated evaluation set.
 ``config.init_from=WORKDIR`` starts from another run's parameters (e.g. pre-trained on
 simulations, fine-tuned on real crops); the architectures must match.
 """
@@ -99,8 +101,11 @@ class EventsTask(Task):
     if self.n < 1 or self.crop_px < 8:
       raise ValueError(f"config.data.num_frames must be >= 1 and config.crop_px >= 8, got "
                        f"{self.n} and {self.crop_px}")
-    self.sim = sim_lib.SimParams.from_config({**config.sim.to_dict(),
-                                              "size_px": self.crop_px})
+    sim = config.sim.to_dict()
+    if d.get("calibration"):                 # python -m smlm_jax.events.calibrate
+      from smlm_jax.events import calibrate as calibrate_lib
+      sim = calibrate_lib.apply(config.sim, d.calibration)
+    self.sim = sim_lib.SimParams.from_config({**sim, "size_px": self.crop_px})
     self.aug = augment_lib.AugmentParams.from_config(config.augment, self.crop_px)
     self.model = build_model(config.model)
     self.train_crops, self.val_crops, self.sampler = [], [], None
@@ -109,7 +114,8 @@ class EventsTask(Task):
       self.train_crops = [data_lib.load_crop(r) for r in train]
       self.val_crops = [data_lib.load_crop(r) for r in val]
       self.sampler = data_lib.HostSampler(self.train_crops, self.n, self.crop_px,
-                                          int(config.seed), float(d.positive_fraction))
+                                          int(config.seed), float(d.positive_fraction),
+                                          float(d.get("negative_fraction", 0.0)))
     self.init_params = self.init_stats = None
     if config.get("init_from"):
       try:

@@ -1,0 +1,152 @@
+"""events on real data: the structure check, hard negatives, the calibration.
+
+The structure check flags a pure-noise crop and passes a crop with tubules (synthetic,
+and the shared iSIM crops when ../shared is there), through ``db add`` too; hard
+negatives never come near an annotated site of any frame; the calibration recovers
+known simulator parameters from simulated crops.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from smlm_jax.events import crops, data, db as db_lib, quality
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("EVENTS_ISIM_DIR",     # default: the shared iSIM crops
+                        os.path.join(ROOT, "..", "shared", "real-data", "events_isim"))
+NOISE_CROP = "643a9c8cc961ee3e0ca48b33"
+
+
+def _tubule_crop(rng, t=5, size=96, photons=60.0, background=5.0):
+  """[t, size, size] ADU: two bright Gaussian lines (5 px sigma) on a background,
+  Poisson noise, gain 2.5, offset 100; and the same without the lines."""
+  y, x = np.mgrid[:size, :size].astype(np.float64)
+  lines = np.exp(-0.5 * ((y - 0.5 * x - 20) / 5) ** 2) + np.exp(-0.5 * ((x - 70) / 4) ** 2)
+  def adu(lam):
+    return (100 + 2.5 * rng.poisson(np.broadcast_to(lam, (t, size, size)))).astype(np.float32)
+  return adu(background + photons * lines), adu(np.full((size, size), background))
+
+
+def _write(folder, images, rng):
+  gt = np.zeros(images.shape, np.float32)
+  gt[:, 40:43, 40:43] = 1.0
+  crops.write_crop(folder, images, gt, {"_id": os.path.basename(folder), "type": "event",
+                                        "microscope": ["isim"]})
+
+
+def test_structure_check_flags_noise_and_passes_tubules(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  tubes, noise = _tubule_crop(rng)
+  assert quality.structure_snr(tubes) > 2 * quality.MIN_STRUCTURE_SNR
+  assert quality.structure_snr(noise) < quality.MIN_STRUCTURE_SNR
+  for lam in (0.3, 3.0, 100.0):                   # camera noise at any level
+    assert not quality.usable(quality.structure_snr(rng.poisson(lam, (3, 64, 64))))
+  _write(str(tmp_path / "crops" / "tubes"), tubes, rng)
+  _write(str(tmp_path / "crops" / "noise"), noise, rng)
+  path = str(tmp_path / "events.db")
+  with db_lib.EventDB(path) as database:
+    assert db_lib.cmd_add(database, [str(tmp_path / "crops")]) == 0
+    assert [r["event_id"] for r in database.query(usable_only=True)] == ["tubes"]
+    assert [r["event_id"] for r in database.query(["usable=0"])] == ["noise"]
+  err = capsys.readouterr().err
+  assert "note: noise" in err and "no structure" in err and "note: tubes" not in err
+  # Training leaves the flagged crop out unless asked.
+  from configs import events
+  d = events.get_config("tiny").data
+  d.update(db=path, val_fraction=0.0)
+  assert [r["event_id"] for r in data.split_records(d)[0]] == ["tubes"]
+  d.include_unusable = True
+  assert sorted(r["event_id"] for r in data.split_records(d)[0]) == ["noise", "tubes"]
+  if os.path.isdir(SHARED):                       # the shared iSIM crops
+    records = [db_lib.read_folder(f) for f in db_lib.find_folders([SHARED])[0]]
+    flagged = {r["event_id"] for r in records if not r["usable"]}
+    assert flagged == {NOISE_CROP} and len(records) == 6
+
+
+def test_version_1_database_gets_the_new_columns(tmp_path):
+  import sqlite3
+  path = str(tmp_path / "old.db")
+  c = sqlite3.connect(path)
+  schema = db_lib._SCHEMA.replace("  structure_snr REAL,\n  usable INTEGER NOT NULL "
+                                  "DEFAULT 1,\n", "")
+  assert "usable" not in schema
+  c.executescript(schema + "; INSERT INTO info VALUES ('schema_version', '1');")
+  c.close()
+  with db_lib.EventDB(path) as database:
+    assert database.query(usable_only=True) == []
+    version = database.conn.execute("SELECT value FROM info").fetchone()[0]
+  assert version == db_lib.SCHEMA_VERSION
+
+
+def test_hard_negatives_never_contain_an_annotated_site():
+  rng = np.random.default_rng(1)
+  t, h, w = 6, 160, 200
+  yy, xx = np.mgrid[:h, :w]
+  frames = np.broadcast_to((yy * 1000 + xx).astype(np.float32), (t, h, w)).copy()
+  truth = np.zeros((t, h, w), np.float32)
+  sites = [(1, 40, 50), (3, 100, 150), (4, 120, 30)]   # different frames, all count
+  for f, y, x in sites:
+    truth[f] = np.maximum(truth[f], np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 8.0) *
+                          (((yy - y) ** 2 + (xx - x) ** 2) < 25))
+  crop = data.Crop(frames, truth, {"event_id": "x"})
+  sampler = data.HostSampler([crop], 3, 32, seed=0, positive_fraction=0.0,
+                             negative_fraction=1.0)
+  batch = sampler(0, 300)
+  assert batch["frames"].shape == (300, 3, 48, 48) and not batch["label"].any()
+  y0 = (batch["frames"][:, 0, 0, 0] // 1000).astype(int)
+  x0 = (batch["frames"][:, 0, 0, 0] % 1000).astype(int)
+  for a, b in zip(y0, x0):                       # the window and 8 px around it
+    for _, y, x in sites:
+      assert not (a - 8 <= y < a + 48 + 8 and b - 8 <= x < b + 48 + 8), (a, b, y, x)
+  assert len(set(zip(y0, x0))) > 100             # spread, not one safe corner
+  # Mixed fractions: positives still placed around the site, negatives label 0.
+  mixed = data.HostSampler([crop], 3, 32, seed=0, positive_fraction=0.5,
+                           negative_fraction=0.5)(1, 200)
+  has = mixed["label"].max(axis=(1, 2)) > 0.5
+  assert 0.05 < has.mean() < 0.6
+
+
+def test_calibration_recovers_known_parameters():
+  import jax
+  from configs import events
+  from smlm_jax.events import calibrate, simulate as sim_lib
+  cfg = events.get_config("tiny")
+  truth = {"photons": (60.0, 150.0), "diameter_nm": (500.0, 700.0), "drift_px": 1.5}
+  p = sim_lib.SimParams.from_config({**cfg.sim.to_dict(), **truth, "size_px": 32})
+  frames, _ = jax.jit(sim_lib.batch, static_argnums=(1, 2))(
+      jax.random.split(jax.random.key(100), 64), p, 3)
+  rec = calibrate.calibrate(np.asarray(frames), cfg.sim, 32, 3, steps=40, num_sim=32,
+                            learning_rate=0.08, log=lambda *a: None)
+  fit = rec["sim"]
+  assert rec["fit"]["loss"] < 0.5 * rec["fit"]["loss_initial"]
+  # Each recovered within 25%, and closer to the truth than the start.
+  for key in ("drift_px", "diameter_nm"):
+    for got, want, start in zip(np.ravel(fit[key]), np.ravel(truth[key]),
+                                np.ravel(cfg.sim[key])):
+      assert abs(got - want) < 0.25 * want and abs(got - want) < abs(start - want), key
+  centre = lambda r: np.sqrt(r[0] * r[1])
+  assert abs(centre(fit["photons"]) / centre(truth["photons"]) - 1) < 0.3
+  # The file is what training reads.
+  path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"cal_{os.getpid()}.json")
+  import json
+  with open(path, "w") as f:
+    json.dump(rec, f)
+  try:
+    merged = calibrate.apply(cfg.sim, path)
+    assert merged["drift_px"] == fit["drift_px"] and merged["qe"] == cfg.sim.qe
+    from smlm_jax.events import task as task_lib
+    cfg.data.calibration = path                   # training's simulator
+    sim = task_lib.EventsTask(cfg).sim
+    assert sim.drift_px == fit["drift_px"] and sim.photons == tuple(fit["photons"])
+    assert sim.size_px == cfg.crop_px
+  finally:
+    os.unlink(path)
+  with pytest.raises(ValueError, match="no 'sim'"):
+    bad = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bad_{os.getpid()}.json")
+    with open(bad, "w") as f:
+      f.write("{}")
+    try:
+      calibrate.load(bad)
+    finally:
+      os.unlink(bad)
