@@ -240,6 +240,14 @@ class HollyTask(Task):
     return image_loss(pred, target, jnp.broadcast_to(sigma[:, None], (sigma.shape[0], h)),
                       name or lcfg.name, tuple(lcfg.scales))
 
+  def search(self, points, image, sigma, key):
+    """The pose search of config.search (pose_search.search): (R [B, 3, 3], score [B])."""
+    c = self.config.search
+    return pose_search.search(points, image, sigma, key, int(c.num_rotations), int(c.factor),
+                              float(c.sigma_coarse_px), self.fov, str(c.get("grid", "random")),
+                              int(c.get("top", 1)), int(c.get("local", 0)),
+                              int(c.get("levels", 0)))
+
   def hypothesis_losses(self, params, batch, key=None):
     """(per-image, per-hypothesis losses [B, H], rotations [B, H, 3, 3], CNN outputs).
 
@@ -252,9 +260,7 @@ class HollyTask(Task):
       sigma = sigma * jnp.exp(out["log_sigma_scale"])
     scfg = self.config.search
     if key is not None and int(scfg.num_rotations) > 0:
-      R_s, _ = pose_search.search(params["points"], batch["image"], batch["sigma"], key,
-                                  int(scfg.num_rotations), int(scfg.factor),
-                                  float(scfg.sigma_coarse_px), self.fov)
+      R_s, _ = self.search(params["points"], batch["image"], batch["sigma"], key)
       R = jnp.concatenate([R, jax.lax.stop_gradient(R_s)[:, None]], axis=1)
     return self.render_losses(params["points"], R, out["t"], sigma, batch["image"]), R, out
 
@@ -270,8 +276,7 @@ class HollyTask(Task):
     R = sg(R_cnn)
     scfg = self.config.search
     if int(scfg.num_rotations) > 0:
-      R_s, _ = pose_search.search(pts, image, sigma, key, int(scfg.num_rotations),
-                                  int(scfg.factor), float(scfg.sigma_coarse_px), self.fov)
+      R_s, _ = self.search(pts, image, sigma, key)
       R = jnp.concatenate([R, R_s[:, None]], axis=1)
     t = jax.vmap(lambda r, im: pose_search.centroid_translation(pts, r, im[None], self.size,
                                                                 self.fov))(R, image)
