@@ -72,6 +72,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   data.precision = 0.0
   data.photons = 0.0
   data.background_photons = 0.0
+  data.symmetry = "auto"       # pose errors modulo: OBJ.symmetry.json or detected; none
   data.camera = ml_collections.ConfigDict()
   data.camera.model = "scmos"
   data.camera.qe = 0.9
@@ -120,6 +121,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.refine = ml_collections.ConfigDict()
   config.refine.extra_sigmas_px = (2.0, 1.0, 0.5, 0.0)
   config.refine.damping = 0.01
+
+  config.convergence = ml_collections.ConfigDict()   # end-of-training report (diagnose.py)
+  config.convergence.max_residual = 0.2
+  config.convergence.min_agreement = 0.3
+  config.convergence.agree_deg = 10.0
 
   config.num_train_steps = 1500
   config.batch_size = 16

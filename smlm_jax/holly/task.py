@@ -53,6 +53,7 @@ from smlm_jax.core import cli
 from smlm_jax.core import trainer
 from smlm_jax.core.task import Task
 from smlm_jax.holly import align as align_lib
+from smlm_jax.holly import diagnose
 from smlm_jax.holly import images as images_lib
 from smlm_jax.holly import models
 from smlm_jax.holly import pose_search
@@ -60,6 +61,7 @@ from smlm_jax.holly.prng import fast_prng
 from smlm_jax.holly import render
 from smlm_jax.holly import rotations
 from smlm_jax.holly import shapes
+from smlm_jax.holly import symmetry as symmetry_lib
 
 
 # ------------------------------------------------------------------------- curriculum
@@ -154,6 +156,19 @@ class HollyTask(Task):
                                 predict_sigma=bool(m.predict_sigma))
     if int(config.num_points) < 1:
       raise ValueError("config.num_points must be >= 1")
+
+  def symmetry(self):
+    """The truth's symmetry (config.data.symmetry: "auto" = declared OBJ.symmetry.json
+    or detected, "none" = the identity only, or a JSON file); pose errors are modulo it."""
+    if getattr(self, "_symmetry", None) is None:
+      how = str(self.config.data.get("symmetry", "auto"))
+      if self.sites is None or how == "none":
+        self._symmetry = symmetry_lib.trivial()
+      elif how == "auto":
+        self._symmetry = symmetry_lib.for_shape(self.config.data.obj, self.sites)
+      else:
+        self._symmetry = symmetry_lib.load(how)
+    return self._symmetry
 
   # --------------------------------------------------------------------- variables
   @fast_prng
@@ -393,6 +408,7 @@ class HollyTask(Task):
       def evaluate_folder(state):
         params = jax.device_get(state["params"])
         _, loss, _ = poses(params, {"image": imgs, "sigma": sig})
+        self._diagnose(state, params, imgs, sig)
         return {"image_loss": float(np.mean(loss)), "seconds": self.elapsed()}
       return evaluate_folder
 
@@ -404,20 +420,31 @@ class HollyTask(Task):
       R_best, loss, _ = poses(params, {"image": batch["image"], "sigma": batch["sigma"]})
       pts = np.asarray(params["points"])
       al = align_lib.align(pts, self.sites, num_starts=int(cfg.eval_align_starts))
-      err = align_lib.pose_errors_deg(R_best, batch["R"], al)
+      sym = self.symmetry()
+      err = symmetry_lib.pose_errors_deg(R_best, batch["R"], al, sym)
       extra = {}
       if bool(cfg.get("eval_refined_poses", True)):
         R_ref = trainer.batched(lambda c: refined_fn(params, c, int(cfg.eval_seed)),
                                 {"image": batch["image"], "sigma": batch["sigma"]}, bs, mesh)
-        err_ref = align_lib.pose_errors_deg(R_ref, batch["R"], al)
+        err_ref = symmetry_lib.pose_errors_deg(R_ref, batch["R"], al, sym)
         extra["refined_pose_error_deg"] = {"median": float(np.median(err_ref)),
                                            "frac_below_2": float(np.mean(err_ref < 2))}
+      self._diagnose(state, params, batch["image"], batch["sigma"])
       return {"chamfer": al.chamfer_rel, "pose_error_deg": {
                   "median": float(np.median(err)), "mean": float(np.mean(err)),
                   "frac_below_10": float(np.mean(err < 10))}, **extra,
               "image_loss": float(np.mean(loss)), "sigma_px": sigma,
               "seconds": self.elapsed()}
     return evaluate
+
+  def _diagnose(self, state, params, images, sigma):
+    """At the last step: the convergence report (diagnose.py), kept for export."""
+    step = int(state["step"])
+    if step >= int(self.config.num_train_steps):
+      self._convergence = (step, diagnose.report(self, params, images, sigma,
+                                                 int(self.config.eval_seed)))
+
+  _convergence = None
 
   def elapsed(self) -> float:
     """Training wall time (s) of this run, added to that of earlier (resumed) sessions."""
@@ -460,6 +487,9 @@ class HollyTask(Task):
       log = {s: v for s, v in log.items() if s < int(step)}
       self._exported = True
     log[int(step)] = round(self.elapsed(), 2)
+    if self._convergence is not None and self._convergence[0] == int(step):
+      diagnose.write(workdir, self._convergence[1], step)
+      print(diagnose.message(self._convergence[1]), flush=True)
     cli.atomic_write_text(path, json.dumps({str(k): v for k, v in sorted(log.items())},
                                            indent=1))
 
