@@ -142,7 +142,7 @@ def write_pictures(learned_aligned, reference, out_dir: str, title: str,
 
 def evaluate(workdir: str | None, reference_path: str | None, learned_path: str | None = None,
              output: str | None = None, num_images: int = 256, seed: int = 777,
-             starts: int = 48, gif_frames: int = 36) -> dict:
+             starts: int = 48, gif_frames: int = 36, pictures: bool = True) -> dict:
   """Scores and pictures (see the module doc); returns the metrics dict."""
   reference = None
   if reference_path:
@@ -173,11 +173,19 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
                                    zip(task.image_set.images, task.image_set.sigmas)])
     else:
       diag_images = None
-    if diag_images is not None:
+    done = os.path.join(workdir, "convergence.json")
+    try:                       # the report training wrote at this step, if any
+      earlier = json.load(open(done))
+      if earlier.get("step") != step:
+        earlier = None
+    except (OSError, ValueError):
+      earlier = None
+    if earlier is not None:
+      metrics["convergence"] = {k: v for k, v in earlier.items() if k != "step"}
+    elif diag_images is not None:
       metrics["convergence"] = diagnose.report(task, jax.device_get(state["params"]),
                                                diag_images, diag_sigma, seed)
-      if not os.path.exists(os.path.join(workdir, "convergence.json")):
-        diagnose.write(workdir, metrics["convergence"], step)
+      diagnose.write(workdir, metrics["convergence"], step)
     if errors is not None:
       for kind, e in errors.items():
         metrics["pose_error_deg" if kind == "cnn" else f"{kind}_pose_error_deg"] = {
@@ -200,7 +208,8 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
     aligned = points
     metrics["chamfer"] = float("nan")
     title = "learned cloud (no reference)"
-  write_pictures(aligned, reference, out, title, gif_frames)
+  if pictures:
+    write_pictures(aligned, reference, out, title, gif_frames)
   cli.atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
   print(f"learned cloud: {len(points)} points" + (f", step {metrics['step']}"
                                                   if metrics.get("step") is not None else ""))
@@ -223,7 +232,7 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
   if "convergence" in metrics:
     from smlm_jax.holly import diagnose
     print(diagnose.message(metrics["convergence"]))
-  print(f"wrote {out}/metrics.json, views.png, rotation.gif"
+  print(f"wrote {out}/metrics.json" + (", views.png, rotation.gif" if pictures else "")
         + (", aligned.ply" if reference is not None else ""))
   print(f"RESULT chamfer={metrics['chamfer']:.6f} seconds={metrics['train_seconds']:.1f}")
   return metrics

@@ -185,7 +185,7 @@ def equivalent_poses(R_true, symmetry: Symmetry) -> np.ndarray:
   """[B, G, 3, 3] proper poses that give the same image as R_true [B, 3, 3]: R g for
   proper g, M R g for improper g."""
   R = np.asarray(R_true, np.float64)
-  out = np.einsum("bij,gjk->bgij", R, symmetry.elements)    # R g
+  out = np.einsum("bij,gjk->bgik", R, symmetry.elements)    # R g
   improper = np.linalg.det(symmetry.elements) < 0
   out[:, improper] = MIRROR @ out[:, improper]
   return out
