@@ -77,6 +77,15 @@ def sampling_floor(sites, num_points: int, draws: int = 3, seed: int = 0) -> flo
   return float(np.mean(vals))
 
 
+def finished(workdir: str, steps: int) -> bool:
+  """Whether the run in ``workdir`` recorded its final step (then it is only scored:
+  resuming would rewrite its config.json with today's defaults)."""
+  try:
+    return str(steps) in json.load(open(os.path.join(workdir, "train_seconds.json")))
+  except (OSError, ValueError):
+    return False
+
+
 def make_config(obj: str, tiny: bool, steps: int | None):
   from configs import holly
   c = holly.get_config("tiny" if tiny else None)
@@ -94,8 +103,12 @@ def run_shape(name: str, args) -> dict:
   config = make_config(obj, args.tiny, args.steps)
   row = {"name": name, "group": SHAPES[name][1], "kind": SHAPES[name][2], "obj": obj}
   t0 = time.time()
-  trainer.train_and_evaluate(config, workdir)
+  if not finished(workdir, int(config.num_train_steps)):
+    trainer.train_and_evaluate(config, workdir)
   row["wall_s"] = time.time() - t0
+  saved = json.load(open(os.path.join(workdir, "config.json")))["search"]
+  row["search"] = (f"{saved.get('grid', 'random')} {saved['num_rotations']}, top "
+                   f"{saved.get('top', 1)}, levels {saved.get('levels', 0)}")
   tiny = args.tiny
   m = evaluate.evaluate(workdir, obj, num_images=8 if tiny else args.num_images,
                         seed=777, starts=2 if tiny else 48, gif_frames=24, pictures=not tiny)
@@ -131,7 +144,8 @@ def table(rows: dict) -> list[str]:
           f"{r['name']:<15}{r['kind'][:29]:<30}{r['chamfer']:>8.4f}{r['floor']:>7.4f}"
           f"{r['chamfer'] - r['floor']:>7.4f}{r['pose']:>9.1f}{100 * r['pose_frac10']:>4.0f}%"
           f"{r['pose_raw']:>6.1f}{r['refined']:>8.2f}{100 * r['refined_frac10']:>4.0f}%"
-          f"{conv:>5}{r['seconds']:>8.0f}  {r['symmetry'].split(':')[0]}")
+          f"{conv:>5}{r['seconds']:>8.0f}  {r['symmetry'].split(':')[0]}; search "
+          f"{r.get('search', '?')}")
   return lines
 
 
