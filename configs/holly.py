@@ -42,8 +42,9 @@ Field choices:
   (turned at random), the 4 best per image refined locally over 2 levels, then
   Gauss-Newton; on a known shape a flat 256-rotation random search left one of three
   test poses 44 deg off (outside Gauss-Newton's basin), top 2 left it there too,
-  top 4 brought all three within 12 deg (tests/test_holly_pose.py). Costs ~+15% per
-  step over the flat search.
+  top 4 brought all three within 12 deg (tests/test_holly_pose.py). 1500 steps took
+  251-259 s of training on the 2-core CPU alone (near_symmetric, helix); the flat
+  search was not timed alone this session.
 * Convergence report at the end (diagnose.py): residual <= 0.2 and CNN/search
   agreement >= 30%, set on the suzanne run (converged: 0.014 / 69%; its cloud
   blurred over two views: 0.42).
