@@ -40,6 +40,7 @@ import numpy as np
 from smlm_jax.core import cli
 from smlm_jax.holly import align as align_lib
 from smlm_jax.holly import shapes
+from smlm_jax.holly import symmetry as symmetry_lib
 
 
 def train_seconds(workdir: str, step: int) -> float:
@@ -56,9 +57,11 @@ def train_seconds(workdir: str, step: int) -> float:
 
 def pose_errors(task, state, num_images: int, seed: int, starts: int = 48):
   """Angular errors (deg) on fresh simulated images at the final sigma, after aligning
-  the learned cloud to the (normalized) truth: {"cnn": [B]} (the CNN's best hypothesis
-  by render loss) and, when the run's config has ``eval_refined_poses``, "refined": [B]
-  (the poses training uses: search + Gauss-Newton)."""
+  the learned cloud to the (normalized) truth, modulo the truth's symmetry
+  (task.symmetry()): ({"cnn": [B]} (the CNN's best hypothesis by render loss),
+  "cnn_raw": [B] (not modulo the symmetry) and, when the run's config has
+  ``eval_refined_poses``, "refined": [B] (the poses training uses: search +
+  Gauss-Newton), the images)."""
   import jax
   from smlm_jax.core import trainer
   mesh = trainer.make_mesh()
@@ -70,12 +73,14 @@ def pose_errors(task, state, num_images: int, seed: int, starts: int = 48):
   images = {"image": batch["image"], "sigma": batch["sigma"]}
   R, loss, _ = trainer.batched(lambda c: fn(params, c), images, bs, mesh)
   al = align_lib.align(np.asarray(params["points"]), task.sites, num_starts=starts)
-  out = {"cnn": align_lib.pose_errors_deg(R, batch["R"], al)}
+  sym = task.symmetry()
+  out = {"cnn": symmetry_lib.pose_errors_deg(R, batch["R"], al, sym),
+         "cnn_raw": align_lib.pose_errors_deg(R, batch["R"], al)}
   if bool(task.config.get("eval_refined_poses", False)):
     refined = task.refined_poses_fn()
     R_ref = trainer.batched(lambda c: refined(params, c, seed), images, bs, mesh)
-    out["refined"] = align_lib.pose_errors_deg(R_ref, batch["R"], al)
-  return out
+    out["refined"] = symmetry_lib.pose_errors_deg(R_ref, batch["R"], al, sym)
+  return out, batch
 
 
 def splat_views(points, size: int = 128, sigma_px: float = 1.5, angles=None):
@@ -137,7 +142,7 @@ def write_pictures(learned_aligned, reference, out_dir: str, title: str,
 
 def evaluate(workdir: str | None, reference_path: str | None, learned_path: str | None = None,
              output: str | None = None, num_images: int = 256, seed: int = 777,
-             starts: int = 48, gif_frames: int = 36) -> dict:
+             starts: int = 48, gif_frames: int = 36, pictures: bool = True) -> dict:
   """Scores and pictures (see the module doc); returns the metrics dict."""
   reference = None
   if reference_path:
@@ -157,8 +162,31 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
     out = output or os.path.join(workdir, "eval")
     metrics.update(workdir=workdir, step=step, train_seconds=train_seconds(workdir, step),
                    num_points=len(points))
+    from smlm_jax.holly import diagnose
     if task.sites is not None and num_images > 0:
-      errors = pose_errors(task, state, num_images, seed, starts)
+      errors, batch = pose_errors(task, state, num_images, seed, starts)
+      metrics["symmetry"] = task.symmetry().describe()
+      diag_images, diag_sigma = batch["image"], batch["sigma"]
+    elif task.image_set is not None:
+      diag_images = np.concatenate(task.image_set.images)
+      diag_sigma = np.concatenate([np.full(len(a), s, np.float32) for a, s in
+                                   zip(task.image_set.images, task.image_set.sigmas)])
+    else:
+      diag_images = None
+    done = os.path.join(workdir, "convergence.json")
+    try:                       # the report training wrote at this step, if any
+      earlier = json.load(open(done))
+      if earlier.get("step") != step:
+        earlier = None
+    except (OSError, ValueError):
+      earlier = None
+    if earlier is not None:
+      metrics["convergence"] = {k: v for k, v in earlier.items() if k != "step"}
+    elif diag_images is not None:
+      metrics["convergence"] = diagnose.report(task, jax.device_get(state["params"]),
+                                               diag_images, diag_sigma, seed)
+      diagnose.write(workdir, metrics["convergence"], step)
+    if errors is not None:
       for kind, e in errors.items():
         metrics["pose_error_deg" if kind == "cnn" else f"{kind}_pose_error_deg"] = {
             "median": float(np.median(e)), "mean": float(np.mean(e)),
@@ -180,7 +208,8 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
     aligned = points
     metrics["chamfer"] = float("nan")
     title = "learned cloud (no reference)"
-  write_pictures(aligned, reference, out, title, gif_frames)
+  if pictures:
+    write_pictures(aligned, reference, out, title, gif_frames)
   cli.atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
   print(f"learned cloud: {len(points)} points" + (f", step {metrics['step']}"
                                                   if metrics.get("step") is not None else ""))
@@ -191,14 +220,19 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
           f"{'mirrored' if al.handedness < 0 else 'proper'} rotation")
     print(f"chamfer:       {al.chamfer_rel:.5f} of the diagonal ({al.chamfer:.5g} units)")
   if errors is not None:
+    print(f"symmetry:      {metrics['symmetry']} (pose errors modulo it; 'CNN raw' is not)")
     for key, label in (("pose_error_deg", "pose error (CNN):    "),
+                       ("cnn_raw_pose_error_deg", "pose error (CNN raw):"),
                        ("refined_pose_error_deg", "pose error (refined):")):
       if key in metrics:
         pe = metrics[key]
         print(f"{label} median {pe['median']:.2f} deg, mean {pe['mean']:.2f} deg, "
               f"90th percentile {pe['p90']:.2f} deg, {100 * pe['frac_below_10']:.1f}% < 10 "
               f"deg ({num_images} simulated images)")
-  print(f"wrote {out}/metrics.json, views.png, rotation.gif"
+  if "convergence" in metrics:
+    from smlm_jax.holly import diagnose
+    print(diagnose.message(metrics["convergence"]))
+  print(f"wrote {out}/metrics.json" + (", views.png, rotation.gif" if pictures else "")
         + (", aligned.ply" if reference is not None else ""))
   print(f"RESULT chamfer={metrics['chamfer']:.6f} seconds={metrics['train_seconds']:.1f}")
   return metrics

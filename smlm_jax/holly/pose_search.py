@@ -20,11 +20,24 @@ refines it through the render loss at full resolution.
 Sum-pooling a pixel-integrated splat image of width sigma by ``factor`` gives exactly
 the pixel-integrated image of width sigma/factor at the coarse size, so the coarse
 renders and the pooled images are the same function of the pose.
+
+Hierarchical search (``grid="fibonacci"``, ``top``, ``local``, ``levels``; the default
+config): the global candidates are a super-Fibonacci grid on SO(3) (Alexa 2022: a
+deterministic low-discrepancy set, no gaps as large as those of a random draw of the
+same size), turned by one Haar-random rotation per step (so the grid's own positions
+are not favoured); the ``top`` best per image are then refined locally, as in
+cryoSPARC's branch-and-bound and cryoDRGN's hierarchical pose search: each is turned
+by ``local`` small rotations (fixed axes, angle half the grid spacing, halved at every
+one of ``levels``), every image scores its own candidates, and the ``top`` best are
+kept. The best of all is returned.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from smlm_jax.holly import render
 from smlm_jax.holly import rotations
@@ -41,13 +54,44 @@ def sum_pool(images, factor: int):
   return x.sum(axis=(-3, -1))
 
 
+def fibonacci_axes(num: int) -> np.ndarray:
+  """[num, 3] near-uniform unit vectors on the sphere (Fibonacci lattice)."""
+  i = np.arange(num, dtype=np.float64) + 0.5
+  z = 1.0 - 2.0 * i / num
+  r = np.sqrt(np.maximum(1.0 - z * z, 0.0))
+  a = math.pi * (3.0 - math.sqrt(5.0)) * i
+  return np.stack([r * np.cos(a), r * np.sin(a), z], -1)
+
+
+def grid_rotations(num: int) -> np.ndarray:
+  """[num, 3, 3] super-Fibonacci rotations (float32 numpy; see rotations.py)."""
+  from scipy.spatial.transform import Rotation
+  q = rotations.super_fibonacci_quaternions(num)                  # (w, x, y, z)
+  return Rotation.from_quat(q[:, [1, 2, 3, 0]]).as_matrix().astype(np.float32)
+
+
+def _scores(renders, target):
+  """|r|^2 - 2 <target, r>: renders [..., G, n, n] against targets [..., n, n]."""
+  r = renders.reshape(renders.shape[:-2] + (-1,))
+  t = target.reshape(target.shape[:-2] + (-1,))
+  return jnp.sum(r * r, -1) - 2.0 * jnp.einsum("...gp,...p->...g", r, t)
+
+
 @fast_prng
 def search(points, images, sigma_px, key, num: int, factor: int, sigma_coarse_px: float,
-           fov: float):
-  """Best of ``num`` random rotations for each image [B, N, N] (unit mass, width
-  sigma_px [B] or scalar): (R [B, 3, 3], score [B])."""
+           fov: float, grid: str = "random", top: int = 1, local: int = 0,
+           levels: int = 0):
+  """Best rotation for each image [B, N, N] (unit mass, width sigma_px [B] or scalar)
+  among ``num`` global candidates (``grid``: "random" Haar draws or "fibonacci"),
+  optionally refined locally (``top`` x ``local`` candidates per level, ``levels``
+  levels): (R [B, 3, 3], score [B])."""
   n = images.shape[-1] // factor
-  R = rotations.random_rotation(key, (num,))
+  if grid == "fibonacci":
+    R = jnp.asarray(grid_rotations(num)) @ rotations.random_rotation(key)
+  elif grid == "random":
+    R = rotations.random_rotation(key, (num,))
+  else:
+    raise ValueError(f"unknown config.search.grid {grid!r}; use random or fibonacci")
   sigma_c = jnp.maximum(jnp.max(jnp.asarray(sigma_px)) / factor, sigma_coarse_px)
   pts = jax.lax.stop_gradient(points)
   renders = render.render_batch(pts, R, jnp.zeros((num, 2), pts.dtype), sigma_c, n, fov)
@@ -57,8 +101,27 @@ def search(points, images, sigma_px, key, num: int, factor: int, sigma_coarse_px
   target = jax.vmap(lambda im, e: render.gaussian_blur(im, e, n))(pooled, extra)
   flat_r = renders.reshape(num, -1)
   score = jnp.sum(flat_r ** 2, axis=1)[None] - 2.0 * target.reshape(target.shape[0], -1) @ flat_r.T
-  g = jnp.argmin(score, axis=1)
-  return R[g], jnp.min(score, axis=1)
+  if levels <= 0 or local <= 0:
+    g = jnp.argmin(score, axis=1)
+    return R[g], jnp.min(score, axis=1)
+  k = max(1, min(int(top), num))
+  neg, idx = jax.lax.top_k(-score, k)                               # [B, k]
+  cand, cand_score = R[idx], -neg                                   # [B, k, 3, 3]
+  axes = jnp.asarray(fibonacci_axes(local), jnp.float32)
+  angle = 0.5 * rotations.grid_spacing_rad(num)
+  zeros = jnp.zeros((k * local, 2), pts.dtype)
+  for _ in range(levels):
+    turn = rotations.exp_map(axes * angle)                          # [L, 3, 3]
+    new = (turn[None, None] @ cand[:, :, None]).reshape(cand.shape[0], k * local, 3, 3)
+    rend = jax.vmap(lambda Rb: render.render_batch(pts, Rb, zeros, sigma_c, n, fov))(new)
+    s = _scores(rend, target)                                       # [B, k L]
+    all_R = jnp.concatenate([cand, new], axis=1)
+    all_s = jnp.concatenate([cand_score, s], axis=1)
+    neg, idx = jax.lax.top_k(-all_s, k)
+    cand = jnp.take_along_axis(all_R, idx[:, :, None, None], axis=1)
+    cand_score = -neg
+    angle = 0.5 * angle
+  return cand[:, 0], cand_score[:, 0]
 
 
 def image_centroid(images, size: int, fov: float):

@@ -53,6 +53,7 @@ from smlm_jax.core import cli
 from smlm_jax.core import trainer
 from smlm_jax.core.task import Task
 from smlm_jax.holly import align as align_lib
+from smlm_jax.holly import diagnose
 from smlm_jax.holly import images as images_lib
 from smlm_jax.holly import models
 from smlm_jax.holly import pose_search
@@ -60,6 +61,7 @@ from smlm_jax.holly.prng import fast_prng
 from smlm_jax.holly import render
 from smlm_jax.holly import rotations
 from smlm_jax.holly import shapes
+from smlm_jax.holly import symmetry as symmetry_lib
 
 
 # ------------------------------------------------------------------------- curriculum
@@ -155,6 +157,19 @@ class HollyTask(Task):
     if int(config.num_points) < 1:
       raise ValueError("config.num_points must be >= 1")
 
+  def symmetry(self):
+    """The truth's symmetry (config.data.symmetry: "auto" = declared OBJ.symmetry.json
+    or detected, "none" = the identity only, or a JSON file); pose errors are modulo it."""
+    if getattr(self, "_symmetry", None) is None:
+      how = str(self.config.data.get("symmetry", "auto"))
+      if self.sites is None or how == "none":
+        self._symmetry = symmetry_lib.trivial()
+      elif how == "auto":
+        self._symmetry = symmetry_lib.for_shape(self.config.data.obj, self.sites)
+      else:
+        self._symmetry = symmetry_lib.load(how)
+    return self._symmetry
+
   # --------------------------------------------------------------------- variables
   @fast_prng
   def init_variables(self, key):
@@ -240,6 +255,14 @@ class HollyTask(Task):
     return image_loss(pred, target, jnp.broadcast_to(sigma[:, None], (sigma.shape[0], h)),
                       name or lcfg.name, tuple(lcfg.scales))
 
+  def search(self, points, image, sigma, key):
+    """The pose search of config.search (pose_search.search): (R [B, 3, 3], score [B])."""
+    c = self.config.search
+    return pose_search.search(points, image, sigma, key, int(c.num_rotations), int(c.factor),
+                              float(c.sigma_coarse_px), self.fov, str(c.get("grid", "random")),
+                              int(c.get("top", 1)), int(c.get("local", 0)),
+                              int(c.get("levels", 0)))
+
   def hypothesis_losses(self, params, batch, key=None):
     """(per-image, per-hypothesis losses [B, H], rotations [B, H, 3, 3], CNN outputs).
 
@@ -252,9 +275,7 @@ class HollyTask(Task):
       sigma = sigma * jnp.exp(out["log_sigma_scale"])
     scfg = self.config.search
     if key is not None and int(scfg.num_rotations) > 0:
-      R_s, _ = pose_search.search(params["points"], batch["image"], batch["sigma"], key,
-                                  int(scfg.num_rotations), int(scfg.factor),
-                                  float(scfg.sigma_coarse_px), self.fov)
+      R_s, _ = self.search(params["points"], batch["image"], batch["sigma"], key)
       R = jnp.concatenate([R, jax.lax.stop_gradient(R_s)[:, None]], axis=1)
     return self.render_losses(params["points"], R, out["t"], sigma, batch["image"]), R, out
 
@@ -270,8 +291,7 @@ class HollyTask(Task):
     R = sg(R_cnn)
     scfg = self.config.search
     if int(scfg.num_rotations) > 0:
-      R_s, _ = pose_search.search(pts, image, sigma, key, int(scfg.num_rotations),
-                                  int(scfg.factor), float(scfg.sigma_coarse_px), self.fov)
+      R_s, _ = self.search(pts, image, sigma, key)
       R = jnp.concatenate([R, R_s[:, None]], axis=1)
     t = jax.vmap(lambda r, im: pose_search.centroid_translation(pts, r, im[None], self.size,
                                                                 self.fov))(R, image)
@@ -388,6 +408,7 @@ class HollyTask(Task):
       def evaluate_folder(state):
         params = jax.device_get(state["params"])
         _, loss, _ = poses(params, {"image": imgs, "sigma": sig})
+        self._diagnose(state, params, imgs, sig)
         return {"image_loss": float(np.mean(loss)), "seconds": self.elapsed()}
       return evaluate_folder
 
@@ -399,20 +420,31 @@ class HollyTask(Task):
       R_best, loss, _ = poses(params, {"image": batch["image"], "sigma": batch["sigma"]})
       pts = np.asarray(params["points"])
       al = align_lib.align(pts, self.sites, num_starts=int(cfg.eval_align_starts))
-      err = align_lib.pose_errors_deg(R_best, batch["R"], al)
+      sym = self.symmetry()
+      err = symmetry_lib.pose_errors_deg(R_best, batch["R"], al, sym)
       extra = {}
       if bool(cfg.get("eval_refined_poses", True)):
         R_ref = trainer.batched(lambda c: refined_fn(params, c, int(cfg.eval_seed)),
                                 {"image": batch["image"], "sigma": batch["sigma"]}, bs, mesh)
-        err_ref = align_lib.pose_errors_deg(R_ref, batch["R"], al)
+        err_ref = symmetry_lib.pose_errors_deg(R_ref, batch["R"], al, sym)
         extra["refined_pose_error_deg"] = {"median": float(np.median(err_ref)),
                                            "frac_below_2": float(np.mean(err_ref < 2))}
+      self._diagnose(state, params, batch["image"], batch["sigma"])
       return {"chamfer": al.chamfer_rel, "pose_error_deg": {
                   "median": float(np.median(err)), "mean": float(np.mean(err)),
                   "frac_below_10": float(np.mean(err < 10))}, **extra,
               "image_loss": float(np.mean(loss)), "sigma_px": sigma,
               "seconds": self.elapsed()}
     return evaluate
+
+  def _diagnose(self, state, params, images, sigma):
+    """At the last step: the convergence report (diagnose.py), kept for export."""
+    step = int(state["step"])
+    if step >= int(self.config.num_train_steps):
+      self._convergence = (step, diagnose.report(self, params, images, sigma,
+                                                 int(self.config.eval_seed)))
+
+  _convergence = None
 
   def elapsed(self) -> float:
     """Training wall time (s) of this run, added to that of earlier (resumed) sessions."""
@@ -455,6 +487,9 @@ class HollyTask(Task):
       log = {s: v for s, v in log.items() if s < int(step)}
       self._exported = True
     log[int(step)] = round(self.elapsed(), 2)
+    if self._convergence is not None and self._convergence[0] == int(step):
+      diagnose.write(workdir, self._convergence[1], step)
+      print(diagnose.message(self._convergence[1]), flush=True)
     cli.atomic_write_text(path, json.dumps({str(k): v for k, v in sorted(log.items())},
                                            indent=1))
 
