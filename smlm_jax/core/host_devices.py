@@ -5,6 +5,11 @@ data-parallel train/predict steps. Command-line entry points import this module
 *before* jax: unless the user already set ``--xla_force_host_platform_device_count``
 in XLA_FLAGS, it asks for one host device per core (at most 8). This only affects the
 CPU platform; on GPU/TPU the accelerator devices are used as usual.
+
+The CPU devices share the machine's cores, and XLA:CPU aborts the whole process when one
+device waits more than 40 s for the others at a collective (all-reduce), which happens
+on a busy or small machine (seen on 2 cores shared with other jobs). Unless the user set
+it, the abort comes only after 20 minutes.
 """
 import os
 
@@ -13,3 +18,7 @@ _FLAG = "--xla_force_host_platform_device_count"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   _n = max(1, min(8, os.cpu_count() or 1))
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}={_n}".strip()
+
+_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds"
+if _TIMEOUT not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {_TIMEOUT}=1200".strip()
