@@ -100,46 +100,73 @@ def get_sim_config() -> ml_collections.ConfigDict:
   sim.pixel_size_um = 0.2
   sim.frame_interval_ms = 6.8
 
+  # Domain randomization (issue 23): the ranges below are wider than the typical values
+  # of the module doc on purpose (other cells, dyes, set-ups); see its "Randomization".
   cell = ml_collections.ConfigDict()
-  cell.f0_photons = (5.0, 40.0)
-  cell.background_photons = (0.5, 3.0)
+  cell.f0_photons = (2.5, 50.0)
+  cell.background_photons = (0.2, 5.0)
   cell.top_fraction = (-0.3, 0.3)
   cell.bottom_fraction = (0.7, 1.3)
-  cell.edge_slope = 0.1
+  cell.edge_slope = 0.15
   cell.edge_px = 1.0
-  cell.striation_spacing_um = (1.8, 2.0)
-  cell.striation_depth = (0.05, 0.3)
+  cell.edge_wobble_px = 1.5
+  cell.end_probability = 0.3
+  cell.end_exponent = (2.0, 6.0)
+  cell.nucleus_probability = 0.4
+  cell.nucleus_contrast = (0.55, 1.7)
+  cell.nucleus_length_um = (8.0, 16.0)
+  cell.nucleus_width_um = (3.0, 7.0)
+  cell.dye_inhomogeneity = 0.25
+  cell.granular_texture = 0.12
+  cell.dye_max_dff = (3.0, 12.0)
+  cell.striation_spacing_um = (1.7, 2.1)
+  cell.striation_depth = (0.0, 0.3)
   cell.striation_angle_deg = 10.0
-  cell.illumination_tilt = 0.2
-  cell.bleach_rate_per_s = (0.0, 0.2)
+  cell.illumination_tilt = 0.3
+  cell.bleach_rate_per_s = (0.0, 0.8)
   sim.cell = cell
+
+  acq = ml_collections.ConfigDict()
+  acq.line_delay_fraction = (0.0, 1.0)
+  acq.extra_read_noise_e = (0.0, 2.0)
+  acq.excess_noise_factor = (1.0, 2.0)
+  acq.log_uniform_amplitudes = True
+  sim.acquisition = acq
 
   sparks = ml_collections.ConfigDict()
   sparks.max_per_movie = 6
   sparks.probability = 0.5
-  sparks.fwhm_um = (1.5, 3.0)
-  sparks.rise_ms = (5.0, 15.0)
-  sparks.tau_ms = (15.0, 50.0)
-  sparks.amplitude_dff = (0.3, 1.5)
+  sparks.fwhm_um = (1.2, 3.2)
+  sparks.aspect = (0.75, 1.33)
+  sparks.widening = (0.0, 1.0)
+  sparks.rise_ms = (4.0, 20.0)
+  sparks.tau_ms = (12.0, 70.0)
+  sparks.amplitude_dff = (0.2, 2.0)
+  sparks.sympathetic_probability = 0.25
+  sparks.sympathetic_delay_ms = (4.0, 30.0)
+  sparks.sympathetic_distance_um = (1.2, 2.5)
   sim.sparks = sparks
 
   puffs = ml_collections.ConfigDict()
   puffs.max_per_movie = 2
   puffs.probability = 0.4
-  puffs.fwhm_um = (1.5, 3.0)
-  puffs.rise_ms = (10.0, 30.0)
-  puffs.duration_ms = (50.0, 500.0)
-  puffs.tau_ms = (20.0, 60.0)
-  puffs.amplitude_dff = (0.2, 0.6)
+  puffs.fwhm_um = (1.5, 3.5)
+  puffs.rise_ms = (10.0, 40.0)
+  puffs.duration_ms = (40.0, 600.0)
+  puffs.tau_ms = (20.0, 80.0)
+  puffs.amplitude_dff = (0.15, 0.8)
+  puffs.flicker = (0.0, 0.3)
+  puffs.flicker_hz = (2.0, 20.0)
   sim.puffs = puffs
 
   waves = ml_collections.ConfigDict()
   waves.max_per_movie = 1
   waves.probability = 0.3
-  waves.speed_um_per_s = (30.0, 150.0)
-  waves.rise_ms = (10.0, 30.0)
-  waves.tau_ms = (60.0, 200.0)
-  waves.amplitude_dff = (0.5, 1.5)
+  waves.speed_um_per_s = (30.0, 200.0)
+  waves.rise_ms = (8.0, 30.0)
+  waves.tau_ms = (60.0, 300.0)
+  waves.amplitude_dff = (0.4, 2.5)
+  waves.curvature = (0.0, 1.0)
   sim.waves = waves
 
   labels = ml_collections.ConfigDict()
