@@ -262,6 +262,9 @@ def get_infer_config() -> ml_collections.ConfigDict:
   infer.chunk_frames = 256
   infer.stride_frames = 128
   infer.batch_size = 2
+  # Movies longer than this many frames get their F0 (the dF/F0 input channel) from
+  # sliding windows of this length (task.f0_baseline: follows bleaching); 0: whole movie.
+  infer.f0_window_frames = 128
   # Average the probabilities of the 4 y/x mirror images (4x the inference cost). Off:
   # measured on validation seeds (filter re-chosen each time), spark F1 moved by
   # -0.005 / -0.037 / +0.004 on three runs, puffs by -0.015 / -0.008 / +0.017.

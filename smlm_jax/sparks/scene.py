@@ -285,12 +285,15 @@ def draw_scene(key, priors: Priors, geom: Geometry) -> Scene:
     dist_px = r.uniform(p.sympathetic_distance_um, ns) / a
     sgn = jnp.where(r.bernoulli(0.5, ns), 1.0, -1.0)
     along_x = r.bernoulli(0.5, ns)
-    sy = jnp.roll(s_y, 1) + jnp.where(along_x, 0.0, sgn * dist_px)
-    sx = jnp.roll(s_x, 1) + jnp.where(along_x, sgn * dist_px, 0.0)
-    st0 = jnp.roll(s_t0 + s_rise, 1) + r.uniform(p.sympathetic_delay_ms, ns) - s_rise
-    s_y = jnp.where(sym, jnp.clip(sy, 0.0, H - 1.0), s_y)
-    s_x = jnp.where(sym, jnp.clip(sx, 0.0, W - 1.0), s_x)
-    s_t0 = jnp.where(sym, st0, s_t0)
+    delay = r.uniform(p.sympathetic_delay_ms, ns)
+    ys, xs, t0s = [s_y[0]], [s_x[0]], [s_t0[0]]
+    for i in range(1, ns):        # in order: a triggered spark may trigger the next
+      dy = jnp.where(along_x[i], 0.0, sgn[i] * dist_px[i])
+      dx = jnp.where(along_x[i], sgn[i] * dist_px[i], 0.0)
+      ys.append(jnp.where(sym[i], jnp.clip(ys[-1] + dy, 0.0, H - 1.0), s_y[i]))
+      xs.append(jnp.where(sym[i], jnp.clip(xs[-1] + dx, 0.0, W - 1.0), s_x[i]))
+      t0s.append(jnp.where(sym[i], t0s[-1] + s_rise[i - 1] + delay[i] - s_rise[i], s_t0[i]))
+    s_y, s_x, s_t0 = jnp.stack(ys), jnp.stack(xs), jnp.stack(t0s)
   sparks = dict(
       kind=jnp.full((ns,), SPARK, jnp.int32), active=r.bernoulli(p.spark_probability, ns),
       t0_ms=s_t0, y_px=s_y, x_px=s_x, fwhm_um=r.uniform(p.spark_fwhm_um, ns), rise_ms=s_rise,
