@@ -125,8 +125,10 @@ def test_extra_read_and_excess_noise_set_the_variance():
 
 def test_sliding_window_f0_follows_bleaching():
   """A resting cell bleaching by 60% over 400 frames: the whole-movie F0 reads the early
-  frames as dF/F0 ~ +0.6, the sliding-window F0 keeps them near 0; a movie no longer
-  than the window gets the whole-movie F0 (training crops are unchanged)."""
+  frames as dF/F0 ~ +0.6, the sliding-window F0 keeps every frame within 0.2 (the low
+  quantile of a falling trace lies ~0.2 windows later: the same bias as in a bleaching
+  training crop) and the inner frames within 0.1; a movie no longer than the window gets
+  the whole-movie F0 (training crops are unchanged)."""
   camera = sim.simulator_from_config(sparks_config.get_config("tiny").sim).camera
   T = 400
   photons = 30.0 * np.exp(-np.arange(T) / T * np.log(2.5))[:, None, None] * np.ones((T, 8, 8))
@@ -134,7 +136,7 @@ def test_sliding_window_f0_follows_bleaching():
   whole = np.asarray(task_lib.model_input(adu, camera, f0_window_frames=0))[..., 1]
   window = np.asarray(task_lib.model_input(adu, camera, f0_window_frames=128))[..., 1]
   assert whole[:20].mean() > 0.4
-  assert np.abs(window[20:-20]).max() < 0.08 and np.abs(window).max() < 0.2
+  assert np.abs(window[64:-64]).max() < 0.1 and np.abs(window).max() < 0.2
   short = adu[:100]
   np.testing.assert_allclose(task_lib.model_input(short, camera, f0_window_frames=128),
                              task_lib.model_input(short, camera, f0_window_frames=0))

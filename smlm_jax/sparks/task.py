@@ -53,16 +53,20 @@ def f0_baseline(smooth, window: int | None = F0_WINDOW_FRAMES):
     k = int(round(F0_QUANTILE * (T - 1)))
     return jnp.sort(smooth, axis=-3)[..., k:k + 1, :, :]
   step = max(window // 4, 1)
-  centres = np.arange(step / 2.0, T, step)
+  starts = sorted({int(min(max(round(c - window / 2), 0), T - window))
+                   for c in np.arange(step / 2.0, T, step)})
   k = int(round(F0_QUANTILE * (window - 1)))
-  levels = []
-  for c in centres:
-    lo = int(min(max(round(c - window / 2), 0), T - window))
-    levels.append(jnp.sort(smooth[..., lo:lo + window, :, :], axis=-3)[..., k, :, :])
-  levels = jnp.stack(levels, axis=-3)                                  # [..., J, H, W]
-  eye = np.eye(len(centres), dtype=np.float32)
-  weights = np.stack([np.interp(np.arange(T), centres, eye[j]) for j in range(len(centres))],
-                     axis=1).astype(np.float32)                        # [T, J]
+  levels = jnp.stack([jnp.sort(smooth[..., lo:lo + window, :, :], axis=-3)[..., k, :, :]
+                      for lo in starts], axis=-3)                     # [..., J, H, W]
+  # Each level belongs to its window's centre; linear in between and, over the half
+  # windows at the movie's ends, extrapolated from the nearest two levels.
+  centres = np.asarray(starts, np.float64) + window / 2.0
+  t = np.arange(T, dtype=np.float64)
+  seg = np.clip(np.searchsorted(centres, t) - 1, 0, len(centres) - 2)
+  frac = (t - centres[seg]) / (centres[seg + 1] - centres[seg])
+  weights = np.zeros((T, len(centres)), np.float32)
+  weights[np.arange(T), seg] = 1.0 - frac
+  weights[np.arange(T), seg + 1] = frac
   return jnp.einsum("tj,...jhw->...thw", jnp.asarray(weights), levels)
 
 
