@@ -21,7 +21,7 @@ def _scenes(priors, geom, n=256, seed=3):
 
 @pytest.fixture(scope="module")
 def default_draws():
-  simulator = sim.simulator_from_config(sparks_config.get_config().sim)
+  simulator = sim.simulator_from_config(sparks_config.get_config("randomized").sim)
   return simulator, _scenes(simulator.priors, simulator.geometry)
 
 
@@ -63,7 +63,7 @@ def test_randomized_priors_vary_within_their_ranges(default_draws):
 
 def test_sympathetic_sparks_follow_their_trigger():
   geom = sim.Geometry(num_frames=64, height_px=32, width_px=64)
-  base = sim.simulator_from_config(sparks_config.get_config().sim).priors
+  base = sim.simulator_from_config(sparks_config.get_config("randomized").sim).priors
   priors = dataclasses.replace(base, sympathetic_probability=1.0, cell_end_probability=0.0,
                                cell_top_px=(-1.0, -1.0), cell_bottom_px=(2.0, 2.0))
   e = _scenes(priors, geom, n=64).events
@@ -82,7 +82,7 @@ def test_sympathetic_sparks_follow_their_trigger():
 
 
 def test_config_without_randomization_keys_rebuilds_the_plain_simulator():
-  cfg = sparks_config.get_config().sim
+  cfg = sparks_config.get_config("randomized").sim
   del cfg.acquisition
   for group, key, _ in sim._RANDOMIZATION:
     if group in cfg and key in cfg[group]:

@@ -42,6 +42,14 @@ ignore too (events cut by the movie's ends). ``instances`` gives each covered vo
 its event's slot id + 1 (0 elsewhere, also on ignored frames); slots are ordered
 sparks, puffs, waves.
 
+Domain randomization (``configs/sparks.py:randomized``; parameters drawn in
+:mod:`smlm_jax.sparks.scene`): F0 is further multiplied by a rounded cell end, an edge
+wobble, a nucleus, a smooth dye-loading modulation and a fine texture; the summed
+dF/F0 saturates as ``dff / (1 + dff / dff_max)``; rows are sampled with raster-scan
+delays (:func:`row_times_ms`); sparks may be elliptic and widen while they decay,
+puffs flicker, waves have curved fronts; :func:`detect` adds extra read noise and an
+excess-noise factor. All default to off (Priors defaults).
+
 Static shapes: every movie has ``max_sparks + max_puffs + max_waves`` event slots,
 each active with its probability, so batches jit and vmap.
 """
