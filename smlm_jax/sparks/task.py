@@ -37,7 +37,9 @@ INPUT_CHANNELS = 2
 F0_QUANTILE = 0.3   # temporal quantile of the smoothed movie used as F0 (channel 1)
 
 
-F0_WINDOW_FRAMES = 128  # longer movies: F0 from sliding windows of this many frames
+# Longer movies may take F0 from sliding windows (config.infer.f0_window_frames); 0, the
+# default, is one F0 over the whole movie (the behaviour every saved run was scored with).
+F0_WINDOW_FRAMES = 0
 
 
 def f0_baseline(smooth, window: int | None = F0_WINDOW_FRAMES):
