@@ -22,6 +22,9 @@
    chosen on --num_val movies of the validation seed --val_seed (default the config's
    eval_seed 4242; never the test seed), scored on the same test movies by the same
    extraction and IoMin matching.
+   The detector's movies come from --config's simulator, the model's own test movies
+   from the run's saved config: with --skip_training pass the --config the run was
+   trained with (e.g. configs/sparks.py:randomized), or the two rows differ in data.
 5. --second_sim_dir=DIR: movies of an independent simulator, NAME.tif (uint16 ADU),
    NAME_labels.tif (0-4), NAME_instances.tif (event ids), NAME.json (pixel_size_nm,
    frame_interval_s, camera_offset_adu, camera_gain_adu_per_e): the model through

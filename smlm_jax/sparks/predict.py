@@ -130,7 +130,9 @@ class Segmenter:
   def normalize(self, frames_adu):
     import jax.numpy as jnp
     from smlm_jax.sparks import task as task_lib
-    return np.asarray(task_lib.model_input(jnp.asarray(frames_adu), self.camera))
+    return np.asarray(task_lib.model_input(jnp.asarray(frames_adu), self.camera,
+                                           f0_window_frames=task_lib.f0_window_frames(
+                                               self.config)))
 
   def probabilities(self, frames_adu, desc=None):
     """(probabilities [T, H, W, 4], normalized movie [T, H, W, 1], plan)."""

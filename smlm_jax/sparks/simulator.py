@@ -42,131 +42,31 @@ ignore too (events cut by the movie's ends). ``instances`` gives each covered vo
 its event's slot id + 1 (0 elsewhere, also on ignored frames); slots are ordered
 sparks, puffs, waves.
 
+Domain randomization (``configs/sparks.py:randomized``; parameters drawn in
+:mod:`smlm_jax.sparks.scene`): F0 is further multiplied by a rounded cell end, an edge
+wobble, a nucleus, a smooth dye-loading modulation and a fine texture; the summed
+dF/F0 saturates as ``dff / (1 + dff / dff_max)``; rows are sampled with raster-scan
+delays (:func:`row_times_ms`); sparks may be elliptic and widen while they decay,
+puffs flicker, waves have curved fronts; :func:`detect` adds extra read noise and an
+excess-noise factor. All default to off (Priors defaults).
+
 Static shapes: every movie has ``max_sparks + max_puffs + max_waves`` event slots,
 each active with its probability, so batches jit and vmap.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from smlm_jax.core import noise as noise_lib
 from smlm_jax.core.noise import Camera
+from smlm_jax.sparks.scene import (  # noqa: F401  (re-exported: the simulator's API)
+    BACKGROUND, CLASS_NAMES, EVENT_CLASSES, IGNORE, NUM_CLASSES, PUFF, SPARK, WAVE, Events,
+    Geometry, LabelSpec, Priors, Scene, draw_noise, draw_scene, num_uniforms)
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-BACKGROUND, SPARK, WAVE, PUFF, IGNORE = 0, 1, 2, 3, 4
-CLASS_NAMES = ("background", "spark", "wave", "puff")
-EVENT_CLASSES = (SPARK, WAVE, PUFF)
-NUM_CLASSES = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """Static movie geometry (hashable)."""
-  num_frames: int = 64
-  height_px: int = 32
-  width_px: int = 64
-  pixel_size_um: float = 0.2
-  frame_interval_ms: float = 6.8
-
-  @property
-  def shape(self):
-    return (self.num_frames, self.height_px, self.width_px)
-
-
-@dataclasses.dataclass(frozen=True)
-class Priors:
-  """Ranges (lo, hi) of every drawn quantity; see configs/sparks.py for sources."""
-  f0_photons: tuple = (5.0, 40.0)
-  background_photons: tuple = (0.5, 3.0)
-  cell_top_px: tuple = (-0.3, 0.3)          # fractions of the height
-  cell_bottom_px: tuple = (0.7, 1.3)
-  cell_edge_slope: float = 0.1               # max |slope| of an edge (px per px)
-  cell_edge_px: float = 1.0
-  striation_spacing_um: tuple = (1.8, 2.0)
-  striation_depth: tuple = (0.05, 0.3)
-  striation_angle_deg: float = 10.0
-  illumination_tilt: float = 0.2
-  bleach_rate_per_s: tuple = (0.0, 0.2)
-  max_sparks: int = 6
-  spark_probability: float = 0.5
-  spark_fwhm_um: tuple = (1.5, 3.0)
-  spark_rise_ms: tuple = (5.0, 15.0)
-  spark_tau_ms: tuple = (15.0, 50.0)
-  spark_amplitude: tuple = (0.3, 1.5)
-  max_puffs: int = 2
-  puff_probability: float = 0.4
-  puff_fwhm_um: tuple = (1.5, 3.0)
-  puff_rise_ms: tuple = (10.0, 30.0)
-  puff_duration_ms: tuple = (50.0, 500.0)   # log-uniform plateau
-  puff_tau_ms: tuple = (20.0, 60.0)
-  puff_amplitude: tuple = (0.2, 0.6)
-  max_waves: int = 1
-  wave_probability: float = 0.3
-  wave_speed_um_per_s: tuple = (30.0, 150.0)
-  wave_rise_ms: tuple = (10.0, 30.0)
-  wave_tau_ms: tuple = (60.0, 200.0)
-  wave_amplitude: tuple = (0.5, 1.5)
-
-  @property
-  def num_slots(self) -> int:
-    return self.max_sparks + self.max_puffs + self.max_waves
-
-  def slot_classes(self) -> tuple:
-    """Class id of every event slot (sparks, then puffs, then waves)."""
-    return (SPARK,) * self.max_sparks + (PUFF,) * self.max_puffs + (WAVE,) * self.max_waves
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelSpec:
-  event_fraction: float = 0.3
-  ring_fraction: float = 0.1
-  ignore_frames: int = 4
-
-
-@flax.struct.dataclass
-class Events:
-  """Per-slot event parameters ``[E]`` (a pytree; E = sparks + puffs + waves slots).
-
-  kind: class id (1 spark, 2 wave, 3 puff); active: bool; t0_ms: start of the rise
-  (waves: arrival at column x0); y_px, x_px: centre (waves: x_px = x0, y_px unused);
-  fwhm_um (waves unused); rise_ms; plateau_ms (puffs; 0 otherwise); tau_ms;
-  speed_um_per_s (waves; 0 otherwise); amplitude: peak dF/F0.
-  """
-  kind: jax.Array
-  active: jax.Array
-  t0_ms: jax.Array
-  y_px: jax.Array
-  x_px: jax.Array
-  fwhm_um: jax.Array
-  rise_ms: jax.Array
-  plateau_ms: jax.Array
-  tau_ms: jax.Array
-  speed_um_per_s: jax.Array
-  amplitude: jax.Array
-
-
-@flax.struct.dataclass
-class Scene:
-  """Per-movie resting fluorescence and camera-independent parameters."""
-  f0_photons: jax.Array
-  background_photons: jax.Array
-  top_px: jax.Array            # cell edges at the central column, px
-  bottom_px: jax.Array
-  top_slope: jax.Array
-  bottom_slope: jax.Array
-  striation_spacing_um: jax.Array
-  striation_depth: jax.Array
-  striation_angle_rad: jax.Array
-  striation_phase: jax.Array
-  tilt_y: jax.Array
-  tilt_x: jax.Array
-  bleach_rate_per_s: jax.Array
-  events: Events
 
 
 # --------------------------------------------------------------------------- profiles
@@ -185,40 +85,80 @@ def gaussian_2d(y_px, x_px, cy, cx, fwhm_px):
 
 
 def resting_f0(scene: Scene, geom: Geometry, edge_px: float = 1.0):
-  """F0(y, x) in photons per pixel per frame (no bleaching), [H, W]."""
+  """(F0 [H, W] in photons per pixel per frame (no bleaching), cell mask [H, W] in [0, 1])."""
   y = jnp.arange(geom.height_px, dtype=jnp.float32)[:, None]
   x = jnp.arange(geom.width_px, dtype=jnp.float32)[None, :]
   xc = x - (geom.width_px - 1) / 2
-  top = scene.top_px + scene.top_slope * xc
-  bottom = scene.bottom_px + scene.bottom_slope * xc
-  cell = jax.nn.sigmoid((y - top) / edge_px) * jax.nn.sigmoid((bottom - y) / edge_px)
+  wobble = scene.wobble_px * jnp.sin(2 * jnp.pi * x / scene.wobble_period_px
+                                     + scene.wobble_phase)
+  top = scene.top_px + scene.top_slope * xc + wobble
+  bottom = scene.bottom_px + scene.bottom_slope * xc - wobble
+  # A rounded end: beyond end_x - half width, the band's half width shrinks as a
+  # superellipse (exponent n: 2 a half disc, larger flatter), to 0 at end_x.
+  centre, half = 0.5 * (top + bottom), jnp.maximum(0.5 * (bottom - top), 1.0)
+  u = (x - scene.end_x_px) * scene.end_side / half + 1.0
+  n = scene.end_exponent
+  shrink = jnp.clip(1.0 - jnp.clip(u, 0.0, 1.0) ** n, 0.0, 1.0) ** (1.0 / n)
+  half_eff = jnp.where(u >= 1.0, -edge_px * 4, half * shrink)
+  cell = jax.nn.sigmoid((half_eff - jnp.abs(y - centre)) / edge_px)
   along_um = (x * jnp.cos(scene.striation_angle_rad) + y * jnp.sin(scene.striation_angle_rad)
               ) * geom.pixel_size_um
   stri = 1.0 + scene.striation_depth * jnp.cos(
       2 * jnp.pi * along_um / scene.striation_spacing_um + scene.striation_phase)
   tilt = (1.0 + scene.tilt_y * (y / max(geom.height_px - 1, 1) - 0.5)
           + scene.tilt_x * (x / max(geom.width_px - 1, 1) - 0.5))
-  return scene.f0_photons * cell * stri * tilt, cell
+  # Nucleus: a soft ellipse of F0 factor nucleus_contrast (absent when its length is 0).
+  ell = (((x - scene.nucleus_x_px) / jnp.maximum(scene.nucleus_half_length_px, 1e-3)) ** 2
+         + ((y - scene.nucleus_y_px) / scene.nucleus_half_width_px) ** 2)
+  inside = jax.nn.sigmoid((1.0 - ell) * 4.0) * (scene.nucleus_half_length_px > 0)
+  nucleus = 1.0 + (scene.nucleus_contrast - 1.0) * inside
+  inhom = 1.0 + scene.inhomogeneity * jnp.cos(scene.inhom_ky * y + scene.inhom_kx * x
+                                              + scene.inhom_phase)
+  f0 = scene.f0_photons * cell * stri * tilt * nucleus * inhom
+  if scene.texture is not None:
+    f0 = f0 * scene.texture
+  return f0, cell
 
 
-def event_rel(ev: Events, geom: Geometry):
-  """rel [E, T, H, W] in [0, 1] of every slot (inactive slots included)."""
+def row_times_ms(geom: Geometry, line_delay_fraction=0.0):
+  """[T, H] acquisition time of each row: frame k starts at k dt and row y is sampled
+  ``line_delay_fraction * dt * y / H`` later (raster scan; 0 = all rows at once)."""
   t = jnp.arange(geom.num_frames, dtype=jnp.float32) * geom.frame_interval_ms
   y = jnp.arange(geom.height_px, dtype=jnp.float32)
-  x = jnp.arange(geom.width_px, dtype=jnp.float32)
+  return t[:, None] + line_delay_fraction * geom.frame_interval_ms * y[None] / geom.height_px
+
+
+def event_rel(ev: Events, geom: Geometry, line_delay_fraction=0.0):
+  """rel [E, T, H, W] in [0, 1] of every slot (inactive slots included)."""
+  t = row_times_ms(geom, line_delay_fraction)[:, :, None]        # [T, H, 1]
+  y = jnp.arange(geom.height_px, dtype=jnp.float32)[None, :, None]
+  x = jnp.arange(geom.width_px, dtype=jnp.float32)[None, None, :]
 
   def one(e):
-    # Local events (sparks, puffs): separable space x time.
-    space = gaussian_2d(y[:, None], x[None, :], e.y_px, e.x_px, e.fwhm_um / geom.pixel_size_um)
-    time = rise_decay(t - e.t0_ms, e.rise_ms, e.tau_ms, e.plateau_ms)
-    local = time[:, None, None] * space[None]
-    # Waves: arrival time per column.
+    u = t - e.t0_ms
+    # Local events (sparks, puffs): Gaussian of FWHM fwhm (x) and fwhm * aspect (y), whose
+    # variance grows by `widening` per decay time constant after the peak.
+    time = rise_decay(u, e.rise_ms, e.tau_ms, e.plateau_ms)
+    after = jnp.maximum(u - e.rise_ms - e.plateau_ms, 0.0) / e.tau_ms
+    grow = 1.0 + e.widening * after
+    sx = e.fwhm_um / geom.pixel_size_um / FWHM_PER_SIGMA
+    sy = sx * e.aspect
+    space = jnp.exp(-((y - e.y_px) ** 2 / (2 * sy ** 2) + (x - e.x_px) ** 2 / (2 * sx ** 2))
+                    / grow)
+    # Puff flicker: the release dips by up to `flicker` while it lasts.
+    dip = e.flicker * 0.5 * (1.0 + jnp.sin(2 * jnp.pi * e.flicker_hz * u / 1000.0
+                                           + e.flicker_phase))
+    time = time * jnp.where((u > 0) & (u < e.rise_ms + e.plateau_ms), 1.0 - dip, 1.0)
+    local = time * space
+    # Waves: arrival time from the origin at distance sqrt(dx^2 + (curvature dy)^2).
     speed_um_per_ms = jnp.maximum(e.speed_um_per_s, 1e-6) / 1000.0
-    arrival = e.t0_ms + jnp.abs(x - e.x_px) * geom.pixel_size_um / speed_um_per_ms
-    wave = rise_decay(t[:, None] - arrival[None, :], e.rise_ms, e.tau_ms)   # [T, W]
-    wave = jnp.broadcast_to(wave[:, None, :], local.shape)
+    dist_px = jnp.sqrt((x - e.x_px) ** 2 + (e.curvature * (y - e.y_px)) ** 2)
+    arrival = e.t0_ms + dist_px * geom.pixel_size_um / speed_um_per_ms
+    wave = rise_decay(t - arrival, e.rise_ms, e.tau_ms)
     return jnp.where(e.kind == WAVE, wave, local)
 
+  # Shape fields left at their scalar defaults apply to every slot.
+  ev = jax.tree.map(lambda v: jnp.broadcast_to(jnp.asarray(v), ev.kind.shape), ev)
   return jax.vmap(one)(ev)
 
 
@@ -245,112 +185,6 @@ def labels_from_rel(rel, ev: Events, cell, spec: LabelSpec):
   return labels.astype(jnp.int32), instances.astype(jnp.int32)
 
 
-# --------------------------------------------------------------------------- priors
-class _Uniforms:
-  """Every uniform number of one scene from a single flat draw, handed out in order.
-
-  One flat ``jax.random.uniform`` call instead of dozens of small ones: the same
-  distribution, and XLA's CPU compiler handles one flat threefry draw in well under a
-  second while each multi-dimensional one (e.g. under ``vmap``) can take ~15 s.
-  """
-
-  def __init__(self, key, total: int):
-    self.u = jax.random.uniform(key, (total,))
-    self.i = 0
-
-  def take(self, n=None):
-    k = 1 if n is None else n
-    out = self.u[self.i:self.i + k]
-    self.i += k
-    return out[0] if n is None else out
-
-  def uniform(self, rng, n=None):
-    return rng[0] + (rng[1] - rng[0]) * self.take(n)
-
-  def log_uniform(self, rng, n=None):
-    return jnp.exp(self.uniform((math.log(rng[0]), math.log(rng[1])), n))
-
-  def bernoulli(self, p, n=None):
-    return self.take(n) < p
-
-
-def num_uniforms(priors: Priors) -> int:
-  return 13 + 8 * priors.max_sparks + 9 * priors.max_puffs + 7 * priors.max_waves
-
-
-def draw_scene(key, priors: Priors, geom: Geometry) -> Scene:
-  """One movie's parameters drawn from the priors (pure function of key)."""
-  r = _Uniforms(key, num_uniforms(priors))
-  T, H, W = geom.shape
-  dt = geom.frame_interval_ms
-  p = priors
-  top = r.uniform(p.cell_top_px) * H
-  bottom = r.uniform(p.cell_bottom_px) * H
-  top_slope = r.uniform((-p.cell_edge_slope, p.cell_edge_slope))
-  bottom_slope = r.uniform((-p.cell_edge_slope, p.cell_edge_slope))
-
-  def centres(n):
-    """Centres inside the cell band (between 15% and 85% of its local width)."""
-    x = r.uniform((0.0, W - 1.0), n)
-    xc = x - (W - 1) / 2
-    lo = jnp.maximum(top + top_slope * xc, 0.0)
-    hi = jnp.minimum(bottom + bottom_slope * xc, H - 1.0)
-    return lo + r.uniform((0.15, 0.85), n) * (hi - lo), x
-
-  ns, npf, nw = p.max_sparks, p.max_puffs, p.max_waves
-  t_ms = T * dt
-  f32 = lambda v: jnp.asarray(v, jnp.float32)
-  # Sparks: the rise starts anywhere from just before the movie to its end.
-  s_y, s_x = centres(ns)
-  s_rise = r.uniform(p.spark_rise_ms, ns)
-  s_t0 = -s_rise - 2 * dt + r.take(ns) * (t_ms + s_rise + 2 * dt)
-  sparks = dict(
-      kind=jnp.full((ns,), SPARK, jnp.int32), active=r.bernoulli(p.spark_probability, ns),
-      t0_ms=s_t0, y_px=s_y, x_px=s_x, fwhm_um=r.uniform(p.spark_fwhm_um, ns), rise_ms=s_rise,
-      plateau_ms=jnp.zeros((ns,)), tau_ms=r.uniform(p.spark_tau_ms, ns),
-      speed_um_per_s=jnp.zeros((ns,)), amplitude=r.uniform(p.spark_amplitude, ns))
-  # Puffs: may start before the movie (up to 80% of their rise + plateau).
-  f_y, f_x = centres(npf)
-  f_plateau = r.log_uniform(p.puff_duration_ms, npf)
-  f_rise = r.uniform(p.puff_rise_ms, npf)
-  lead = 0.8 * (f_rise + f_plateau)
-  f_t0 = -lead + r.take(npf) * (t_ms + lead)
-  puffs = dict(
-      kind=jnp.full((npf,), PUFF, jnp.int32), active=r.bernoulli(p.puff_probability, npf),
-      t0_ms=f_t0, y_px=f_y, x_px=f_x, fwhm_um=r.uniform(p.puff_fwhm_um, npf), rise_ms=f_rise,
-      plateau_ms=f_plateau, tau_ms=r.uniform(p.puff_tau_ms, npf),
-      speed_um_per_s=jnp.zeros((npf,)), amplitude=r.uniform(p.puff_amplitude, npf))
-  # Waves: origin column from half a field left to half a field right; the wave
-  # reaches the field's nearest column between -30% and +70% of the movie.
-  w_speed = r.uniform(p.wave_speed_um_per_s, nw)
-  w_x0 = r.uniform((-0.5 * W, 1.5 * W), nw)
-  dist_um = jnp.maximum(jnp.maximum(-w_x0, w_x0 - (W - 1)), 0.0) * geom.pixel_size_um
-  w_t0 = r.uniform((-0.3 * t_ms, 0.7 * t_ms), nw) - dist_um / w_speed * 1000.0
-  waves = dict(
-      kind=jnp.full((nw,), WAVE, jnp.int32), active=r.bernoulli(p.wave_probability, nw),
-      t0_ms=w_t0, y_px=jnp.zeros((nw,)), x_px=w_x0, fwhm_um=jnp.zeros((nw,)),
-      rise_ms=r.uniform(p.wave_rise_ms, nw), plateau_ms=jnp.zeros((nw,)),
-      tau_ms=r.uniform(p.wave_tau_ms, nw), speed_um_per_s=w_speed,
-      amplitude=r.uniform(p.wave_amplitude, nw))
-  cat = {k: jnp.concatenate([d[k] for d in (sparks, puffs, waves)]) for k in sparks}
-  ev = Events(**{k: (v if k in ("kind", "active") else f32(v)) for k, v in cat.items()})
-  scene = Scene(
-      f0_photons=r.log_uniform(p.f0_photons),
-      background_photons=r.uniform(p.background_photons),
-      top_px=top, bottom_px=bottom, top_slope=top_slope, bottom_slope=bottom_slope,
-      striation_spacing_um=r.uniform(p.striation_spacing_um),
-      striation_depth=r.uniform(p.striation_depth),
-      striation_angle_rad=jnp.deg2rad(r.uniform((-p.striation_angle_deg,
-                                                 p.striation_angle_deg))),
-      striation_phase=r.uniform((0.0, 2 * math.pi)),
-      tilt_y=r.uniform((-p.illumination_tilt, p.illumination_tilt)),
-      tilt_x=r.uniform((-p.illumination_tilt, p.illumination_tilt)),
-      bleach_rate_per_s=r.uniform(p.bleach_rate_per_s),
-      events=ev)
-  assert r.i == r.u.shape[0], (r.i, r.u.shape)
-  return scene
-
-
 # --------------------------------------------------------------------------- render
 def render(scene: Scene, geom: Geometry, spec: LabelSpec, edge_px: float = 1.0):
   """Noiseless movie and labels of one scene.
@@ -361,11 +195,13 @@ def render(scene: Scene, geom: Geometry, spec: LabelSpec, edge_px: float = 1.0):
   """
   f0, cell = resting_f0(scene, geom, edge_px)
   ev = scene.events
-  rel = event_rel(ev, geom)
+  rel = event_rel(ev, geom, scene.line_delay_fraction)
   amp = jnp.where(ev.active, ev.amplitude, 0.0)
   dff = jnp.einsum("e,ethw->thw", amp, rel)
-  t_s = jnp.arange(geom.num_frames, dtype=jnp.float32) * geom.frame_interval_ms / 1000.0
-  bleach = jnp.exp(-scene.bleach_rate_per_s * t_s)[:, None, None]
+  # Dye saturation (Ca2+ binding curve): large or summed events grow less than linearly.
+  dff = dff / (1.0 + dff * scene.dye_saturation_inv)
+  t_s = row_times_ms(geom, scene.line_delay_fraction)[:, :, None] / 1000.0
+  bleach = jnp.exp(-scene.bleach_rate_per_s * t_s)
   photons = scene.background_photons + f0[None] * bleach * (1.0 + dff)
   labels, instances = labels_from_rel(rel, ev, cell, spec)
   return {"expected_photons": photons, "dff": dff, "f0": f0, "cell": cell,
@@ -387,7 +223,7 @@ class Simulator:
     k_scene, k_cam = jax.random.split(key)
     scene = draw_scene(k_scene, self.priors, self.geometry)
     out = render(scene, self.geometry, self.label_spec, self.priors.cell_edge_px)
-    adu = noise_lib.apply_camera(k_cam, out["expected_photons"], self.camera)
+    adu = detect(k_cam, out["expected_photons"], self.camera, self.priors)
     ev = scene.events
     return {"adu": adu, "labels": out["labels"], "instances": out["instances"],
             "dff": out["dff"], "kind": ev.kind, "active": ev.active,
@@ -398,12 +234,74 @@ class Simulator:
     return jax.vmap(self.simulate)(keys)
 
 
+def detect(key, expected_photons, camera: Camera, priors: Priors):
+  """Noisy ADU of expected photons: the camera of :mod:`smlm_jax.core.noise`, plus, when
+  the priors randomize them, a per-movie extra read noise (e- rms) and a detector excess
+  noise factor F (variance F x the shot noise: analog PMT / hybrid-detector gain noise),
+  both Gaussian and drawn with the shot noise's own normals."""
+  lo, hi = priors.extra_read_noise_e
+  f_lo, f_hi = priors.excess_noise_factor
+  if camera.model == "emccd" or (hi <= 0 and f_hi <= 1):
+    return noise_lib.apply_camera(key, expected_photons, camera)
+  k_draw, k_shot = jax.random.split(key)
+  extra_read_e, excess = draw_noise(k_draw, priors)
+  lam = camera.qe * expected_photons
+  electrons, z = noise_lib.poisson_and_normal(k_shot, lam)
+  sd = jnp.sqrt(camera.read_noise_e ** 2 + extra_read_e ** 2
+                + jnp.maximum(excess - 1.0, 0.0) * lam)
+  return (camera.gain_adu_per_e * (electrons + sd * z) + camera.offset_adu).astype(jnp.float32)
+
+
 def movie_keys(key, indices):
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
 
 def _pair(v):
   return tuple(float(x) for x in v)
+
+
+# Domain-randomization fields: (config group, key, Priors field); absent keys keep the
+# Priors default (no randomization), so runs saved before they existed rebuild as trained.
+_RANDOMIZATION = (
+    ("cell", "edge_wobble_px", "cell_edge_wobble_px"),
+    ("cell", "end_probability", "cell_end_probability"),
+    ("cell", "end_exponent", "cell_end_exponent"),
+    ("cell", "nucleus_probability", "nucleus_probability"),
+    ("cell", "nucleus_contrast", "nucleus_contrast"),
+    ("cell", "nucleus_length_um", "nucleus_length_um"),
+    ("cell", "nucleus_width_um", "nucleus_width_um"),
+    ("cell", "dye_inhomogeneity", "dye_inhomogeneity"),
+    ("cell", "granular_texture", "granular_texture"),
+    ("cell", "dye_max_dff", "dye_max_dff"),
+    ("acquisition", "line_delay_fraction", "line_delay_fraction"),
+    ("acquisition", "extra_read_noise_e", "extra_read_noise_e"),
+    ("acquisition", "excess_noise_factor", "excess_noise_factor"),
+    ("acquisition", "log_uniform_amplitudes", "log_uniform_amplitudes"),
+    ("sparks", "aspect", "spark_aspect"),
+    ("sparks", "widening", "spark_widening"),
+    ("sparks", "sympathetic_probability", "sympathetic_probability"),
+    ("sparks", "sympathetic_delay_ms", "sympathetic_delay_ms"),
+    ("sparks", "sympathetic_distance_um", "sympathetic_distance_um"),
+    ("puffs", "flicker", "puff_flicker"),
+    ("puffs", "flicker_hz", "puff_flicker_hz"),
+    ("waves", "curvature", "wave_curvature"),
+)
+
+
+def _randomization_from_config(sim) -> dict:
+  out = {}
+  for group, key, field in _RANDOMIZATION:
+    g = sim.get(group, None)
+    if g is None or g.get(key, None) is None:
+      continue
+    v = g[key]
+    if isinstance(v, bool):
+      out[field] = v
+    elif isinstance(v, (tuple, list)):
+      out[field] = _pair(v)
+    else:
+      out[field] = float(v)
+  return out
 
 
 def simulator_from_config(sim) -> Simulator:
@@ -429,7 +327,8 @@ def simulator_from_config(sim) -> Simulator:
       puff_amplitude=_pair(f.amplitude_dff),
       max_waves=int(w.max_per_movie), wave_probability=float(w.probability),
       wave_speed_um_per_s=_pair(w.speed_um_per_s), wave_rise_ms=_pair(w.rise_ms),
-      wave_tau_ms=_pair(w.tau_ms), wave_amplitude=_pair(w.amplitude_dff))
+      wave_tau_ms=_pair(w.tau_ms), wave_amplitude=_pair(w.amplitude_dff),
+      **_randomization_from_config(sim))
   spec = LabelSpec(float(sim.labels.event_fraction), float(sim.labels.ring_fraction),
                    int(sim.labels.ignore_frames))
   cam = sim.camera

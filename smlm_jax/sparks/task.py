@@ -37,19 +37,63 @@ INPUT_CHANNELS = 2
 F0_QUANTILE = 0.3   # temporal quantile of the smoothed movie used as F0 (channel 1)
 
 
-def model_input(adu, camera: Camera, eps: float = 1e-3):
+# Longer movies may take F0 from sliding windows (config.infer.f0_window_frames); 0, the
+# default, is one F0 over the whole movie (the behaviour every saved run was scored with).
+F0_WINDOW_FRAMES = 0
+
+
+def f0_baseline(smooth, window: int | None = F0_WINDOW_FRAMES):
+  """Per-pixel resting fluorescence [..., T or 1, H, W] of a smoothed movie [..., T, H, W]:
+  its temporal ``F0_QUANTILE`` quantile. A movie of at most ``window`` frames (every
+  training crop) gets one value per pixel over all its frames; a longer one gets the
+  quantile over ``window`` frames centred every ``window // 4`` frames, linearly
+  interpolated in time, so that F0 follows photobleaching (a whole-movie F0 of a
+  bleaching movie reads its early frames as a lasting dF/F0 > 0: false puffs / waves).
+  ``window`` None or 0: the whole movie."""
+  T = smooth.shape[-3]
+  if not window or T <= window:
+    k = int(round(F0_QUANTILE * (T - 1)))
+    return jnp.sort(smooth, axis=-3)[..., k:k + 1, :, :]
+  step = max(window // 4, 1)
+  starts = sorted({int(min(max(round(c - window / 2), 0), T - window))
+                   for c in np.arange(step / 2.0, T, step)})
+  k = int(round(F0_QUANTILE * (window - 1)))
+  levels = jnp.stack([jnp.sort(smooth[..., lo:lo + window, :, :], axis=-3)[..., k, :, :]
+                      for lo in starts], axis=-3)                     # [..., J, H, W]
+  # Each level belongs to its window's centre; linear in between and, over the half
+  # windows at the movie's ends, extrapolated from the nearest two levels.
+  centres = np.asarray(starts, np.float64) + window / 2.0
+  t = np.arange(T, dtype=np.float64)
+  seg = np.clip(np.searchsorted(centres, t) - 1, 0, len(centres) - 2)
+  frac = (t - centres[seg]) / (centres[seg + 1] - centres[seg])
+  weights = np.zeros((T, len(centres)), np.float32)
+  weights[np.arange(T), seg] = 1.0 - frac
+  weights[np.arange(T), seg + 1] = frac
+  return jnp.einsum("tj,...jhw->...thw", jnp.asarray(weights), levels)
+
+
+def f0_window_frames(config) -> int:
+  """``config.infer.f0_window_frames`` (runs saved without it: the module default)."""
+  return int(config.get("infer", {}).get("f0_window_frames", F0_WINDOW_FRAMES) or 0)
+
+
+def model_input(adu, camera: Camera, eps: float = 1e-3,
+                f0_window_frames: int | None = F0_WINDOW_FRAMES):
   """ADU [..., T, H, W] -> network input [..., T, H, W, 2], computed over the whole
-  movie (a long movie is normalized before it is cut into chunks):
+  movie (a long movie is normalized before it is cut into chunks). Both channels are
+  ratios of photons, so they do not depend on the camera's gain or the dye's brightness
+  (only the offset must be right):
 
   * channel 0: photons divided by the movie's mean photons (cell, striations, events);
   * channel 1: a dF/F0 estimate, photons / F0 - 1, with F0 the per-pixel temporal
-    ``F0_QUANTILE`` quantile of the photons smoothed over 3 x 3 pixels, floored at a
-    quarter of the movie's mean (out-of-cell pixels then stay near -1 instead of
-    exploding), clipped to [-1, 4]. A low quantile rather than the median: events only
-    raise the fluorescence, and a puff or wave can last more than half of a short movie
-    (the median would absorb it). The quantile of the smoothed noisy trace sits about
-    0.5 sigma below F0 (sigma = sqrt(F0 / 9) photons: -8% at F0 = 5, -3% at F0 = 40),
-    a small offset the network learns.
+    ``F0_QUANTILE`` quantile of the photons smoothed over 3 x 3 pixels (over sliding
+    windows of ``f0_window_frames`` in movies longer than that: :func:`f0_baseline`),
+    floored at a quarter of the movie's mean (out-of-cell pixels then stay near -1
+    instead of exploding), clipped to [-1, 4]. A low quantile rather than the median:
+    events only raise the fluorescence, and a puff or wave can last more than half of a
+    short movie (the median would absorb it). The quantile of the smoothed noisy trace
+    sits about 0.5 sigma below F0 (sigma = sqrt(F0 / 9) photons: -8% at F0 = 5, -3% at
+    F0 = 40), a small offset the network learns.
   """
   photons = (adu - camera.offset_adu) / camera.adu_per_photon
   mean = jnp.maximum(jnp.mean(photons, axis=(-3, -2, -1), keepdims=True), eps)
@@ -57,8 +101,7 @@ def model_input(adu, camera: Camera, eps: float = 1e-3):
   pp = jnp.pad(photons, pad, mode="edge")
   h, w = photons.shape[-2:]
   smooth = sum(pp[..., i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
-  k = int(round(F0_QUANTILE * (photons.shape[-3] - 1)))
-  f0 = jnp.sort(smooth, axis=-3)[..., k:k + 1, :, :]
+  f0 = f0_baseline(smooth, f0_window_frames)
   dff = jnp.clip(photons / jnp.maximum(f0, 0.25 * mean) - 1.0, -1.0, 4.0)
   return jnp.stack([photons / mean, dff], axis=-1)
 
@@ -166,13 +209,15 @@ class SparksTask(Task):
     data = NamedSharding(mesh, P("data"))
     bs = trainer.divisible_batch(self.config.eval_batch_size, mesh)
     simulator, camera = self.simulator, self.camera
+    window = f0_window_frames(self.config)
 
     @jax.jit
     def make(idx):
       keys = jax.lax.with_sharding_constraint(
           sim_lib.movie_keys(jax.random.key(seed), idx), data)
       out = simulator.from_keys(keys)
-      return {"x": model_input(out["adu"], camera), "labels": out["labels"],
+      return {"x": model_input(out["adu"], camera, f0_window_frames=window),
+              "labels": out["labels"],
               "instances": out["instances"], "kind": out["kind"], "active": out["active"],
               "amplitude": out["amplitude"]}
 
