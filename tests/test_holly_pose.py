@@ -72,7 +72,7 @@ def test_symmetry_detected_and_pose_error_zero_for_a_symmetric_rotation():
   proper = np.linalg.det(sym.elements) > 0
   assert sym.order >= 6 and proper.sum() >= 6, sym.describe()
   # a C6 turn is among the elements
-  c6 = symmetry._rot([0, 0, 1], 2 * np.pi / 6)
+  c6 = align_lib.axis_angle_matrix([0, 0, 1], 2 * np.pi / 6)
   assert min(np.abs(e - c6).max() for e in sym.elements) < 1e-6
   assert symmetry.detect(procedural.asymmetric(300)).order == 1
   # a known alignment (identity): predicting R g (g a symmetry) is exactly right
@@ -96,7 +96,7 @@ def test_symmetry_detected_and_pose_error_zero_for_a_symmetric_rotation():
   assert np.all(align_lib.pose_errors_deg(R_alt, R_true, al) > 1.0)
   assert np.all(symmetry.pose_errors_deg(R_alt, R_true, al, sb) < 1e-3)
   # an unrelated rotation stays wrong modulo the symmetry
-  R_bad = R_true @ symmetry._rot([1, 0, 0], 0.5)
+  R_bad = R_true @ align_lib.axis_angle_matrix([1, 0, 0], 0.5)
   assert np.all(symmetry.pose_errors_deg(R_bad, R_true, al, sym) > 20.0)
 
 

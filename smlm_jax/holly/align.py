@@ -30,6 +30,19 @@ from scipy.spatial.transform import Rotation
 MIRROR = np.diag([1.0, 1.0, -1.0])
 
 
+def axis_angle_matrix(axis, angle) -> np.ndarray:
+  """Rotation matrix [3, 3] (float64) by ``angle`` (rad) about ``axis`` (Rodrigues)."""
+  axis = np.asarray(axis, np.float64) / np.linalg.norm(axis)
+  k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+  return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def angle_deg(R1, R2) -> np.ndarray:
+  """Geodesic angle (deg) between rotations [..., 3, 3]."""
+  rel = np.asarray(R1, np.float64) @ np.swapaxes(np.asarray(R2, np.float64), -1, -2)
+  return np.degrees(np.arccos(np.clip(0.5 * (np.trace(rel, axis1=-2, axis2=-1) - 1), -1, 1)))
+
+
 @dataclasses.dataclass
 class Alignment:
   scale: float
@@ -129,6 +142,4 @@ def pose_errors_deg(R_pred, R_true, alignment: Alignment) -> np.ndarray:
   B = np.asarray(R_true, np.float64)
   if alignment.handedness < 0:
     B = MIRROR[None] @ B
-  rel = A @ np.swapaxes(B, 1, 2)
-  cos = np.clip(0.5 * (np.trace(rel, axis1=1, axis2=2) - 1.0), -1.0, 1.0)
-  return np.degrees(np.arccos(cos))
+  return angle_deg(A, B)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from smlm_jax.holly import align
+
 
 def _ellipsoid(rng, n, axes, centre=(0, 0, 0), rot=None):
   """~uniform-by-area points on an ellipsoid surface (rejection on the area element)."""
@@ -36,12 +38,6 @@ def _ellipsoid(rng, n, axes, centre=(0, 0, 0), rot=None):
   if rot is not None:
     p = p @ np.asarray(rot).T
   return p + np.asarray(centre, np.float64)
-
-
-def _rot(axis, angle):
-  axis = np.asarray(axis, np.float64) / np.linalg.norm(axis)
-  k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-  return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
 
 
 def _tube(rng, n, curve, radius, t_max=1.0):
@@ -67,7 +63,8 @@ def asymmetric(num: int = 400, seed: int = 0):
   rng = np.random.default_rng(seed)
   sizes = [(0.6, 0.4, 0.3), (0.35, 0.25, 0.5), (0.25, 0.3, 0.2)]
   centres = [(0, 0, 0), (0.55, 0.3, 0.1), (-0.35, 0.45, -0.3)]
-  rots = [_rot((1, 2, 0.5), 0.4), _rot((0.3, -1, 2), 1.1), _rot((2, 1, -1), 0.7)]
+  rots = [align.axis_angle_matrix(axis, angle)
+          for axis, angle in (((1, 2, 0.5), 0.4), ((0.3, -1, 2), 1.1), ((2, 1, -1), 0.7))]
   area = np.array([np.prod(s) ** (2 / 3) for s in sizes])
   counts = np.round(num * area / area.sum()).astype(int)
   counts[0] += num - counts.sum()
@@ -119,7 +116,7 @@ def near_symmetric(num: int = 400, seed: int = 0):
   body = _ellipsoid(rng, half, (0.8, 0.35, 0.4))
   body = np.concatenate([body, body * [1, -1, 1]])          # exactly symmetric
   fin = _ellipsoid(rng, k_fin, (0.25, 0.3, 0.05), centre=(0.1, 0.45, -0.1),
-                   rot=_rot((1, 0, 0), 0.5))
+                   rot=align.axis_angle_matrix((1, 0, 0), 0.5))
   fins = np.concatenate([fin, fin * [1, -1, 1]])
   tail = _ellipsoid(rng, k_tail, (0.25, 0.04, 0.3), centre=(-0.95, 0, 0.1))
   tail = np.concatenate([tail[: k_tail // 2], (tail * [1, -1, 1])[: k_tail - k_tail // 2]])

@@ -58,12 +58,6 @@ class Symmetry:
             "improper (mirror/rotoreflection)")
 
 
-def _rot(axis, angle):
-  axis = np.asarray(axis, np.float64) / np.linalg.norm(axis)
-  k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-  return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
-
-
 def candidates(axes, max_order: int = 8):
   """[(g [3, 3], label)]: the candidate symmetries about principal axes axes [3, 3]
   (columns)."""
@@ -73,13 +67,15 @@ def candidates(axes, max_order: int = 8):
     for n in range(2, max_order + 1):
       for k in range(1, n):
         if np.gcd(k, n) == 1:
-          out.append((_rot(a, 2 * np.pi * k / n), f"C{n}^{k} about e{j + 1}"))
+          out.append((align_lib.axis_angle_matrix(a, 2 * np.pi * k / n),
+                      f"C{n}^{k} about e{j + 1}"))
     out.append((np.eye(3) - 2 * np.outer(a, a), f"mirror normal to e{j + 1}"))
   for i in range(3):
     for j in range(i + 1, 3):
       for s in (1, -1):
         b = axes[:, i] + s * axes[:, j]
-        out.append((_rot(b, np.pi), f"C2 about e{i + 1}{'+' if s > 0 else '-'}e{j + 1}"))
+        out.append((align_lib.axis_angle_matrix(b, np.pi),
+                    f"C2 about e{i + 1}{'+' if s > 0 else '-'}e{j + 1}"))
         out.append((np.eye(3) - 2 * np.outer(b, b) / 2.0,
                     f"mirror normal to e{i + 1}{'+' if s > 0 else '-'}e{j + 1}"))
   out.append((-np.eye(3), "inversion"))
@@ -203,10 +199,7 @@ def pose_errors_deg(R_pred, R_true, alignment, symmetry: Symmetry | None = None)
   return err.reshape(b, g).min(axis=1)
 
 
-def angle_deg(R1, R2) -> np.ndarray:
-  """Geodesic angle (deg) between rotations [..., 3, 3]."""
-  rel = np.asarray(R1, np.float64) @ np.swapaxes(np.asarray(R2, np.float64), -1, -2)
-  return np.degrees(np.arccos(np.clip(0.5 * (np.trace(rel, axis1=-2, axis2=-1) - 1), -1, 1)))
+angle_deg = align_lib.angle_deg      # geodesic angle (deg) between rotations [..., 3, 3]
 
 
 def angle_modulo_deg(R1, R2, symmetry: Symmetry | None = None) -> np.ndarray:
