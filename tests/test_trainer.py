@@ -161,3 +161,13 @@ def test_host_batches_are_sharded_over_devices():
   arr = trainer.put_host_batch({"x": np.arange(8.0)}, mesh)["x"]
   assert len(arr.sharding.device_set) == 4
   np.testing.assert_array_equal(np.asarray(arr), np.arange(8.0))
+
+
+def test_cpu_steps_finish_before_host_work_with_several_devices():
+  """XLA:CPU with several host devices: each step is waited for (a step's all-reduce
+  deadlocked when other work held the shared thread pool); one device keeps async
+  dispatch, and so do accelerators."""
+  if jax.devices()[0].platform != "cpu":
+    pytest.skip("CPU-only behaviour")
+  assert trainer.cpu_step_sync(trainer.make_mesh(jax.devices()[:4]))
+  assert not trainer.cpu_step_sync(trainer.make_mesh(jax.devices()[:1]))

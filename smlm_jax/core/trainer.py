@@ -219,9 +219,11 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  # XLA:CPU: no background saving thread (see cpu_step_sync); the save is a copy of a
+  # small state to a local disk, so little is lost.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.max_to_keep, save_interval_steps=1,
-      enable_async_checkpointing=True)
+      enable_async_checkpointing=jax.default_backend() != "cpu")
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=("state", "config"))
 
@@ -382,9 +384,20 @@ def _train(config, workdir, task):
   return final
 
 
+def cpu_step_sync(mesh) -> bool:
+  """Whether each step must finish before the host does anything else: on XLA:CPU
+  with several host devices. Their programs share one thread pool (one thread per
+  core); a step whose device parts meet at an all-reduce deadlocks when a pool
+  thread is held by other work that waits (seen: a 2-core run hung at 0% CPU after
+  its first checkpoint, 'waiting for all reduce ... may be stuck'). On CPU, async
+  dispatch buys little; GPUs and TPUs keep it."""
+  return mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
 def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh, workdir,
           is_main):
   final = {}
+  sync = cpu_step_sync(mesh)
   t0, steps_done = time.perf_counter(), 0
   bar = (cli.progress(total=config.num_train_steps, desc="train", unit="step") if is_main
          else contextlib.nullcontext(_NoBar()))
@@ -393,6 +406,8 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
     for step in range(start + 1, config.num_train_steps + 1):
       host = put_host_batch(task.host_batch(step - 1), mesh)
       state, meas = train_step(state, host)
+      if sync:
+        jax.block_until_ready(state)
       steps_done += 1
       last = step == config.num_train_steps
       if step % config.log_every_steps == 0 or last:
