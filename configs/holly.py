@@ -120,6 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.scales = (2.0, 4.0)
   config.loss.hypothesis_weight = 0.05
   config.loss.distill_weight = 0.1
+  config.loss.moments_weight = 0.0    # pose-free 3D covariance from the images (moments.py)
   config.search = ml_collections.ConfigDict()
   config.search.num_rotations = 512
   config.search.factor = 2

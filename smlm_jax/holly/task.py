@@ -56,6 +56,7 @@ from smlm_jax.holly import align as align_lib
 from smlm_jax.holly import diagnose
 from smlm_jax.holly import images as images_lib
 from smlm_jax.holly import models
+from smlm_jax.holly import moments as moments_lib
 from smlm_jax.holly import pose_search
 from smlm_jax.holly.prng import fast_prng
 from smlm_jax.holly import render
@@ -156,6 +157,8 @@ class HollyTask(Task):
                                 predict_sigma=bool(m.predict_sigma))
     if int(config.num_points) < 1:
       raise ValueError("config.num_points must be >= 1")
+    if float(config.loss.get("moments_weight", 0.0)) > 0:
+      self.moment_target()           # eagerly: the loss uses it while being traced
 
   def symmetry(self):
     """The truth's symmetry (config.data.symmetry: "auto" = declared OBJ.symmetry.json
@@ -305,10 +308,34 @@ class HollyTask(Task):
             image, R0, t0, sigma)
     return sg(R_ref), sg(t_ref), i, out, R_cnn
 
+  def moment_target(self):
+    """(e1, e2, e3) of the structure from the images alone (moments.py): 2048 simulated
+    images at the last curriculum sigma, or every folder image at its own sigma."""
+    if getattr(self, "_moment_target", None) is None:
+      if self.image_set is not None:
+        imgs = np.concatenate(self.image_set.images)
+        sig = np.concatenate([np.full(len(a), s) for a, s in
+                              zip(self.image_set.images, self.image_set.sigmas)])
+      else:
+        b = self.eval_batch(float(self.config.sigma.stages[-1]), 2048,
+                            int(self.config.seed) + 7919)
+        imgs, sig = b["image"], b["sigma"]
+      tr, det = moments_lib.image_moments(imgs, sig, self.size, self.fov)
+      self._moment_target = moments_lib.invariants_from_images(tr, det)
+    return self._moment_target
+
+  def _with_moments(self, loss, meas, points):
+    w = float(self.config.loss.get("moments_weight", 0.0))
+    if w <= 0:
+      return loss, meas
+    m = moments_lib.moment_loss(points, self.moment_target())
+    return loss + w * m, {**meas, "moment_loss": m}
+
   @fast_prng
   def loss(self, params, batch_stats, batch, step, key):
     if len(self.config.refine.extra_sigmas_px) == 0:
       loss, meas = self._holly_loss(params, batch, key)
+      loss, meas = self._with_moments(loss, meas, params["points"])
       return loss, meas, batch_stats
     k = int(self.config.model.hypotheses)
     R_ref, t_ref, i, out, R_cnn = self.refined_poses(params, batch, key)
@@ -329,6 +356,7 @@ class HollyTask(Task):
     angle = 2 * jnp.degrees(jnp.arcsin(jnp.clip(0.5 * jnp.sqrt(jnp.min(frob, 1) / 2), 0, 1)))
     meas = {"image_loss": shape_loss, "sigma_px": jnp.mean(batch["sigma"]),
             "cnn_to_refined_deg": jnp.mean(angle), "search_wins": jnp.mean(i >= k)}
+    loss, meas = self._with_moments(loss, meas, params["points"])
     return loss, meas, batch_stats
 
   def _holly_loss(self, params, batch, key):
