@@ -140,3 +140,26 @@ def test_sliding_window_f0_follows_bleaching():
   short = adu[:100]
   np.testing.assert_allclose(task_lib.model_input(short, camera, f0_window_frames=128),
                              task_lib.model_input(short, camera, f0_window_frames=0))
+
+
+def test_randomization_groups_widen_only_their_own_priors():
+  base = sim.simulator_from_config(sparks_config.get_config().sim).priors
+  everything = sim.simulator_from_config(sparks_config.get_config("randomized").sim).priors
+  changed = {}
+  for g in sparks_config.RANDOMIZATION_GROUPS:
+    p = sim.simulator_from_config(sparks_config.get_config(f"randomized_{g}").sim).priors
+    changed[g] = {f.name for f in dataclasses.fields(p)
+                  if getattr(p, f.name) != getattr(base, f.name)}
+    assert changed[g], g
+    for name in changed[g]:               # each change is the full randomization's value
+      assert getattr(p, name) == getattr(everything, name), (g, name)
+  # The groups are disjoint and together make the full randomization.
+  union = set().union(*changed.values())
+  assert sum(len(v) for v in changed.values()) == len(union)
+  assert union == {f.name for f in dataclasses.fields(everything)
+                   if getattr(everything, f.name) != getattr(base, f.name)}
+  assert "f0_photons" in changed["photons"] and "excess_noise_factor" in changed["noise"]
+  two = sparks_config.get_config("randomized_photons+raster")
+  assert two.infer.f0_window_frames == 0 and two.sim.acquisition.line_delay_fraction[1] == 1.0
+  with pytest.raises(ValueError, match="unknown randomization groups"):
+    sparks_config.get_config("randomized_lighting")

@@ -156,8 +156,22 @@ class SparksTask(Task):
     return self.simulator.camera
 
   def init_variables(self, key):
+    """Fresh variables, or with ``config.init_from`` (a run folder) that run's latest
+    parameters (fine-tuning; the model must have the same shapes)."""
     x = jnp.zeros((1,) + self.simulator.geometry.shape + (INPUT_CHANNELS,), jnp.float32)
-    return self.model.init(key, x, train=False)
+    init_from = self.config.get("init_from", "")
+    if not init_from:
+      return self.model.init(key, x, train=False)
+    try:
+      _, params, stats = trainer.load_variables(init_from)
+    except FileNotFoundError as e:
+      raise ValueError(f"config.init_from: {e}") from None
+    loaded = {"params": params, **({"batch_stats": stats} if stats else {})}
+    fresh = jax.eval_shape(lambda: self.model.init(key, x, train=False))
+    describe = lambda t: jax.tree.map(lambda a: (a.shape, str(a.dtype)), t)
+    if describe(dict(fresh)) != describe(loaded):
+      raise ValueError(f"config.init_from={init_from}: its model differs from config.model")
+    return jax.tree.map(jnp.asarray, loaded)
 
   def make_batch(self, key, host_batch, shard):
     keys = shard(sim_lib.movie_keys(key, jnp.arange(self.config.batch_size)))
