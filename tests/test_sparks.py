@@ -437,6 +437,24 @@ def test_init_from_starts_from_the_runs_parameters(tiny_run):
     task_lib.SparksTask(cfg).init_variables(jax.random.key(0))
 
 
+def test_evaluate_simulated_draws_from_other_priors(tiny_run, tmp_path):
+  from smlm_jax.sparks import evaluate
+  workdir, _ = tiny_run
+  quiet = lambda *a, **k: None
+  own = evaluate.evaluate_simulated(workdir, 4, 11, str(tmp_path / "a"), log=quiet)
+  cfg = sparks_config.get_config("tiny")
+  same = evaluate.evaluate_simulated(workdir, 4, 11, str(tmp_path / "b"), log=quiet,
+                                     sim_config=cfg.sim)
+  for c in ("spark", "wave", "puff"):               # the run's own priors: same movies
+    assert [own[c][k] for k in ("tp", "fp", "fn")] == [same[c][k] for k in ("tp", "fp", "fn")]
+  for g in ("sparks", "puffs", "waves"):            # priors without any event
+    cfg.sim[g].probability = 0.0
+  empty = evaluate.evaluate_simulated(workdir, 4, 11, str(tmp_path / "c"), log=quiet,
+                                      sim_config=cfg.sim)
+  assert sum(own[c]["tp"] + own[c]["fn"] for c in ("spark", "wave", "puff")) > 0
+  assert all(empty[c]["tp"] + empty[c]["fn"] == 0 for c in ("spark", "wave", "puff"))
+
+
 def test_mirror_tta_averages_the_four_flips(tiny_run):
   workdir, _ = tiny_run
   mesh = trainer.make_mesh()
