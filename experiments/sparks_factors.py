@@ -36,6 +36,8 @@ _GROUPS = flags.DEFINE_list("groups", ["none"] + list(sparks_config.RANDOMIZATIO
 _NUM = flags.DEFINE_integer("num_movies", 32, "Validation movies per group.")
 _SEED = flags.DEFINE_integer("seed", 4243, "Validation seed (not the test seed).")
 _OUT = flags.DEFINE_string("out", None, "Write the metrics as JSON here.")
+_SELECT = flags.DEFINE_string("select", None, "Write the chosen run's folder here: the one "
+                              "with the highest mean over groups of (spark F1 + puff F1) / 2.")
 
 BRIGHT_DFF = 0.6
 
@@ -94,6 +96,18 @@ def main(argv):
             flush=True)
       keys += [f"f1_sparks_{name}_{g}={m['spark']['f1']:.3f}",
                f"f1_puffs_{name}_{g}={m['puff']['f1']:.3f}", f"fp_bright_{name}_{g}={fp_bright}"]
+  if _SELECT.value:
+    score = {}
+    for w in _WORKDIRS.value:
+      name = os.path.basename(os.path.normpath(w))
+      v = [(results[f"{name}/{g}"]["spark"]["f1"] + results[f"{name}/{g}"]["puff"]["f1"]) / 2
+           for g in groups]
+      score[w] = sum(v) / len(v)
+      print(f"selection score {name}: {score[w]:.3f}")
+    chosen = max(score, key=score.get)
+    print(f"chosen on validation: {chosen}")
+    with open(_SELECT.value, "w") as f:
+      f.write(chosen + "\n")
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(results, f, indent=1)
