@@ -38,7 +38,8 @@ puff class weight 8 (sparks 0.912 / 0.915, puffs 0.765 / 0.634) or 6 (sparks 0.8
 randomize_sim; issue 23, see README "Ca2+ release events"),
 ``configs/sparks.py:randomized_G1+G2`` (only those factor groups of randomize_sim, e.g.
 randomized_cell: chosen on validation in the README's factor study as a 50-step
-fine-tune of the default, --config.init_from=RUN; second-simulator F1 0.699 / 0.929 /
+fine-tune of the default, --config.init_from=RUN, on simulator code that then had a
+cell-less-movie bug (README); second-simulator F1 0.699 / 0.929 /
 0.294 against the default's 0.691 / 1.000 / 0.297, so not the default),
 ``configs/sparks.py:gpu`` (real frame size, full 3D U-Net, longer schedule) and
 ``configs/sparks.py:tiny`` (unit tests). Override any field with --config.<field>=.
