@@ -24,7 +24,9 @@
    extraction and IoMin matching.
    The detector's movies come from --config's simulator, the model's own test movies
    from the run's saved config: with --skip_training pass the --config the run was
-   trained with (e.g. configs/sparks.py:randomized), or the two rows differ in data.
+   trained with (e.g. configs/sparks.py:randomized), or the two rows differ in data;
+   or --test_priors=config to draw the model's test movies from --config too (a
+   fine-tuned randomized run on the default priors' test set).
 5. --second_sim_dir=DIR: movies of an independent simulator, NAME.tif (uint16 ADU),
    NAME_labels.tif (0-4), NAME_instances.tif (event ids), NAME.json (pixel_size_nm,
    frame_interval_s, camera_offset_adu, camera_gain_adu_per_e): the model through
@@ -60,6 +62,9 @@ _RETRAIN = flags.DEFINE_bool("retrain", False, "Delete --workdir and train from 
 _NUM_VAL = flags.DEFINE_integer("num_val", 32, "Validation movies to tune the classical "
                                 "detector on.")
 _VAL_SEED = flags.DEFINE_integer("val_seed", None, "Validation seed (default eval_seed).")
+_TEST_PRIORS = flags.DEFINE_enum("test_priors", "run", ["run", "config"], "Priors of the "
+                                 "model's test movies: the run's own, or --config's (e.g. a "
+                                 "randomized run on the default priors' test set).")
 _SECOND = flags.DEFINE_string("second_sim_dir", None, "Folder of independently simulated "
                               "movies (NAME.tif, NAME_labels.tif, NAME_instances.tif, "
                               "NAME.json) to score the model and the detector on.")
@@ -162,8 +167,9 @@ def main(argv):
   t0 = time.time()
   # The run's own event extraction, with the confidence filter that training chose on
   # its validation movies (WORKDIR/events_filter.json; evaluate_simulated prints it).
-  m = evaluate_lib.evaluate_simulated(workdir, _NUM.value, _SEED.value,
-                                      os.path.join(workdir, "study"))
+  m = evaluate_lib.evaluate_simulated(
+      workdir, _NUM.value, _SEED.value, os.path.join(workdir, "study"),
+      sim_config=config.sim if _TEST_PRIORS.value == "config" else None)
   print(f"test evaluation: {time.time() - t0:.0f} s")
   if items:
     meta = items[0][4]

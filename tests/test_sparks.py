@@ -421,6 +421,40 @@ def test_two_training_steps_through_the_shared_trainer(tiny_run):
   assert tuple(config.events.min_probability) == tuple(chosen["min_probability"])
 
 
+def test_init_from_starts_from_the_runs_parameters(tiny_run):
+  workdir, _ = tiny_run
+  _, params, _ = trainer.load_variables(workdir)
+  cfg = sparks_config.get_config("tiny")
+  fresh = task_lib.SparksTask(cfg).init_variables(jax.random.key(0))["params"]
+  cfg.init_from = workdir
+  warm = task_lib.SparksTask(cfg).init_variables(jax.random.key(0))["params"]
+  for a, b, c in zip(jax.tree.leaves(warm), jax.tree.leaves(params), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(np.abs(np.asarray(b) - np.asarray(c)).max() > 0
+             for b, c in zip(jax.tree.leaves(params), jax.tree.leaves(fresh)))
+  cfg.model.base_width = 6                 # another model: refused with a clear message
+  with pytest.raises(ValueError, match="init_from"):
+    task_lib.SparksTask(cfg).init_variables(jax.random.key(0))
+
+
+def test_evaluate_simulated_draws_from_other_priors(tiny_run, tmp_path):
+  from smlm_jax.sparks import evaluate
+  workdir, _ = tiny_run
+  quiet = lambda *a, **k: None
+  own = evaluate.evaluate_simulated(workdir, 4, 11, str(tmp_path / "a"), log=quiet)
+  cfg = sparks_config.get_config("tiny")
+  same = evaluate.evaluate_simulated(workdir, 4, 11, str(tmp_path / "b"), log=quiet,
+                                     sim_config=cfg.sim)
+  for c in ("spark", "wave", "puff"):               # the run's own priors: same movies
+    assert [own[c][k] for k in ("tp", "fp", "fn")] == [same[c][k] for k in ("tp", "fp", "fn")]
+  for g in ("sparks", "puffs", "waves"):            # priors without any event
+    cfg.sim[g].probability = 0.0
+  empty = evaluate.evaluate_simulated(workdir, 4, 11, str(tmp_path / "c"), log=quiet,
+                                      sim_config=cfg.sim)
+  assert sum(own[c]["tp"] + own[c]["fn"] for c in ("spark", "wave", "puff")) > 0
+  assert all(empty[c]["tp"] + empty[c]["fn"] == 0 for c in ("spark", "wave", "puff"))
+
+
 def test_mirror_tta_averages_the_four_flips(tiny_run):
   workdir, _ = tiny_run
   mesh = trainer.make_mesh()

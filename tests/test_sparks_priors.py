@@ -39,7 +39,7 @@ def test_randomized_priors_vary_within_their_ranges(default_draws):
   assert np.ptp(s.bleach_rate_per_s) > 0.5 * (p.bleach_rate_per_s[1] - p.bleach_rate_per_s[0])
   # Cell shape: a nucleus / a cell end in about their fraction of movies.
   assert np.mean(s.nucleus_half_length_px > 0) == pytest.approx(p.nucleus_probability, abs=0.1)
-  assert np.mean(s.end_x_px < 1e5) == pytest.approx(p.cell_end_probability, abs=0.1)
+  assert np.mean(np.abs(s.end_x_px) < 1e5) == pytest.approx(p.cell_end_probability, abs=0.1)
   contrast = s.nucleus_contrast
   assert contrast.min() < 0.8 and contrast.max() > 1.3      # darker and brighter nuclei
   assert np.ptp(s.texture.std(axis=(1, 2))) > 0.05
@@ -140,3 +140,42 @@ def test_sliding_window_f0_follows_bleaching():
   short = adu[:100]
   np.testing.assert_allclose(task_lib.model_input(short, camera, f0_window_frames=128),
                              task_lib.model_input(short, camera, f0_window_frames=0))
+
+
+def test_randomization_groups_widen_only_their_own_priors():
+  base = sim.simulator_from_config(sparks_config.get_config().sim).priors
+  everything = sim.simulator_from_config(sparks_config.get_config("randomized").sim).priors
+  changed = {}
+  for g in sparks_config.RANDOMIZATION_GROUPS:
+    p = sim.simulator_from_config(sparks_config.get_config(f"randomized_{g}").sim).priors
+    changed[g] = {f.name for f in dataclasses.fields(p)
+                  if getattr(p, f.name) != getattr(base, f.name)}
+    assert changed[g], g
+    for name in changed[g]:               # each change is the full randomization's value
+      assert getattr(p, name) == getattr(everything, name), (g, name)
+  # The groups are disjoint and together make the full randomization.
+  union = set().union(*changed.values())
+  assert sum(len(v) for v in changed.values()) == len(union)
+  assert union == {f.name for f in dataclasses.fields(everything)
+                   if getattr(everything, f.name) != getattr(base, f.name)}
+  assert "f0_photons" in changed["photons"] and "excess_noise_factor" in changed["noise"]
+  two = sparks_config.get_config("randomized_photons+raster")
+  assert two.infer.f0_window_frames == 0 and two.sim.acquisition.line_delay_fraction[1] == 1.0
+  with pytest.raises(ValueError, match="unknown randomization groups"):
+    sparks_config.get_config("randomized_lighting")
+
+
+def test_every_default_movie_has_a_cell_and_labelled_sparks():
+  # Regression: without a cell end, a movie whose end side was -1 had an empty cell mask
+  # (half of all movies: no labels at all).
+  simulator = sim.simulator_from_config(sparks_config.get_config().sim)
+  keys = sim.movie_keys(jax.random.key(777), jnp.arange(12))
+  scenes = jax.vmap(lambda k: sim.draw_scene(k, simulator.priors, simulator.geometry))(keys)
+  cells = jax.vmap(lambda sc: sim.resting_f0(sc, simulator.geometry)[1])(scenes)
+  coverage = np.asarray((cells >= 0.5).mean(axis=(1, 2)))
+  assert coverage.min() > 0.2, coverage
+  out = simulator.from_keys(keys)
+  active = np.asarray(out["active"] & (out["kind"] == sim.SPARK))
+  inst = np.asarray(out["instances"])
+  labelled = sum(int(np.any(inst[i] == j + 1)) for i, j in zip(*np.nonzero(active)))
+  assert labelled >= 0.75 * active.sum(), (labelled, active.sum())

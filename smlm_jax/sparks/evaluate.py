@@ -42,11 +42,13 @@ TEST_SEED = 777
 
 
 def evaluate_simulated(workdir: str, num_movies: int, seed: int, output: str | None = None,
-                       log=print, events_config=None) -> dict:
+                       log=print, events_config=None, sim_config=None) -> dict:
   """Scores the run on ``num_movies`` movies simulated from ``seed`` with its own priors;
   ``events_config`` (a ``config.events`` ConfigDict) replaces the run's event-extraction
   settings (post-processing only: the network is unchanged); without it the run's own
-  settings are used, with the confidence filter it chose on its validation movies."""
+  settings are used, with the confidence filter it chose on its validation movies.
+  ``sim_config`` (a ``config.sim``) draws the movies from other priors than the run's
+  (e.g. a fine-tuned, domain-randomized run scored on the default priors' test set)."""
   from smlm_jax.core import trainer
   from smlm_jax.sparks import events as events_lib
   mesh = trainer.make_mesh()
@@ -58,7 +60,13 @@ def evaluate_simulated(workdir: str, num_movies: int, seed: int, output: str | N
     log(events_lib.use_run_filter(task.config, workdir))
   if seed in (int(config.eval_seed),):
     log(f"warning: --seed={seed} is the validation seed of this run", file=sys.stderr)
-  data = task.simulate_set(num_movies, seed, mesh)
+  if sim_config is None:
+    data = task.simulate_set(num_movies, seed, mesh)
+  else:
+    from smlm_jax.sparks.task import SparksTask
+    other = config.copy_and_resolve_references()
+    other.sim, other.init_from = sim_config, ""
+    data = SparksTask(other).simulate_set(num_movies, seed, mesh)
   probs = task.predict(state, data["x"], mesh)
   metrics = task.score_set(probs, data)
   metrics.update(step=int(state["step"]), seed=seed, num_movies=num_movies, source="simulated")

@@ -253,8 +253,12 @@ def draw_scene(key, priors: Priors, geom: Geometry) -> Scene:
   bottom_slope = r.uniform((-p.cell_edge_slope, p.cell_edge_slope))
   # Cell end: a column inside the middle 80% of the field, the cell on either side.
   has_end = r.bernoulli(p.cell_end_probability)
-  end_x = jnp.where(has_end, r.uniform((0.1 * W, 0.9 * W)), 1e6)
+  end_x = r.uniform((0.1 * W, 0.9 * W))
   end_side = jnp.where(r.bernoulli(0.5), 1.0, -1.0)
+  # No end: far away on the side away from the cell (the cell lies left of an end with
+  # side +1, right of one with side -1). Before this fix a movie without an end and side
+  # -1 (half of them) had no cell at all: no labels, only background.
+  end_x = jnp.where(has_end, end_x, 1e6 * end_side)
   end_exponent = r.uniform(p.cell_end_exponent)
   half_w = 0.5 * (bottom - top)
 
