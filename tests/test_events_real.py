@@ -3,7 +3,8 @@
 The structure check flags a pure-noise crop and passes a crop with tubules (synthetic,
 and the shared iSIM crops when ../shared is there), through ``db add`` too; hard
 negatives never come near an annotated site of any frame; the calibration recovers
-known simulator parameters from simulated crops.
+known simulator parameters from simulated crops (the column stripes too); the
+stripes are a fixed per-column gain, off (bit for bit) at the default.
 """
 import os
 
@@ -112,7 +113,8 @@ def test_calibration_recovers_known_parameters():
   from configs import events
   from smlm_jax.events import calibrate, simulate as sim_lib
   cfg = events.get_config("tiny")
-  truth = {"photons": (60.0, 150.0), "diameter_nm": (500.0, 700.0), "drift_px": 1.5}
+  truth = {"photons": (60.0, 150.0), "diameter_nm": (500.0, 700.0), "drift_px": 1.5,
+           "column_gain_rel_std": 0.15}
   p = sim_lib.SimParams.from_config({**cfg.sim.to_dict(), **truth, "size_px": 32})
   frames, _ = jax.jit(sim_lib.batch, static_argnums=(1, 2))(
       jax.random.split(jax.random.key(100), 64), p, 3)
@@ -121,9 +123,9 @@ def test_calibration_recovers_known_parameters():
   fit = rec["sim"]
   assert rec["fit"]["loss"] < 0.5 * rec["fit"]["loss_initial"]
   # Each recovered within 25%, and closer to the truth than the start.
-  for key in ("drift_px", "diameter_nm"):
+  for key in ("drift_px", "diameter_nm", "column_gain_rel_std"):
     for got, want, start in zip(np.ravel(fit[key]), np.ravel(truth[key]),
-                                np.ravel(cfg.sim[key])):
+                                np.ravel(calibrate.STARTS.get(key, cfg.sim[key]))):
       assert abs(got - want) < 0.25 * want and abs(got - want) < abs(start - want), key
   centre = lambda r: np.sqrt(r[0] * r[1])
   assert abs(centre(fit["photons"]) / centre(truth["photons"]) - 1) < 0.3
@@ -150,3 +152,26 @@ def test_calibration_recovers_known_parameters():
       calibrate.load(bad)
     finally:
       os.unlink(bad)
+
+
+def test_column_stripes_are_a_fixed_column_gain():
+  import jax
+  import jax.numpy as jnp
+  from configs import events
+  from smlm_jax.events import simulate as sim_lib
+  cfg = events.get_config("tiny").sim.to_dict()
+  off = sim_lib.SimParams.from_config({**cfg, "size_px": 48})
+  on = sim_lib.SimParams.from_config({**cfg, "size_px": 48, "column_gain_rel_std": 0.2})
+  key = jax.random.key(3)
+  scene = jax.jit(sim_lib.scene, static_argnums=(1, 2))
+  base, _, noise_key = scene(key, off, 3)
+  striped = scene(key, on, 3)[0]
+  gain = np.asarray(striped / base)               # the same gain in every row and frame
+  np.testing.assert_allclose(gain, np.broadcast_to(gain[0, 0], gain.shape), rtol=1e-5)
+  assert 0.1 < gain[0, 0].std() < 0.3
+  np.testing.assert_allclose(gain[0, 0], sim_lib.column_gain(key, on), rtol=1e-5)
+  # Default: bit for bit the simulation without the stripes code (0.0 is skipped).
+  frames = jax.jit(sim_lib.simulate, static_argnums=(1, 2))(key, off, 3)[0]
+  from smlm_jax.core import noise
+  ref = jax.jit(noise.apply_camera, static_argnums=2)(noise_key, base, off.camera)
+  assert bool(jnp.all(frames == ref))
