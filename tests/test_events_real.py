@@ -175,3 +175,30 @@ def test_column_stripes_are_a_fixed_column_gain():
   from smlm_jax.core import noise
   ref = jax.jit(noise.apply_camera, static_argnums=2)(noise_key, base, off.camera)
   assert bool(jnp.all(frames == ref))
+
+
+def test_study_frame_max_rule_counts_one_candidate_per_frame():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "events_study", os.path.join(ROOT, "experiments", "events_study.py"))
+  study = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(study)
+  rng = np.random.default_rng(0)
+  def frame(peaks):
+    p = rng.uniform(0, 0.05, (64, 64)).astype(np.float32)
+    for (y, x), v in peaks:
+      p[y, x] = v
+    return p
+  # At the site (0.3) but a weaker second peak far away (0.2): one TP, no false
+  # detection under frame_max; the 'threshold' rule at 0.1 also counts the far peak.
+  probs = [frame([((20, 21), 0.3), ((50, 50), 0.2)]), frame([((10, 10), 0.6)]),
+           frame([((40, 40), 0.15)])]
+  sites = [[(20, 20)], [(30, 30)], []]             # frame 2: no annotated site
+  row = study.score_crop(probs, sites, 0.1, 8, "frame_max")
+  assert (row["tp"], row["fp"], row["fn"], row["false_detections"]) == (1, 2, 1, 2)
+  row = study.score_crop(probs, sites, 0.1, 8, "threshold")
+  assert (row["tp"], row["fp"], row["false_detections"]) == (1, 3, 3)
+  # The floor: max F0.1 on validation frames; with no site ever on top, the lowest.
+  assert 0.15 <= study.best_threshold([probs[:1] + probs[2:]], [sites[:1] + sites[2:]], 8,
+                                      0.1, "frame_max") <= 0.3
+  assert study.best_threshold([probs[1:2]], [sites[1:2]], 8, 0.1, "frame_max") == 0.01
