@@ -202,3 +202,31 @@ def test_study_frame_max_rule_counts_one_candidate_per_frame():
   assert 0.15 <= study.best_threshold([probs[:1] + probs[2:]], [sites[:1] + sites[2:]], 8,
                                       0.1, "frame_max") <= 0.3
   assert study.best_threshold([probs[1:2]], [sites[1:2]], 8, 0.1, "frame_max") == 0.01
+
+
+def test_predict_max_per_frame_keeps_the_most_probable(tmp_path, monkeypatch):
+  import csv
+  import types
+  from configs import events
+  from smlm_jax.core import tiff_io
+  from smlm_jax.events import predict
+  cfg = events.get_config("tiny")
+
+  def probabilities(frames):                       # two peaks per frame, 40 px apart
+    for f in frames:
+      p = np.zeros(f.shape, np.float32)
+      p[5, 5], p[45, 45] = 0.6, 0.9
+      yield p
+  monkeypatch.setattr(predict, "Predictor", lambda *a: types.SimpleNamespace(
+      config=cfg, n=int(cfg.data.num_frames), probabilities=probabilities))
+  movie = str(tmp_path / "m.tif")
+  rng = np.random.default_rng(0)
+  tiff_io.write_image(movie, (100 + rng.poisson(5, (4, 64, 64))).astype(np.uint16), "TYX")
+  for k, per_frame in ((0, 2), (1, 1)):
+    out = str(tmp_path / f"d{k}.csv")
+    assert predict.run(str(tmp_path), [movie], out, threshold=0.5,
+                       probability_tiffs=False, max_per_frame=k) == 0
+    with open(out) as f:
+      rows = list(csv.DictReader(l for l in f if not l.startswith("#")))
+    assert len(rows) == 4 * per_frame
+    assert all(int(r["y_px"]) == 45 for r in rows) == (per_frame == 1)
