@@ -39,10 +39,10 @@ Scene (lengths in px of ``pixel_size_nm``; defaults in ``configs/events.py``):
   photons, i.e. signal and background. This is the vertical fixed-pattern stripes of
   the shared iSIM crops: multiplicative (10-15% rms on bright structure, none in the
   pure-noise crop, so not a per-column camera offset), constant in time (column
-  profiles of the first and last frame correlate 0.85-0.95), uncorrelated between
-  neighbouring columns; rows show nothing beyond white noise. Physically the
-  photo-response non-uniformity of sCMOS column amplifiers, or the iSIM's scanned
-  multifocal excitation. Drawn from ``fold_in(key, 24)``, so the other random
+  profiles of the first and last frame correlate 0.85-0.95); rows show nothing
+  beyond white noise. Columns are drawn independently (the real ones often alternate
+  even/odd, which is not modelled). Physically the photo-response non-uniformity of
+  sCMOS column amplifiers, or the iSIM's scanned multifocal excitation. Drawn from ``fold_in(key, 24)``, so the other random
   numbers are unchanged, and skipped when the value is a Python 0 (``simulate``
   bit for bit as before).
 
