@@ -160,20 +160,22 @@ def test_column_stripes_are_a_fixed_column_gain():
   from configs import events
   from smlm_jax.events import simulate as sim_lib
   cfg = events.get_config("tiny").sim.to_dict()
-  off = sim_lib.SimParams.from_config({**cfg, "size_px": 48})
-  on = sim_lib.SimParams.from_config({**cfg, "size_px": 48, "column_gain_rel_std": 0.2})
+  off = sim_lib.SimParams.from_config({**cfg, "size_px": 32})
+  on = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "column_gain_rel_std": 0.2})
   key = jax.random.key(3)
-  scene = jax.jit(sim_lib.scene, static_argnums=(1, 2))
-  base, _, noise_key = scene(key, off, 3)
-  striped = scene(key, on, 3)[0]
+  from smlm_jax.core import noise
+
+  @jax.jit
+  def run(key):
+    base, _, noise_key = sim_lib.scene(key, off, 3)
+    ref = noise.apply_camera(noise_key, base, off.camera)
+    return base, sim_lib.scene(key, on, 3)[0], sim_lib.simulate(key, off, 3)[0], ref
+  base, striped, frames, ref = run(key)
   gain = np.asarray(striped / base)               # the same gain in every row and frame
   np.testing.assert_allclose(gain, np.broadcast_to(gain[0, 0], gain.shape), rtol=1e-5)
   assert 0.1 < gain[0, 0].std() < 0.3
   np.testing.assert_allclose(gain[0, 0], sim_lib.column_gain(key, on), rtol=1e-5)
   # Default: bit for bit the simulation without the stripes code (0.0 is skipped).
-  frames = jax.jit(sim_lib.simulate, static_argnums=(1, 2))(key, off, 3)[0]
-  from smlm_jax.core import noise
-  ref = jax.jit(noise.apply_camera, static_argnums=2)(noise_key, base, off.camera)
   assert bool(jnp.all(frames == ref))
 
 
