@@ -82,6 +82,8 @@ def get_sim_config() -> ml_collections.ConfigDict:
   sim.gain_adu_per_e = 2.5
   sim.offset_adu = 100.0
   sim.read_noise_e = 1.5
+  sim.column_gain_rel_std = 0.0      # vertical fixed-pattern stripes (relative rms per
+                                     # pixel column; the iSIM crops: fitted by calibrate)
   return sim
 
 

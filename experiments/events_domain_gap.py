@@ -13,9 +13,10 @@ Classifiers told to separate real from simulated windows, scored on held-out dat
 split by REAL CROP (leave one crop out; the simulated windows in as many disjoint
 folds), so a classifier cannot recognise a crop it has seen: balanced accuracy (mean
 of the real and simulated recalls; 0.5 = indistinguishable):
-  logreg  logistic regression (L2, standardized) on the 18 window statistics of
+  logreg  logistic regression (L2, standardized) on the 19 window statistics of
           :mod:`smlm_jax.events.statistics` (normalized intensity quantiles, radial
-          power spectrum, noise, autocorrelation = tubule width, frame change)
+          power spectrum, noise, autocorrelation = tubule width, frame change,
+          column stripes)
   cnn     a small CNN (3 conv layers, 8-16-32 channels, global mean) on the
           normalized windows themselves (the model's view), 300 Adam steps
 ``real_vs_sim_accuracy`` is the larger of the two (the gap the stronger one sees).

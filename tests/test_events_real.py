@@ -3,7 +3,8 @@
 The structure check flags a pure-noise crop and passes a crop with tubules (synthetic,
 and the shared iSIM crops when ../shared is there), through ``db add`` too; hard
 negatives never come near an annotated site of any frame; the calibration recovers
-known simulator parameters from simulated crops.
+known simulator parameters from simulated crops (the column stripes too); the
+stripes are a fixed per-column gain, off (bit for bit) at the default.
 """
 import os
 
@@ -112,7 +113,8 @@ def test_calibration_recovers_known_parameters():
   from configs import events
   from smlm_jax.events import calibrate, simulate as sim_lib
   cfg = events.get_config("tiny")
-  truth = {"photons": (60.0, 150.0), "diameter_nm": (500.0, 700.0), "drift_px": 1.5}
+  truth = {"photons": (60.0, 150.0), "diameter_nm": (500.0, 700.0), "drift_px": 1.5,
+           "column_gain_rel_std": 0.15}
   p = sim_lib.SimParams.from_config({**cfg.sim.to_dict(), **truth, "size_px": 32})
   frames, _ = jax.jit(sim_lib.batch, static_argnums=(1, 2))(
       jax.random.split(jax.random.key(100), 64), p, 3)
@@ -121,9 +123,9 @@ def test_calibration_recovers_known_parameters():
   fit = rec["sim"]
   assert rec["fit"]["loss"] < 0.5 * rec["fit"]["loss_initial"]
   # Each recovered within 25%, and closer to the truth than the start.
-  for key in ("drift_px", "diameter_nm"):
+  for key in ("drift_px", "diameter_nm", "column_gain_rel_std"):
     for got, want, start in zip(np.ravel(fit[key]), np.ravel(truth[key]),
-                                np.ravel(cfg.sim[key])):
+                                np.ravel(calibrate.STARTS.get(key, cfg.sim[key]))):
       assert abs(got - want) < 0.25 * want and abs(got - want) < abs(start - want), key
   centre = lambda r: np.sqrt(r[0] * r[1])
   assert abs(centre(fit["photons"]) / centre(truth["photons"]) - 1) < 0.3
@@ -150,3 +152,83 @@ def test_calibration_recovers_known_parameters():
       calibrate.load(bad)
     finally:
       os.unlink(bad)
+
+
+def test_column_stripes_are_a_fixed_column_gain():
+  import jax
+  import jax.numpy as jnp
+  from configs import events
+  from smlm_jax.events import simulate as sim_lib
+  cfg = events.get_config("tiny").sim.to_dict()
+  off = sim_lib.SimParams.from_config({**cfg, "size_px": 32})
+  on = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "column_gain_rel_std": 0.2})
+  key = jax.random.key(3)
+  from smlm_jax.core import noise
+
+  @jax.jit
+  def run(key):
+    base, _, noise_key = sim_lib.scene(key, off, 3)
+    ref = noise.apply_camera(noise_key, base, off.camera)
+    return base, sim_lib.scene(key, on, 3)[0], sim_lib.simulate(key, off, 3)[0], ref
+  base, striped, frames, ref = run(key)
+  gain = np.asarray(striped / base)               # the same gain in every row and frame
+  np.testing.assert_allclose(gain, np.broadcast_to(gain[0, 0], gain.shape), rtol=1e-5)
+  assert 0.1 < gain[0, 0].std() < 0.3
+  np.testing.assert_allclose(gain[0, 0], sim_lib.column_gain(key, on), rtol=1e-5)
+  # Default: bit for bit the simulation without the stripes code (0.0 is skipped).
+  assert bool(jnp.all(frames == ref))
+
+
+def test_study_frame_max_rule_counts_one_candidate_per_frame():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "events_study", os.path.join(ROOT, "experiments", "events_study.py"))
+  study = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(study)
+  rng = np.random.default_rng(0)
+  def frame(peaks):
+    p = rng.uniform(0, 0.05, (64, 64)).astype(np.float32)
+    for (y, x), v in peaks:
+      p[y, x] = v
+    return p
+  # At the site (0.3) but a weaker second peak far away (0.2): one TP, no false
+  # detection under frame_max; the 'threshold' rule at 0.1 also counts the far peak.
+  probs = [frame([((20, 21), 0.3), ((50, 50), 0.2)]), frame([((10, 10), 0.6)]),
+           frame([((40, 40), 0.15)])]
+  sites = [[(20, 20)], [(30, 30)], []]             # frame 2: no annotated site
+  row = study.score_crop(probs, sites, 0.1, 8, "frame_max")
+  assert (row["tp"], row["fp"], row["fn"], row["false_detections"]) == (1, 2, 1, 2)
+  row = study.score_crop(probs, sites, 0.1, 8, "threshold")
+  assert (row["tp"], row["fp"], row["false_detections"]) == (1, 3, 3)
+  # The floor: max F0.1 on validation frames; with no site ever on top, the lowest.
+  assert 0.15 <= study.best_threshold([probs[:1] + probs[2:]], [sites[:1] + sites[2:]], 8,
+                                      0.1, "frame_max") <= 0.3
+  assert study.best_threshold([probs[1:2]], [sites[1:2]], 8, 0.1, "frame_max") == 0.01
+
+
+def test_predict_max_per_frame_keeps_the_most_probable(tmp_path, monkeypatch):
+  import csv
+  import types
+  from configs import events
+  from smlm_jax.core import tiff_io
+  from smlm_jax.events import predict
+  cfg = events.get_config("tiny")
+
+  def probabilities(frames):                       # two peaks per frame, 40 px apart
+    for f in frames:
+      p = np.zeros(f.shape, np.float32)
+      p[5, 5], p[45, 45] = 0.6, 0.9
+      yield p
+  monkeypatch.setattr(predict, "Predictor", lambda *a: types.SimpleNamespace(
+      config=cfg, n=int(cfg.data.num_frames), probabilities=probabilities))
+  movie = str(tmp_path / "m.tif")
+  rng = np.random.default_rng(0)
+  tiff_io.write_image(movie, (100 + rng.poisson(5, (4, 64, 64))).astype(np.uint16), "TYX")
+  for k, per_frame in ((0, 2), (1, 1)):
+    out = str(tmp_path / f"d{k}.csv")
+    assert predict.run(str(tmp_path), [movie], out, threshold=0.5,
+                       probability_tiffs=False, max_per_frame=k) == 0
+    with open(out) as f:
+      rows = list(csv.DictReader(l for l in f if not l.startswith("#")))
+    assert len(rows) == 4 * per_frame
+    assert all(int(r["y_px"]) == 45 for r in rows) == (per_frame == 1)

@@ -22,7 +22,9 @@ simulated statistics are a smooth function of the continuous simulator parameter
 simulated statistics (:func:`.statistics.quantile_distance`), keeping the best step.
 Fitted: PSF sigma, tubule diameter / length / peak photons / background ranges
 (each a centre and a log half-width), labelling modulation, drift between frames
-(motion) and per-frame flicker. Network density (``num_tubules``, a static shape) is
+(motion), per-frame flicker and the column stripes (``column_gain_rel_std``, seen by
+the ``stripes`` statistic; it starts from 0.03 when the config has 0, so
+``loss_initial`` is that of the default simulator with 3% stripes). Network density (``num_tubules``, a static shape) is
 chosen on a grid, the lowest loss winning. Not fitted: pixel size (from the
 metadata), the camera (gain, offset and read noise stay those of the config: after
 the model's normalization only the signal-to-noise ratio matters, which the photon
@@ -49,19 +51,21 @@ from smlm_jax.events import quality
 from smlm_jax.events import statistics as stats_lib
 
 RANGES = ("diameter_nm", "length_um", "photons", "background_photons")
-SCALARS = ("psf_sigma_nm", "drift_px", "flicker")
+SCALARS = ("psf_sigma_nm", "drift_px", "flicker", "column_gain_rel_std")
+# Log-parameterized scalars start at least here (a default of 0 = "off" has no log).
+STARTS = {"column_gain_rel_std": 0.03}
 # Plausible limits of the fitted values (clipped): iSIM PSF sigma 40-200 nm; tubules
 # 100 nm - 2 um wide, 0.2-20 um long; 1-5000 photons peak, 0.05-100 background.
 LIMITS = {"psf_sigma_nm": (40.0, 200.0), "diameter_nm": (100.0, 2000.0),
           "length_um": (0.2, 20.0), "photons": (1.0, 5000.0),
           "background_photons": (0.05, 100.0), "drift_px": (0.01, 5.0),
-          "flicker": (0.001, 0.5)}
+          "flicker": (0.001, 0.5), "column_gain_rel_std": (0.001, 0.5)}
 
 
 def theta_from_params(p) -> dict:
   """Unconstrained parameters of SimParams p: log scalars, ranges as (log centre, log
   log half-width), modulation as a logit."""
-  theta = {k: math.log(getattr(p, k)) for k in SCALARS}
+  theta = {k: math.log(max(getattr(p, k), STARTS.get(k, 0.0))) for k in SCALARS}
   for k in RANGES:
     lo, hi = getattr(p, k)
     theta[k] = [0.5 * (math.log(lo) + math.log(hi)),

@@ -2,7 +2,7 @@
 
   python -m smlm_jax.events.predict --workdir=runs/events_real --input=movies/ \
       --output=detections.csv [--threshold=0.8] [--radius_px=8] [--channel=0] \
-      [--no_probability_tiffs]
+      [--max_per_frame=1] [--no_probability_tiffs]
 
 Inputs: TIFF / OME-TIFF movies [T, H, W] (or [T, C, H, W] with --channel) of at least
 the run's window of n frames (``data.num_frames``, 3 by default) and at least
@@ -16,7 +16,9 @@ Outputs, per movie, next to the CSV: ``<name>_prob.tif``, float32 [T, H, W] even
 probabilities (ImageJ TIFF with the movie's pixel size and frame interval). The CSV
 (``#`` comment lines first; ``pandas.read_csv(path, comment="#")``) has one row per
 detection: local maxima of the probability >= the threshold, none within
-``--radius_px`` of a higher one (non-maximum suppression):
+``--radius_px`` of a higher one (non-maximum suppression); with ``--max_per_frame=k``
+only the k most probable of each frame (k = 1: the per-frame-maximum rule of
+``experiments/events_study.py``, whose thresholds on real crops are floors):
 
   file, frame, y_px, x_px, score, flag
 
@@ -128,7 +130,7 @@ def write_probabilities(path: str, probs, shape, pixel_size_nm, frame_interval_s
 
 
 def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
-        batch_size=None, probability_tiffs=True) -> int:
+        batch_size=None, probability_tiffs=True, max_per_frame=0) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   from smlm_jax.events import metrics as metrics_lib
   from smlm_jax.events import task as task_lib
@@ -144,6 +146,8 @@ def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
     source = f"threshold {threshold:.2f} (--threshold)"
   radius = float(radius_px or cfg.eval.radius_px)
   train_px = float(cfg.sim.pixel_size_nm)
+  if max_per_frame:
+    source += f"; at most {max_per_frame} detection(s) per frame (--max_per_frame)"
   print(f"model from {workdir}: {predictor.n}-frame windows; {source}; NMS radius "
         f"{radius:g} px", file=sys.stderr)
   rows, notes, used = [], [], set()
@@ -160,7 +164,9 @@ def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
 
     def tracked(maps):
       for t, p in enumerate(maps):
-        found.extend((t, y, x, s) for y, x, s in metrics_lib.detect(p, threshold, radius))
+        peaks = metrics_lib.detect(p, threshold, radius)       # highest first
+        peaks = peaks[:max_per_frame] if max_per_frame else peaks
+        found.extend((t, y, x, s) for y, x, s in peaks)
         yield p
 
     maps = tracked(predictor.probabilities(frames))
@@ -200,6 +206,8 @@ def _define_flags():
   flags.DEFINE_integer("channel", 0, "Channel of multi-channel movies.")
   flags.DEFINE_integer("batch_size", None, "Frames per device call (default: by size).")
   flags.DEFINE_bool("probability_tiffs", True, "Write <movie>_prob.tif next to the CSV.")
+  flags.DEFINE_integer("max_per_frame", 0, "Keep only the k most probable detections of "
+                       "each frame (0: all above the threshold).")
 
 
 def main(argv):
@@ -211,8 +219,10 @@ def main(argv):
   cli.require_positive(f, ("radius_px", "batch_size"))
   if f.channel < 0:
     cli.fail("--channel must be >= 0")
+  if f.max_per_frame < 0:
+    cli.fail("--max_per_frame must be >= 0 (0: no limit)")
   cli.run_or_fail(run, f.workdir, inputs, f.output, f.threshold, f.radius_px, f.channel,
-                  f.batch_size, f.probability_tiffs)
+                  f.batch_size, f.probability_tiffs, f.max_per_frame)
 
 
 if __name__ == "__main__":
