@@ -296,6 +296,29 @@ def load_variables(workdir: str, step: int | None = None):
   return config, state["params"], state.get("batch_stats") or {}
 
 
+def load_init_from(init_from: str):
+  """Another run's variables ``{"params", ["batch_stats"]}`` (numpy) for a warm start
+  (``config.init_from``, a run folder), or None when it is empty. Call it outside any
+  trace (a task's ``__init__``: ``init_variables`` runs under eval_shape / jit)."""
+  if not init_from:
+    return None
+  try:
+    _, params, stats = load_variables(init_from)
+  except FileNotFoundError as e:
+    raise ValueError(f"config.init_from: {e}") from None
+  return {"params": params, **({"batch_stats": stats} if stats else {})}
+
+
+def init_from_variables(loaded, init_fn, init_from: str, model_fields: str = "config.model"):
+  """``loaded`` (from :func:`load_init_from`) as jax arrays, after checking that its
+  shapes and dtypes are those ``init_fn()`` (the model's fresh init) would make."""
+  fresh = jax.eval_shape(init_fn)
+  describe = lambda t: jax.tree.map(lambda a: (a.shape, str(a.dtype)), t)
+  if describe(dict(fresh)) != describe(loaded):
+    raise ValueError(f"config.init_from={init_from}: its model differs from {model_fields}")
+  return jax.tree.map(jnp.asarray, loaded)
+
+
 def _tuplify(d):
   if isinstance(d, dict):
     return {k: _tuplify(v) for k, v in d.items()}

@@ -116,26 +116,17 @@ class EventsTask(Task):
       self.sampler = data_lib.HostSampler(self.train_crops, self.n, self.crop_px,
                                           int(config.seed), float(d.positive_fraction),
                                           float(d.get("negative_fraction", 0.0)))
-    self.init_params = self.init_stats = None
-    if config.get("init_from"):
-      try:
-        _, self.init_params, self.init_stats = trainer.load_variables(config.init_from)
-      except FileNotFoundError as e:
-        raise ValueError(f"config.init_from: {e}") from None
+    self.init_from = trainer.load_init_from(config.get("init_from", ""))
     self._last_eval = None
 
   # ---------------------------------------------------------------------- training
   def init_variables(self, key):
     x = jnp.zeros((1, self.crop_px, self.crop_px, self.n), jnp.float32)
-    if self.init_params is not None:         # another run's variables, shapes checked
-      fresh = jax.eval_shape(lambda: self.model.init(jax.random.key(0), x, train=False))
-      loaded = {"params": self.init_params, **({"batch_stats": self.init_stats}
-                                               if self.init_stats else {})}
-      describe = lambda t: jax.tree.map(lambda a: (a.shape, str(a.dtype)), t)
-      if describe(dict(fresh)) != describe(loaded):
-        raise ValueError(f"config.init_from={self.config.init_from}: its model differs "
-                         "from config.model (depth, widths, kernel sizes, norm, num_frames)")
-      return jax.tree.map(jnp.asarray, loaded)
+    if self.init_from is not None:           # another run's variables, shapes checked
+      return trainer.init_from_variables(
+          self.init_from, lambda: self.model.init(jax.random.key(0), x, train=False),
+          self.config.init_from,
+          "config.model (depth, widths, kernel sizes, norm, num_frames)")
     # The initializers draw from an 'rbg' key made from the given key's bits: with
     # threefry keys XLA:CPU needed ~100 s to compile the U-Net's initialization (one
     # unrolled hash per parameter), with RngBitGenerator ~8 s. Still a pure function

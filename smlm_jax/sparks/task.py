@@ -150,14 +150,7 @@ class SparksTask(Task):
     self.model = model_lib.build_model(config.model, sim_lib.NUM_CLASSES)
     if config.loss.name not in LOSSES:
       raise ValueError(f"config.loss.name must be one of {LOSSES}, got {config.loss.name!r}")
-    # Loaded here, outside any trace (init_variables runs under jax.eval_shape / jit).
-    self.init_variables_from = None
-    if config.get("init_from", ""):
-      try:
-        _, params, stats = trainer.load_variables(config.init_from)
-      except FileNotFoundError as e:
-        raise ValueError(f"config.init_from: {e}") from None
-      self.init_variables_from = {"params": params, **({"batch_stats": stats} if stats else {})}
+    self.init_from = trainer.load_init_from(config.get("init_from", ""))
 
   @property
   def camera(self) -> Camera:
@@ -167,14 +160,10 @@ class SparksTask(Task):
     """Fresh variables, or with ``config.init_from`` (a run folder) that run's latest
     parameters (fine-tuning; the model must have the same shapes)."""
     x = jnp.zeros((1,) + self.simulator.geometry.shape + (INPUT_CHANNELS,), jnp.float32)
-    if self.init_variables_from is None:
+    if self.init_from is None:
       return self.model.init(key, x, train=False)
-    fresh = jax.eval_shape(lambda: self.model.init(key, x, train=False))
-    describe = lambda t: jax.tree.map(lambda a: (a.shape, str(a.dtype)), t)
-    if describe(dict(fresh)) != describe(self.init_variables_from):
-      raise ValueError(f"config.init_from={self.config.init_from}: its model differs from "
-                       "config.model")
-    return jax.tree.map(jnp.asarray, self.init_variables_from)
+    return trainer.init_from_variables(
+        self.init_from, lambda: self.model.init(key, x, train=False), self.config.init_from)
 
   def make_batch(self, key, host_batch, shard):
     keys = shard(sim_lib.movie_keys(key, jnp.arange(self.config.batch_size)))
