@@ -86,12 +86,14 @@ def finished(workdir: str, steps: int) -> bool:
     return False
 
 
-def make_config(obj: str, tiny: bool, steps: int | None):
+def make_config(obj: str, tiny: bool, steps: int | None, seed: int | None = None):
   from configs import holly
   c = holly.get_config("tiny" if tiny else None)
   c.data.obj = obj
   if steps:
     c.num_train_steps = int(steps)
+  if seed is not None:
+    c.seed = int(seed)
   return c
 
 
@@ -100,7 +102,7 @@ def run_shape(name: str, args) -> dict:
   from smlm_jax.holly import evaluate, shapes
   obj = shape_path(name, args.shared)
   workdir = os.path.join(args.out, name)
-  config = make_config(obj, args.tiny, args.steps)
+  config = make_config(obj, args.tiny, args.steps, args.seed)
   row = {"name": name, "group": SHAPES[name][1], "kind": SHAPES[name][2], "obj": obj}
   t0 = time.time()
   if not finished(workdir, int(config.num_train_steps)):
@@ -169,6 +171,8 @@ def main(argv=None):
   ap.add_argument("--shared", default=os.path.join(ROOT, "..", "shared", "real-data", "holly"),
                   help="folder with objs/bunny_large.obj and objs/teapot_large.obj")
   ap.add_argument("--steps", type=int, default=None, help="override num_train_steps")
+  ap.add_argument("--seed", type=int, default=None,
+                  help="override config.seed (the training seed; use another --out per seed)")
   ap.add_argument("--num_images", type=int, default=256)
   ap.add_argument("--tiny", action="store_true", help="configs/holly.py:tiny (tests)")
   ap.add_argument("--table_only", action="store_true", help="no training: print OUT/panel.json")
