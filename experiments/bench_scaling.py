@@ -26,8 +26,11 @@ sys.path.insert(0, ROOT)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/diffusion.py"),
-                                          "Training config.")
+from smlm_jax.core import cli  # noqa: E402
+
+with cli.config_override_errors():
+  _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/diffusion.py"),
+                                            "Training config.")
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 8, "Examples per device per step.")
 _DEVICES = flags.DEFINE_integer("devices", 4, "Total CPU devices (even).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per run.")
@@ -117,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -22,10 +22,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import diffusion  # noqa: E402
-from smlm_jax.core import task as task_lib, trainer  # noqa: E402
+from smlm_jax.core import cli, task as task_lib, trainer  # noqa: E402
 from smlm_jax.diffusion import models  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/diffusion.py", "Config.")
+with cli.config_override_errors():
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/diffusion.py", "Config.")
 _MODELS = flags.DEFINE_list("models", sorted(models.MODELS), "Models to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per function.")
 
@@ -86,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -139,5 +139,6 @@ def _fail_distributed(distributed, message: str, code: int):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  with cli.config_override_errors():
+    _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

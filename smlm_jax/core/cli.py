@@ -24,6 +24,33 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def _no_such_config_field(e: Exception, argv) -> None:
+  field = str(e).strip("\"'")
+  given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  named = [a for a in given if field and field in a.split(".")] or given
+  fail(f"{named[0] if named else '--config'}: the config has no field {field!r} "
+       "(python -m smlm_jax.train --config=FILE --print_config lists them)")
+
+
+@contextlib.contextmanager
+def config_override_errors(argv=None):
+  """One line instead of a traceback when a ``--config.FIELD=VALUE`` override names no
+  field of the config: ml_collections raises AttributeError/KeyError (not a flags
+  error), when the config flag is defined (default config) or when flags are parsed."""
+  try:
+    yield
+  except (AttributeError, KeyError) as e:
+    _no_such_config_field(e, sys.argv if argv is None else argv)
+
+
+def parse_flags(argv):
+  """absl's flag parser with :func:`config_override_errors`:
+  ``app.run(main, flags_parser=cli.parse_flags)``."""
+  from absl import app
+  with config_override_errors(argv):
+    return app.parse_flags_with_usage(argv)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
   """Yields a temporary path next to ``path`` to write a file into. When the block

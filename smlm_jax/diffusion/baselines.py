@@ -434,5 +434,7 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app
-  _define_flags()
-  app.run(main)
+  from smlm_jax.core import cli
+  with cli.config_override_errors():
+    _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -200,5 +200,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  with cli.config_override_errors():
+    _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)
