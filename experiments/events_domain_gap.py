@@ -225,4 +225,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_sim", 1024, "Simulated windows.")
   flags.DEFINE_string("classifier", "both", "both | logreg | cnn")
   flags.DEFINE_integer("seed", 0, "Seed of the simulated windows and the CNN.")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

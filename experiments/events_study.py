@@ -383,4 +383,4 @@ if __name__ == "__main__":
                     "Fine-tuned threshold: max F0.1 on one more crop held out of the "
                     "fine-tune (the next one), or on the fold's training crops (biased "
                     "high: the model has seen them).")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -333,17 +333,21 @@ def test_baselines_from_another_folder_with_the_bad_inputs(tmp_path, monkeypatch
       k: f"error:{v}" for k, v in expected.items()}
 
 
-@pytest.mark.parametrize("args", [
-    ["-m", "smlm_jax.train", "--config=configs/holly.py", "--config.loss.typo=1"],
-    ["-m", "smlm_jax.diffusion.simulate", "--config.nope=2"]])
-def test_config_override_of_no_field_is_one_line(args, tmp_path):
+@pytest.mark.parametrize("args,says", [
+    (["-m", "smlm_jax.train", "--config=configs/holly.py", "--config.loss.typo=1"],
+     "no field"),
+    (["-m", "smlm_jax.diffusion.simulate", "--config.nope=2"], "no field"),
+    (["-m", "smlm_jax.train", "--config.num_train_steps=abc"], "invalid literal")])
+def test_bad_config_override_is_one_line(args, says, tmp_path):
   """A --config.FIELD override that names no field (ml_collections raises
-  AttributeError, at definition or at parsing) ends with one line and exit code 2."""
+  AttributeError, at definition or at parsing) or has a bad value (absl: FATAL, exit
+  1) ends with one error line and exit code 2."""
   import subprocess
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   r = subprocess.run([sys.executable, *args, f"--workdir={tmp_path / 'w'}"], cwd=root,
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 2, r.stderr
   lines = [l for l in r.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1 and lines[0].startswith("error: --config.") and "no field" in lines[0]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "--config." in lines[0]
+  assert says in lines[0]
   assert not (tmp_path / "w").exists()

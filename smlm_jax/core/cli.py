@@ -44,11 +44,15 @@ def config_override_errors(argv=None):
 
 
 def parse_flags(argv):
-  """absl's flag parser with :func:`config_override_errors`:
-  ``app.run(main, flags_parser=cli.parse_flags)``."""
-  from absl import app
+  """The flag parser for ``app.run(main, flags_parser=cli.parse_flags)``: a bad flag
+  value (absl: "FATAL Flags parsing error", exit 1) and an override of no config field
+  (:func:`config_override_errors`) each end with one ``error:`` line and exit 2."""
+  from absl import flags
   with config_override_errors(argv):
-    return app.parse_flags_with_usage(argv)
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(f"{e} (--helpshort lists the flags)")
 
 
 @contextlib.contextmanager

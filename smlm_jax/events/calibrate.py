@@ -330,4 +330,4 @@ if __name__ == "__main__":
   import smlm_jax.core.host_devices  # noqa: F401  (before jax)
   from absl import app
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

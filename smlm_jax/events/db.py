@@ -547,4 +547,4 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -161,4 +161,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("image_px", 128, "Native size of the training images (px).")
   flags.DEFINE_integer("max_order", 16, "Largest rotational order of the spectrum.")
   flags.DEFINE_string("output", None, "Output folder (default DIR/ring).")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
