@@ -13,5 +13,7 @@ from smlm_jax.diffusion.calibration import *  # noqa: F401,F403  (the public nam
 from smlm_jax.diffusion.calibration import cli as _cli
 
 if __name__ == "__main__":
-  _cli._define_flags()
-  app.run(_cli.main)
+  from smlm_jax.core import cli
+  with cli.config_override_errors():
+    _cli._define_flags()
+  app.run(_cli.main, flags_parser=cli.parse_flags)
