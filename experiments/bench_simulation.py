@@ -108,4 +108,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from smlm_jax.core import cli
+  app.run(main, flags_parser=cli.parse_flags)

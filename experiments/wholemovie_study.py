@@ -199,4 +199,5 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from smlm_jax.core import cli
+  app.run(main, flags_parser=cli.parse_flags)
