@@ -21,7 +21,9 @@ there are no seams (exactly the whole-movie result when the overlap covers the
 network's receptive field; a note says when it does not).
 
 Outputs in --output (a folder), for each movie STEM.tif:
-  STEM_classes.tif        uint8 [T, H, W]: 0 background, 1 spark, 2 wave, 3 puff
+  STEM_classes.tif        uint8 [T, H, W]: 0 background, 1 spark, 2 wave, 3 puff (the
+                          first / last sim.labels.ignore_frames frames, which training
+                          never scores, are 0)
   STEM_probabilities.tif  float32 [T, 4, H, W] (ImageJ TCYX): class probabilities
   STEM_events.csv         one row per event:
       file, event_id, class, t_start, t_end, y_px, x_px, duration_ms, area_um2,

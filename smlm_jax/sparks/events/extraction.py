@@ -1,6 +1,8 @@
 """Extraction of event instances from class probabilities (:func:`extract_events`),
 following Dotti et al. 2024 (Cell Calcium 121:102893) and its reference code:
-1. Each voxel takes its most probable class.
+1. Each voxel takes its most probable class; the first and last ``edge_frames`` frames
+   of the movie (those the training labels ignore, so the network never learned them)
+   are background.
 2. Per event class, 26-connected components in (t, y, x) (``scipy.ndimage.label``).
 3. Sparks: peaks of the smoothed dF/F0 movie inside the spark mask, by non-maximum
    suppression with an ellipsoidal minimum distance (``spark_min_distance_um`` in
@@ -185,6 +187,10 @@ def extract_unfiltered(probs, movie, spec: EventSpec):
   int32, class per id, dF/F0 [T, H, W] or None without a movie)."""
   probs = np.asarray(probs)
   classes = np.argmax(probs, axis=-1).astype(np.uint8)
+  k = int(spec.edge_frames)
+  if k and classes.shape[0] > 2 * k:
+    classes[:k] = BACKGROUND
+    classes[-k:] = BACKGROUND
   dff = estimate_dff(movie, classes, spec) if movie is not None else None
   inst, cls_of = instances_from_classes(classes, spec, dff)
   return classes, inst, cls_of, dff
