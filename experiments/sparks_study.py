@@ -53,7 +53,8 @@ from ml_collections import config_flags  # noqa: E402
 from smlm_jax.core import cli, trainer  # noqa: E402
 from smlm_jax.sparks import evaluate as evaluate_lib  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sparks.py", "Training config.")
+with cli.config_override_errors():
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/sparks.py", "Training config.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/sparks_study", "Run folder.")
 _NUM = flags.DEFINE_integer("num_movies", 96, "Test movies.")
 _SEED = flags.DEFINE_integer("seed", evaluate_lib.TEST_SEED, "Test seed.")
@@ -186,4 +187,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
