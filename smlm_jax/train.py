@@ -26,7 +26,7 @@ import contextlib
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from smlm_jax.core import cli
 
@@ -139,6 +139,4 @@ def _fail_distributed(distributed, message: str, code: int):
 
 
 if __name__ == "__main__":
-  with cli.config_override_errors():
-    _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_app(main, _define_flags)

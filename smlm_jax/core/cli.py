@@ -55,6 +55,17 @@ def parse_flags(argv):
       fail(f"{e} (--helpshort lists the flags)")
 
 
+def run_app(main, define_flags=None):
+  """``app.run(main)`` with one-line flag errors (:func:`parse_flags`); ``define_flags``
+  (which may define a config flag, whose default config already reads the
+  ``--config.`` overrides) runs first under :func:`config_override_errors`."""
+  from absl import app
+  if define_flags is not None:
+    with config_override_errors():
+      define_flags()
+  app.run(main, flags_parser=parse_flags)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
   """Yields a temporary path next to ``path`` to write a file into. When the block

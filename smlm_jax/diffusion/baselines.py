@@ -433,8 +433,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
   from smlm_jax.core import cli
-  with cli.config_override_errors():
-    _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_app(main, _define_flags)

@@ -7,13 +7,9 @@ keeps the command's name and re-exports the package's names, so
 """
 import smlm_jax.core.host_devices  # noqa: F401  (before jax: one CPU device per core)
 
-from absl import app
-
 from smlm_jax.diffusion.calibration import *  # noqa: F401,F403  (the public names)
 from smlm_jax.diffusion.calibration import cli as _cli
 
 if __name__ == "__main__":
   from smlm_jax.core import cli
-  with cli.config_override_errors():
-    _cli._define_flags()
-  app.run(_cli.main, flags_parser=cli.parse_flags)
+  cli.run_app(_cli.main, _cli._define_flags)

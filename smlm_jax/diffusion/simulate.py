@@ -13,7 +13,7 @@ import csv
 import io
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 import jax
 import numpy as np
@@ -101,6 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  with cli.config_override_errors():
-    _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_app(main, _define_flags)

@@ -23,7 +23,7 @@ import smlm_jax.core.host_devices  # noqa: F401  (before jax: one CPU device per
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
 from smlm_jax.core import cli
@@ -200,6 +200,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  with cli.config_override_errors():
-    _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_app(main, _define_flags)
