@@ -179,3 +179,29 @@ def test_every_default_movie_has_a_cell_and_labelled_sparks():
   inst = np.asarray(out["instances"])
   labelled = sum(int(np.any(inst[i] == j + 1)) for i, j in zip(*np.nonzero(active)))
   assert labelled >= 0.75 * active.sum(), (labelled, active.sum())
+
+
+def test_faint_fluctuations_add_dff_but_no_labels():
+  """Variant 'faint': the sub-threshold slots (kind background) raise dF/F0 by at most
+  their amplitude range, leave labels and instances exactly as without them (same
+  key), and their amplitudes stay below the smallest puff."""
+  base = sim.simulator_from_config(sparks_config.get_config("tiny").sim)
+  cfg = sparks_config.get_config("tiny")
+  cfg.sim.faint.max_per_movie = 2
+  cfg.sim.faint.probability = 1.0
+  faint = sim.simulator_from_config(cfg.sim)
+  p = faint.priors
+  assert p.slot_classes()[-2:] == (sim.BACKGROUND,) * 2
+  assert p.faint_amplitude[1] < p.puff_amplitude[0]
+  keys = jax.random.split(jax.random.key(5), 16)
+  a = jax.tree.map(np.asarray, jax.jit(jax.vmap(base.simulate))(keys))
+  b = jax.tree.map(np.asarray, jax.jit(jax.vmap(faint.simulate))(keys))
+  np.testing.assert_array_equal(a["labels"], b["labels"])
+  np.testing.assert_array_equal(a["instances"], b["instances"])
+  extra = b["dff"] - a["dff"]
+  amp = b["amplitude"][:, -2:]
+  assert np.all(b["kind"][:, -2:] == sim.BACKGROUND) and np.all(b["active"][:, -2:])
+  assert np.all((p.faint_amplitude[0] <= amp) & (amp <= p.faint_amplitude[1]))
+  assert extra.min() > -1e-5 and extra.max() <= 2 * p.faint_amplitude[1] + 1e-5
+  # Most movies show them (a fluctuation may fall before or after the frames).
+  assert np.mean(extra.max(axis=(1, 2, 3)) > 0.5 * p.faint_amplitude[0]) > 0.7

@@ -18,7 +18,11 @@ that generalizes"; ranges and sources in configs/sparks.py):
   row 0, which shears fast events across rows);
 * events: log-uniform amplitudes, elliptic sparks that widen while they decay,
   sympathetic sparks (a spark triggered a few ms later on a neighbouring release site),
-  flickering puffs, curved wave fronts.
+  flickering puffs, curved wave fronts;
+* sub-threshold fluctuations (``max_faint``; default none): faint, slow, local rises of
+  fluorescence (plateau profiles like puffs, peak dF/F0 below the smallest puff) that
+  the labels leave background (slot kind 0): no event by the detection criteria, so
+  the network must learn not to report them.
 """
 from __future__ import annotations
 
@@ -104,14 +108,25 @@ class Priors:
   wave_tau_ms: tuple = (60.0, 200.0)
   wave_amplitude: tuple = (0.5, 1.5)
   wave_curvature: tuple = (0.0, 0.0)         # transverse / longitudinal distance weight
+  # Sub-threshold fluctuations: slots of kind BACKGROUND (never labelled), puff-like
+  # profiles (FWHM, rise, log-uniform plateau, decay) with log-uniform peak dF/F0.
+  max_faint: int = 0
+  faint_probability: float = 0.5
+  faint_fwhm_um: tuple = (1.5, 4.0)
+  faint_rise_ms: tuple = (20.0, 100.0)
+  faint_duration_ms: tuple = (50.0, 800.0)
+  faint_tau_ms: tuple = (30.0, 150.0)
+  faint_amplitude: tuple = (0.03, 0.12)
 
   @property
   def num_slots(self) -> int:
-    return self.max_sparks + self.max_puffs + self.max_waves
+    return self.max_sparks + self.max_puffs + self.max_waves + self.max_faint
 
   def slot_classes(self) -> tuple:
-    """Class id of every event slot (sparks, then puffs, then waves)."""
-    return (SPARK,) * self.max_sparks + (PUFF,) * self.max_puffs + (WAVE,) * self.max_waves
+    """Class id of every event slot (sparks, then puffs, then waves, then the
+    sub-threshold fluctuations, kind BACKGROUND)."""
+    return ((SPARK,) * self.max_sparks + (PUFF,) * self.max_puffs + (WAVE,) * self.max_waves
+            + (BACKGROUND,) * self.max_faint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +242,7 @@ class _Uniforms:
 
 def num_uniforms(priors: Priors, geom: Geometry) -> int:
   return (64 + 16 * priors.max_sparks + 16 * priors.max_puffs + 12 * priors.max_waves
-          + geom.height_px * geom.width_px)
+          + 10 * priors.max_faint + geom.height_px * geom.width_px)
 
 
 def _texture(u, rms, geom: Geometry):
@@ -371,7 +386,30 @@ def draw_scene(key, priors: Priors, geom: Geometry) -> Scene:
                        r.uniform((0.0, p.granular_texture)), geom),
       dye_saturation_inv=jnp.where(dye_max > 0, 1.0 / jnp.maximum(dye_max, 1e-6), 0.0),
       line_delay_fraction=r.uniform(p.line_delay_fraction))
+  if p.max_faint:
+    scene = scene.replace(events=_append_faint(scene.events, r, p, geom, centres))
   return scene
+
+
+def _append_faint(ev: Events, r: _Uniforms, p: Priors, geom: Geometry, centres) -> Events:
+  """``ev`` with ``p.max_faint`` sub-threshold fluctuation slots (kind BACKGROUND)
+  appended; drawn last, so the other slots are those of the same key without them."""
+  n, dt = p.max_faint, geom.frame_interval_ms
+  t_ms = geom.num_frames * dt
+  y, x = centres(n)
+  plateau = r.log_uniform(p.faint_duration_ms, n)
+  rise = r.uniform(p.faint_rise_ms, n)
+  lead = 0.8 * (rise + plateau)
+  faint = Events(
+      kind=jnp.full((n,), BACKGROUND, jnp.int32), active=r.bernoulli(p.faint_probability, n),
+      t0_ms=-lead + r.take(n) * (t_ms + lead), y_px=y, x_px=x,
+      fwhm_um=r.uniform(p.faint_fwhm_um, n), rise_ms=rise, plateau_ms=plateau,
+      tau_ms=r.uniform(p.faint_tau_ms, n), speed_um_per_s=jnp.zeros((n,)),
+      amplitude=r.log_uniform(p.faint_amplitude, n), aspect=jnp.ones((n,)),
+      widening=jnp.zeros((n,)), flicker=jnp.zeros((n,)), flicker_hz=jnp.full((n,), 10.0),
+      flicker_phase=jnp.zeros((n,)), curvature=jnp.zeros((n,)))
+  full = jax.tree.map(lambda v: jnp.broadcast_to(jnp.asarray(v), ev.kind.shape), ev)
+  return jax.tree.map(lambda a, b: jnp.concatenate([jnp.asarray(a, b.dtype), b]), full, faint)
 
 
 def draw_noise(key, priors: Priors):

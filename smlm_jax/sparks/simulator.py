@@ -29,6 +29,8 @@ Forward model (expected photons per pixel per frame, then the detector):
     v (x0 outside the field: it enters from one side), with a linear rise and an
     exponential decay at each column.
   Events are multiplied by F0, i.e. they exist only inside the cell.
+  - sub-threshold fluctuation (optional, ``Priors.max_faint``): a puff-like profile
+    with a peak dF/F0 below the smallest puff, labelled background.
 * Detector: :func:`smlm_jax.core.noise.apply_camera` (QE, exact Poisson, read-out).
 
 Labels (per voxel, int32): 0 background, 1 spark, 2 wave, 3 puff, 4 ignore. An event
@@ -165,7 +167,8 @@ def event_rel(ev: Events, geom: Geometry, line_delay_fraction=0.0):
 def labels_from_rel(rel, ev: Events, cell, spec: LabelSpec):
   """(labels [T, H, W], instances [T, H, W]) from per-slot rel [E, T, H, W]."""
   inside = (cell >= 0.5)[None, None]
-  active = ev.active[:, None, None, None]
+  # Sub-threshold fluctuation slots (kind BACKGROUND) add dF/F0 but cover no voxel.
+  active = (ev.active & (ev.kind != BACKGROUND))[:, None, None, None]
   covered = (rel >= spec.event_fraction) & inside & active
   strength = jnp.where(covered, ev.amplitude[:, None, None, None] * rel, -1.0)
   best = jnp.argmax(strength, axis=0)
@@ -285,6 +288,13 @@ _RANDOMIZATION = (
     ("puffs", "flicker", "puff_flicker"),
     ("puffs", "flicker_hz", "puff_flicker_hz"),
     ("waves", "curvature", "wave_curvature"),
+    ("faint", "max_per_movie", "max_faint"),
+    ("faint", "probability", "faint_probability"),
+    ("faint", "fwhm_um", "faint_fwhm_um"),
+    ("faint", "rise_ms", "faint_rise_ms"),
+    ("faint", "duration_ms", "faint_duration_ms"),
+    ("faint", "tau_ms", "faint_tau_ms"),
+    ("faint", "amplitude_dff", "faint_amplitude"),
 )
 
 
@@ -297,6 +307,8 @@ def _randomization_from_config(sim) -> dict:
     v = g[key]
     if isinstance(v, bool):
       out[field] = v
+    elif field == "max_faint":
+      out[field] = int(v)
     elif isinstance(v, (tuple, list)):
       out[field] = _pair(v)
     else:
