@@ -333,6 +333,11 @@ def get_events_config() -> ml_collections.ConfigDict:
   # them was 0.85 / puff 0.66 without the filter, 0.89 / 0.81 with it).
   ev.min_probability = (0.64, 0.64, 0.66)
   ev.min_volume_um2_ms = (0.0, 0.0, 400.0)
+  # ... and its estimated peak dF/F0 (smoothed movie) >= min_amplitude_dff (chosen with
+  # the two above; off in the fallback).
+  ev.min_amplitude_dff = (0.0, 0.0, 0.0)
+  # Spark / puff regions touching a wave become part of it (extraction step 1b).
+  ev.absorb_into_waves = False
   ev.iomin_threshold = 0.5
   # Choose min_probability / min_volume_um2_ms per class at each validation (grids in
   # smlm_jax.sparks.events: the F1-optimal pair on the config.eval_seed movies) and save

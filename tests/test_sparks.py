@@ -396,6 +396,62 @@ def test_filter_chosen_on_validation_maximizes_f1_and_matches_the_scorer():
     assert sum(c == sim.PUFF for c in cls_of) == counts[0] + counts[1]
 
 
+def test_amplitude_floor_is_chosen_when_false_events_are_faint():
+  """Sure but faint false puffs (dF/F0 0.05) beside bright true ones (0.5): no
+  probability or volume threshold separates them, the estimated peak dF/F0 does."""
+  T, H, W = 20, 16, 48
+  probs = np.zeros((T, H, W, 4), np.float32)
+  probs[..., 0] = 1.0
+  labels = np.zeros((T, H, W), np.uint8)
+  movie = np.full((T, H, W), 10.0, np.float32)
+  for x0, amp, true in ((2, 0.5, True), (10, 0.05, False), (18, 0.5, True),
+                        (26, 0.05, False), (34, 0.05, False)):
+    sl = (slice(2, 16), slice(2, 6), slice(x0, x0 + 4))
+    probs[sl] = (0.1, 0.0, 0.0, 0.9)
+    movie[sl] *= 1.0 + amp
+    if true:
+      labels[sl] = sim.PUFF
+  true_inst, true_cls = ev_lib.instances_from_labels(labels)
+  spec = ev_lib.EventSpec()
+  scorer = ev_lib.Scorer(spec)
+  rec = scorer.add(probs, movie, labels, true_inst, true_cls)
+  amps = sorted(rec.amp[1:])
+  assert amps[2] < 0.05 < amps[3]                  # smoothed: faint ~0.02, bright ~0.2
+  chosen = ev_lib.choose_filter(scorer.records)
+  assert chosen["min_amplitude_dff"][2] == pytest.approx(0.05)
+  assert chosen["min_probability"][2] == 0.0 and chosen["min_volume_um2_ms"][2] == 0.0
+  assert (chosen["tp"]["puff"], chosen["fp"]["puff"], chosen["fn"]["puff"]) == (2, 0, 0)
+  assert chosen["unfiltered_f1"]["puff"] == pytest.approx(4 / 7)
+  # The extraction applies the floor as the scorer counts it.
+  floor = dataclasses.replace(spec, min_amplitude_dff=(0.0, 0.0, 0.05))
+  _, _, cls_of, events, _ = ev_lib.extract_events(probs, movie, floor)
+  assert sum(c == sim.PUFF for c in cls_of) == 2
+  assert all(e.amplitude > 0.05 for e in events)
+  assert scorer.metrics(dict(chosen))["puff"]["fp"] == 0
+
+
+def test_spark_pieces_touching_a_wave_become_the_wave():
+  """Step 1b (absorb_into_waves): a spark region touching a wave band joins it, a
+  spark elsewhere stays a spark; off, both stay sparks."""
+  T, H, W = 24, 16, 64
+  classes = np.zeros((T, H, W), np.uint8)
+  classes[4:20, :, 4:36] = sim.WAVE                 # 20.5 um^2: above the wave minimum
+  classes[8:12, 5:11, 36:42] = sim.SPARK            # touches the wave's edge
+  classes[8:12, 5:11, 52:58] = sim.SPARK            # far from it
+  out = ev_lib.absorb_into_waves(classes)
+  assert np.all(out[8:12, 5:11, 36:42] == sim.WAVE)
+  assert np.all(out[8:12, 5:11, 52:58] == sim.SPARK)
+  assert np.sum(out == sim.WAVE) == np.sum(classes == sim.WAVE) + 4 * 36
+  probs = np.eye(4, dtype=np.float32)[classes]
+  movie = np.ones((T, H, W), np.float32)
+  movie[10, 8, 39] = movie[10, 8, 55] = 20.0        # one peak per spark
+  for absorb, sparks in ((False, 2), (True, 1)):
+    spec = ev_lib.EventSpec(absorb_into_waves=absorb)
+    _, _, cls_of, _, _ = ev_lib.extract_events(probs, movie, spec)
+    assert sum(c == sim.SPARK for c in cls_of) == sparks
+    assert sum(c == sim.WAVE for c in cls_of) == 1
+
+
 # ----------------------------------------------------------------------------- training + CLI
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

@@ -284,6 +284,6 @@ class SparksTask(Task):
     if "filter" in metrics:
       f = metrics["filter"]
       title += (f", confidence filter chosen on it: mean probability >= "
-                f"{f['min_probability']}, volume >= {f['min_volume_um2_ms']} um^2 ms "
-                f"(spark, wave, puff)")
+                f"{f['min_probability']}, volume >= {f['min_volume_um2_ms']} um^2 ms, "
+                f"estimated peak dF/F0 >= {f['min_amplitude_dff']} (spark, wave, puff)")
     return events_lib.summary_table(metrics, title=title)

@@ -22,8 +22,9 @@ Every name below is importable from here (``from smlm_jax.sparks import events``
 """
 from smlm_jax.sparks.events.spec import NAMES, Event, EventSpec, spec_from_config
 from smlm_jax.sparks.events.confidence import (apply_confidence_filter, confident,
-                                               event_confidence, renumber)
-from smlm_jax.sparks.events.extraction import (annotated_instances, describe, estimate_dff, extract_events,
+                                               event_amplitude, event_confidence, renumber)
+from smlm_jax.sparks.events.extraction import (absorb_into_waves, annotated_instances,
+                                               describe, estimate_dff, extract_events,
                                                extract_unfiltered, filter_true_instances,
                                                find_peaks, instances_from_classes,
                                                instances_from_labels, smooth)
@@ -32,7 +33,7 @@ from smlm_jax.sparks.events.scoring import (AMPLITUDE_BINS, MovieRecord, Scorer,
                                             amplitude_table, amplitude_table_text,
                                             confusion_table, flat_metrics,
                                             simulated_scorer, summary_table)
-from smlm_jax.sparks.events.tuning import (FILTER_FILE, PROBABILITY_GRID,
+from smlm_jax.sparks.events.tuning import (AMPLITUDE_GRID_DFF, FILTER_FILE, PROBABILITY_GRID,
                                            VOLUME_GRID_UM2_MS, choose_filter,
                                            filter_counts, load_filter, save_filter,
                                            tune_simulated, use_run_filter)

@@ -3,6 +3,9 @@ following Dotti et al. 2024 (Cell Calcium 121:102893) and its reference code:
 1. Each voxel takes its most probable class; the first and last ``edge_frames`` frames
    of the movie (those the training labels ignore, so the network never learned them)
    are background.
+   1b. With ``absorb_into_waves``: every connected spark / puff region (26-connected,
+   both classes together) that touches a wave voxel becomes wave (segment first, then
+   classify: a wave front the network breaks into pieces is one wave).
 2. Per event class, 26-connected components in (t, y, x) (``scipy.ndimage.label``).
 3. Sparks: peaks of the smoothed dF/F0 movie inside the spark mask, by non-maximum
    suppression with an ellipsoidal minimum distance (``spark_min_distance_um`` in
@@ -13,8 +16,9 @@ following Dotti et al. 2024 (Cell Calcium 121:102893) and its reference code:
 4. Components shorter than ``min_duration_ms`` or with a projected (y, x) area below
    ``min_area_um2`` are dropped (per class).
 5. Confidence (when the probabilities are given): components whose mean probability
-   of their own class is below ``min_probability``, or whose volume is below
-   ``min_volume_um2_ms``, are dropped (per class; predictions only; see
+   of their own class is below ``min_probability``, whose volume is below
+   ``min_volume_um2_ms`` or whose estimated peak dF/F0 is below ``min_amplitude_dff``
+   are dropped (per class; predictions only; see
    ``confidence``, and ``tuning`` for how training chooses them).
 dF/F0 is estimated as ``S / F0 - 1`` with ``S`` the movie smoothed by a Gaussian
 (``smooth_sigma_frames``, ``smooth_sigma_px``) and ``F0`` the per-pixel mean of ``S``
@@ -34,7 +38,7 @@ from scipy import ndimage
 
 from smlm_jax.sparks.events.confidence import apply_confidence_filter
 from smlm_jax.sparks.events.spec import Event, EventSpec
-from smlm_jax.sparks.simulator import BACKGROUND, EVENT_CLASSES, IGNORE, SPARK
+from smlm_jax.sparks.simulator import BACKGROUND, EVENT_CLASSES, IGNORE, PUFF, SPARK, WAVE
 
 
 # --------------------------------------------------------------------------- dF/F0
@@ -152,7 +156,7 @@ def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
   cls_of = np.asarray(cls_of, np.int32)
   if probs is None:
     return inst, cls_of
-  return apply_confidence_filter(inst, cls_of, probs, spec)
+  return apply_confidence_filter(inst, cls_of, probs, spec, dff)
 
 
 def describe(inst, cls_of, dff, spec: EventSpec) -> list[Event]:
@@ -182,6 +186,23 @@ def describe(inst, cls_of, dff, spec: EventSpec) -> list[Event]:
   return out
 
 
+def absorb_into_waves(classes):
+  """Class volume [T, H, W] where each 26-connected region of spark / puff voxels that
+  touches a wave voxel (26-neighbourhood) is wave (step 1b)."""
+  wave = classes == WAVE
+  if not wave.any():
+    return classes
+  local = (classes == SPARK) | (classes == PUFF)
+  comp, n = ndimage.label(local, structure=_STRUCT26)
+  if n == 0:
+    return classes
+  near = ndimage.binary_dilation(wave, structure=_STRUCT26)
+  touching = np.unique(comp[near & local])
+  out = classes.copy()
+  out[np.isin(comp, touching[touching > 0])] = WAVE
+  return out
+
+
 def extract_unfiltered(probs, movie, spec: EventSpec):
   """Steps 1-4 (no confidence filter): (classes [T, H, W] uint8, instances [T, H, W]
   int32, class per id, dF/F0 [T, H, W] or None without a movie)."""
@@ -191,6 +212,8 @@ def extract_unfiltered(probs, movie, spec: EventSpec):
   if k and classes.shape[0] > 2 * k:
     classes[:k] = BACKGROUND
     classes[-k:] = BACKGROUND
+  if spec.absorb_into_waves:
+    classes = absorb_into_waves(classes)
   dff = estimate_dff(movie, classes, spec) if movie is not None else None
   inst, cls_of = instances_from_classes(classes, spec, dff)
   return classes, inst, cls_of, dff
@@ -201,7 +224,7 @@ def extract_events(probs, movie, spec: EventSpec):
   dF/F0 [T, H, W]) from probabilities [T, H, W, 4] and the movie [T, H, W] (any
   linear intensity scale)."""
   classes, inst, cls_of, dff = extract_unfiltered(probs, movie, spec)
-  inst, cls_of = apply_confidence_filter(inst, cls_of, probs, spec)
+  inst, cls_of = apply_confidence_filter(inst, cls_of, probs, spec, dff)
   return classes, inst, cls_of, describe(inst, cls_of, dff, spec), dff
 
 

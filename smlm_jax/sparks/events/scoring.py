@@ -87,16 +87,19 @@ class Scorer:
 
   def metrics(self, chosen: dict | None = None) -> dict:
     """Per-class P / R / F1 / counts, voxel IoU, confusion and F1 vs amplitude under the
-    confidence filter ``chosen`` ({'min_probability', 'min_volume_um2_ms'}, per class)
+    confidence filter ``chosen`` ({'min_probability', 'min_volume_um2_ms',
+    'min_amplitude_dff'}, per class; a missing amplitude floor is off)
     or, by default, the spec's."""
     f = chosen or {"min_probability": self.spec.min_probability,
-                   "min_volume_um2_ms": self.spec.min_volume_um2_ms}
+                   "min_volume_um2_ms": self.spec.min_volume_um2_ms,
+                   "min_amplitude_dff": self.spec.min_amplitude_dff}
     counts = {c: np.zeros(3, np.int64) for c in EVENT_CLASSES}
     confusion = np.zeros((4, 4), np.int64)
     amp_rows = []            # (class, amplitude, tp, fp, fn) per scored event
     for rec in self.records:
       keep = confident(rec.cls, rec.pmean, rec.volume, f["min_probability"],
-                       f["min_volume_um2_ms"])
+                       f["min_volume_um2_ms"], rec.amp,
+                       f.get("min_amplitude_dff", (0.0,) * 3))
       m = rec.match(keep, self.spec.iomin_threshold)
       for c in EVENT_CLASSES:
         counts[c] += np.asarray(m["counts"][c])

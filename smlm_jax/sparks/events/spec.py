@@ -25,6 +25,10 @@ class EventSpec:
   min_probability: tuple = (0.0, 0.0, 0.0)       # predictions only (step 5); off here,
                                                  # configs/sparks.py sets them
   min_volume_um2_ms: tuple = (0.0, 0.0, 0.0)     # predictions only (step 5)
+  min_amplitude_dff: tuple = (0.0, 0.0, 0.0)     # predictions only (step 5)
+  # Step 1b: spark / puff components that touch a wave become part of it (a wave's
+  # front breaking into pieces the network calls sparks). Off for runs without it.
+  absorb_into_waves: bool = False
   # First / last frames of a movie read as background (step 1): the training labels
   # make them ignore (sim.labels.ignore_frames), so the network's output there is
   # untrained: a retrained default put 120 of its 132 false sparks on 8 movies of the
@@ -53,6 +57,8 @@ def spec_from_config(config, pixel_size_um: float | None = None,
       # .get: runs trained before these settings existed keep them off.
       min_probability=tuple(float(v) for v in e.get("min_probability", (0.0,) * 3)),
       min_volume_um2_ms=tuple(float(v) for v in e.get("min_volume_um2_ms", (0.0,) * 3)),
+      min_amplitude_dff=tuple(float(v) for v in e.get("min_amplitude_dff", (0.0,) * 3)),
+      absorb_into_waves=bool(e.get("absorb_into_waves", False)),
       edge_frames=int(config.sim.labels.ignore_frames))
 
 
