@@ -36,14 +36,14 @@ def confident(cls_of, pmean, volume, min_probability, min_volume_um2_ms,
               amplitude=None, min_amplitude_dff=(0.0, 0.0, 0.0)):
   """Bool [N + 1]: ids that pass per-class thresholds (spark, wave, puff) of mean
   probability, volume and (when ``amplitude`` per id is given) estimated peak dF/F0;
-  entry 0 (no event) is True. An unknown amplitude (nan) passes."""
+  entry 0 (no event) is True. A floor of 0 is off; an unknown amplitude (nan) passes."""
   cls_of = np.asarray(cls_of)
   per_id = lambda v: np.concatenate([[0.0], np.asarray(v, np.float64)])[cls_of]
   keep = ((np.asarray(pmean) >= per_id(min_probability) - 1e-9)
           & (np.asarray(volume) >= per_id(min_volume_um2_ms) - 1e-9))
   if amplitude is not None:
-    amp = np.asarray(amplitude, np.float64)
-    keep &= ~(amp < per_id(min_amplitude_dff) - 1e-9)
+    floor = per_id(min_amplitude_dff)
+    keep &= ~((floor > 0) & (np.asarray(amplitude, np.float64) < floor - 1e-9))
   keep[0] = True
   return keep
 

@@ -33,7 +33,9 @@ def filter_counts(records, cls: int, min_probability: float, min_volume: float,
   tp = fp = fn = 0
   for d in records:
     keep = ((d.cls == cls) & (d.pmean >= min_probability - 1e-9)
-            & (d.volume >= min_volume - 1e-9) & ~(d.amp < min_amplitude - 1e-9))
+            & (d.volume >= min_volume - 1e-9))
+    if min_amplitude > 0:                  # 0: off (estimates can be negative)
+      keep &= ~(d.amp < min_amplitude - 1e-9)
     same = (d.true_cls[d.pairs[:, 0]] == cls) & keep[d.pairs[:, 1]]
     m = len(greedy(d.pairs[same], d.iomin[same], -1.0))
     n_p = int(np.sum(keep & d.scored))
