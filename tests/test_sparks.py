@@ -432,15 +432,17 @@ def test_amplitude_floor_is_chosen_when_false_events_are_faint():
 
 def test_spark_pieces_touching_a_wave_become_the_wave():
   """Step 1b (absorb_into_waves): a spark region touching a wave band joins it, a
-  spark elsewhere stays a spark; off, both stay sparks."""
+  spark elsewhere stays a spark even with a stray wave voxel inside (too small to be a
+  wave); off, both stay sparks."""
   T, H, W = 24, 16, 64
   classes = np.zeros((T, H, W), np.uint8)
   classes[4:20, :, 4:36] = sim.WAVE                 # 20.5 um^2: above the wave minimum
   classes[8:12, 5:11, 36:42] = sim.SPARK            # touches the wave's edge
   classes[8:12, 5:11, 52:58] = sim.SPARK            # far from it
-  out = ev_lib.absorb_into_waves(classes)
+  classes[10, 8, 56] = sim.WAVE                     # a stray wave voxel in that spark
+  out = ev_lib.absorb_into_waves(classes, ev_lib.EventSpec())
   assert np.all(out[8:12, 5:11, 36:42] == sim.WAVE)
-  assert np.all(out[8:12, 5:11, 52:58] == sim.SPARK)
+  assert np.sum(out[8:12, 5:11, 52:58] == sim.SPARK) == 4 * 36 - 1
   assert np.sum(out == sim.WAVE) == np.sum(classes == sim.WAVE) + 4 * 36
   probs = np.eye(4, dtype=np.float32)[classes]
   movie = np.ones((T, H, W), np.float32)

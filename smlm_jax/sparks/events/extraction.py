@@ -4,7 +4,8 @@ following Dotti et al. 2024 (Cell Calcium 121:102893) and its reference code:
    of the movie (those the training labels ignore, so the network never learned them)
    are background.
    1b. With ``absorb_into_waves``: every connected spark / puff region (26-connected,
-   both classes together) that touches a wave voxel becomes wave (segment first, then
+   both classes together) that touches a wave component of at least the wave's
+   minimum size becomes wave (segment first, then
    classify: a wave front the network breaks into pieces is one wave).
 2. Per event class, 26-connected components in (t, y, x) (``scipy.ndimage.label``).
 3. Sparks: peaks of the smoothed dF/F0 movie inside the spark mask, by non-maximum
@@ -186,10 +187,21 @@ def describe(inst, cls_of, dff, spec: EventSpec) -> list[Event]:
   return out
 
 
-def absorb_into_waves(classes):
+def absorb_into_waves(classes, spec: EventSpec):
   """Class volume [T, H, W] where each 26-connected region of spark / puff voxels that
-  touches a wave voxel (26-neighbourhood) is wave (step 1b)."""
-  wave = classes == WAVE
+  touches a wave (26-neighbourhood) becomes wave (step 1b). Only wave components that
+  pass the wave's minimum duration and area count: a few stray wave voxels in a spark
+  must not turn the spark into a (then discarded) wave."""
+  comp_w, n_w = ndimage.label(classes == WAVE, structure=_STRUCT26)
+  if n_w == 0:
+    return classes
+  wave = np.zeros(classes.shape, bool)
+  for i, sl in enumerate(ndimage.find_objects(comp_w), start=1):
+    m = comp_w[sl] == i
+    ts = np.nonzero(np.any(m, axis=(1, 2)))[0]
+    sub = (slice(sl[0].start + ts[0], sl[0].start + ts[-1] + 1),) + sl[1:]
+    if _keep(WAVE, sub, m[ts[0]:ts[-1] + 1], spec):
+      wave[sl] |= m
   if not wave.any():
     return classes
   local = (classes == SPARK) | (classes == PUFF)
@@ -213,7 +225,7 @@ def extract_unfiltered(probs, movie, spec: EventSpec):
     classes[:k] = BACKGROUND
     classes[-k:] = BACKGROUND
   if spec.absorb_into_waves:
-    classes = absorb_into_waves(classes)
+    classes = absorb_into_waves(classes, spec)
   dff = estimate_dff(movie, classes, spec) if movie is not None else None
   inst, cls_of = instances_from_classes(classes, spec, dff)
   return classes, inst, cls_of, dff
