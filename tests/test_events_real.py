@@ -232,3 +232,29 @@ def test_predict_max_per_frame_keeps_the_most_probable(tmp_path, monkeypatch):
       rows = list(csv.DictReader(l for l in f if not l.startswith("#")))
     assert len(rows) == 4 * per_frame
     assert all(int(r["y_px"]) == 45 for r in rows) == (per_frame == 1)
+
+
+def test_branches_start_on_the_previous_tubule():
+  import jax
+  from configs import events
+  from smlm_jax.events import simulate as sim_lib
+  curve = jax.random.uniform(jax.random.key(0), (4, 20, 2), maxval=60.0)
+  out = np.asarray(sim_lib._attach_branches(jax.random.key(1), curve, 1.0))
+  np.testing.assert_array_equal(out[0], np.asarray(curve[0]))     # tubule 0 never moves
+  for i in range(1, 4):
+    d = np.linalg.norm(out[i - 1] - out[i, 0], axis=-1)
+    assert d.min() < 1e-4 and 2 <= int(np.argmin(d)) < 18          # on the previous one
+    shift = out[i] - np.asarray(curve[i])                          # moved rigidly
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-4)
+  same = np.asarray(sim_lib._attach_branches(jax.random.key(1), curve, 0.0))
+  np.testing.assert_array_equal(same, np.asarray(curve))
+  # In the simulator: the same truth (the division site), another picture.
+  cfg = events.get_config("tiny").sim.to_dict()
+  off = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "num_tubules": (3, 3)})
+  on = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "num_tubules": (3, 3),
+                                      "branch_prob": 1.0})
+  key = jax.random.key(4)
+  a, ta, _ = sim_lib.scene(key, off, 2)
+  b, tb, _ = sim_lib.scene(key, on, 2)
+  np.testing.assert_array_equal(np.asarray(ta["label"]), np.asarray(tb["label"]))
+  assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 1.0

@@ -45,6 +45,11 @@ Scene (lengths in px of ``pixel_size_nm``; defaults in ``configs/events.py``):
   sCMOS column amplifiers, or the iSIM's scanned multifocal excitation. Drawn from ``fold_in(key, 24)``, so the other random
   numbers are unchanged, and skipped when the value is a Python 0 (``simulate``
   bit for bit as before).
+* Branches (``branch_prob``; default 0 = none): each tubule after the first starts,
+  with this probability, on the previous one (10-90% along it): T / Y junctions of a
+  network, a hard negative for the detector (real crops show many; the detector's
+  false detections sat on junctions and thick necks). Drawn from ``fold_in(key, 25)``
+  and skipped at a Python 0, like the stripes.
 
 Defaults are set to match the shared iSIM crops (56 nm pixels, COS-7 mitochondria
 ~10-15 px wide, tubule peaks ~130 and background ~5 photo-electrons at ~2.5 ADU/e-,
@@ -94,6 +99,7 @@ class SimParams:
   offset_adu: float = 100.0
   read_noise_e: float = 1.5
   column_gain_rel_std: float = 0.0
+  branch_prob: float = 0.0
 
   @classmethod
   def from_config(cls, sim) -> "SimParams":
@@ -155,6 +161,27 @@ def _has_stripes(p: SimParams) -> bool:
   return not (isinstance(v, (int, float)) and v == 0)
 
 
+def _has_branches(p: SimParams) -> bool:
+  v = p.branch_prob
+  return not (isinstance(v, (int, float)) and v == 0)
+
+
+def _attach_branches(key, curve, branch_prob):
+  """Curves [m, K, 2] where each tubule i >= 1, with probability ``branch_prob``, is
+  moved so that its first point lies on tubule i - 1 (at 10-90% of its samples): a
+  T / Y junction of a mitochondrial network (a hard negative: a junction is not a
+  division). Tubule 0 (the one that may divide) never moves."""
+  m, k = curve.shape[0], curve.shape[1]
+  k_on, k_at = jax.random.split(key)
+  on = jax.random.bernoulli(k_on, branch_prob, (m,))
+  at = jax.random.randint(k_at, (m,), int(0.1 * k), int(0.9 * k))
+  out = [curve[0]]
+  for i in range(1, m):
+    shift = out[i - 1][at[i]] - curve[i, 0]
+    out.append(jnp.where(on[i], curve[i] + shift, curve[i]))
+  return jnp.stack(out)
+
+
 def simulate(key, p: SimParams, num_frames: int, has_event=None):
   """One crop: (frames [n, S, S] float32 ADU, truth dict: label [S, S], has_event,
   site_yx [2] px, q_now, expected_photons [n, S, S] (before QE and noise)).
@@ -199,6 +226,8 @@ def scene(key, p: SimParams, num_frames: int, has_event=None):
   centres = jax.random.uniform(next(keys), (m, 2), minval=-0.15 * s, maxval=1.15 * s)
   centres = centres.at[0].set(site - curve[0, site_k])
   curve = curve + centres[:, None, :]
+  if _has_branches(p):
+    curve = _attach_branches(jax.random.fold_in(key, 25), curve, p.branch_prob)
   site_arc = arc[0, site_k]
 
   # Labelling: nominal diameter, smooth modulation, static dips.
