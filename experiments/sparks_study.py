@@ -2,7 +2,7 @@
 
   flock /tmp/smlm_cpu.lock python experiments/sparks_study.py [--workdir=/tmp/sparks_study] \
       [--config=configs/sparks.py] [--num_movies=96] [--seed=777] [--skip_training] \
-      [--num_val=32] [--val_seed=4242] [--second_sim_dir=DIR]
+      [--num_val=32] [--val_seed=4242] [--second_sim_dir=DIR] [--third_sim_dir=DIR]
 
 1. Trains ``--config`` (default: the CPU default) in ``--workdir`` with the shared
    trainer and times it (wall clock, compilation and validation included; a finished
@@ -32,7 +32,8 @@
    frame_interval_s, camera_offset_adu, camera_gain_adu_per_e): the model through
    ``smlm_jax.sparks.evaluate``'s annotated-movie path, the classical detector (the
    parameters tuned in 4) through the same matching; adds f1_*_second_sim and
-   classical_f1_*_second_sim to the RESULT line.
+   classical_f1_*_second_sim to the RESULT line. --third_sim_dir=DIR: the same for a
+   third independent simulator (experiments/third_sim), keys *_third_sim.
    (seconds = training wall-clock time; the process CPU time is printed too, since on a
    shared host the wall clock includes waiting for other processes). Writes metrics.json and f1_vs_amplitude.png
    to WORKDIR/study.
@@ -69,10 +70,14 @@ _TEST_PRIORS = flags.DEFINE_enum("test_priors", "run", ["run", "config"], "Prior
 _SECOND = flags.DEFINE_string("second_sim_dir", None, "Folder of independently simulated "
                               "movies (NAME.tif, NAME_labels.tif, NAME_instances.tif, "
                               "NAME.json) to score the model and the detector on.")
+_THIRD = flags.DEFINE_string("third_sim_dir", None, "Folder of movies of a third "
+                             "independent simulator (same files as --second_sim_dir).")
 
 
 def second_sim_items(folder):
   """[(name, movie ADU path, labels path, instances path or None, metadata)]."""
+  if not os.path.isdir(folder):
+    cli.fail(f"{folder}: no such folder of simulated movies")
   out = []
   for name in sorted(os.listdir(folder)):
     if not name.endswith(".json"):
@@ -126,6 +131,10 @@ def main(argv):
   cli.quiet_logs()
   config = _CONFIG.value
   workdir = _WORKDIR.value
+  # Other simulators' movies: checked before any training.
+  others = [(tag, folder, second_sim_items(folder))
+            for tag, folder in (("second_sim", _SECOND.value), ("third_sim", _THIRD.value))
+            if folder]
   timing = os.path.join(workdir, "train_seconds.json")
   if _RETRAIN.value and os.path.isdir(workdir):
     import shutil
@@ -154,12 +163,11 @@ def main(argv):
   print(events_lib.summary_table(cm, title=f"classical detector, {_NUM.value} test movies "
                                  f"(seed {_SEED.value})"))
   keys = " ".join(f"classical_f1_{n}s={cm[n]['f1']:.3f}" for n in ("spark", "wave", "puff"))
-  items = second_sim_items(_SECOND.value) if _SECOND.value else None
-  if items:
+  for tag, folder, items in others:
     c2 = classical_second_sim(items, config, params)
     print(events_lib.summary_table(c2, title=f"classical detector, {len(items)} movies of "
-                                   f"{_SECOND.value} (second simulator)"))
-    keys += " " + " ".join(f"classical_f1_{n}s_second_sim={c2[n]['f1']:.3f}"
+                                   f"{folder} ({tag.replace('_', ' ')}ulator)"))
+    keys += " " + " ".join(f"classical_f1_{n}s_{tag}={c2[n]['f1']:.3f}"
                            for n in ("spark", "wave", "puff"))
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     print(f"no trained run in {workdir}: classical detector only")
@@ -172,15 +180,15 @@ def main(argv):
       workdir, _NUM.value, _SEED.value, os.path.join(workdir, "study"),
       sim_config=config.sim if _TEST_PRIORS.value == "config" else None)
   print(f"test evaluation: {time.time() - t0:.0f} s")
-  if items:
+  for tag, _, items in others:
     meta = items[0][4]
     m2 = evaluate_lib.evaluate_annotated(
         workdir, [i[1] for i in items], [i[2] for i in items],
         [i[3] for i in items] if all(i[3] for i in items) else (),
         float(meta["pixel_size_nm"]), float(meta["frame_interval_s"]),
         float(meta.get("camera_offset_adu", 100.0)),
-        os.path.join(workdir, "study_second_sim"))
-    keys += " " + " ".join(f"f1_{n}s_second_sim={m2[n]['f1']:.3f}"
+        os.path.join(workdir, f"study_{tag}"))
+    keys += " " + " ".join(f"f1_{n}s_{tag}={m2[n]['f1']:.3f}"
                            for n in ("spark", "wave", "puff"))
   print(f"RESULT f1_sparks={m['spark']['f1']:.3f} f1_waves={m['wave']['f1']:.3f} "
         f"f1_puffs={m['puff']['f1']:.3f} seconds={seconds:.0f} {keys}")
