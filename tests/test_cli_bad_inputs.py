@@ -351,3 +351,16 @@ def test_bad_config_override_is_one_line(args, says, tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: ") and "--config." in lines[0]
   assert says in lines[0]
   assert not (tmp_path / "w").exists()
+
+
+def test_sparks_study_missing_simulator_folder_fails_before_training(tmp_path):
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "experiments/sparks_study.py",
+                      f"--third_sim_dir={tmp_path / 'nowhere'}",
+                      f"--workdir={tmp_path / 'w'}"], cwd=root,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2, r.stderr
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "nowhere" in lines[0]
+  assert not (tmp_path / "w").exists()
