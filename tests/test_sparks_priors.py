@@ -182,10 +182,12 @@ def test_every_default_movie_has_a_cell_and_labelled_sparks():
 
 
 def test_faint_fluctuations_add_dff_but_no_labels():
-  """Variant 'faint': the sub-threshold slots (kind background) raise dF/F0 by at most
+  """Sub-threshold fluctuations (sim.faint): the slots (kind background) raise dF/F0 by at most
   their amplitude range, leave labels and instances exactly as without them (same
   key), and their amplitudes stay below the smallest puff."""
-  base = sim.simulator_from_config(sparks_config.get_config("tiny").sim)
+  plain = sparks_config.get_config("tiny")
+  plain.sim.faint.max_per_movie = 0
+  base = sim.simulator_from_config(plain.sim)
   cfg = sparks_config.get_config("tiny")
   cfg.sim.faint.max_per_movie = 2
   cfg.sim.faint.probability = 1.0
