@@ -36,6 +36,9 @@ local-maximum footprint (over-splits: 0.899 / 0.881 at half the NMS radii, 0.825
 0.894 / 0.909 and 0.788 / 0.771, against 0.894 / 0.900 and 0.812 / 0.764 with 0.5),
 puff class weight 8 (sparks 0.912 / 0.915, puffs 0.765 / 0.634) or 6 (sparks 0.878 /
 0.901, puffs 0.750 / 0.640). Variants:
+Since 2026-12-04 the default also trains on sub-threshold fluctuations (sim.faint,
+labelled background): own test movies (which now hold them) 0.882 / 1.000 / 0.642, the
+independent simulator 0.692 / 0.963 / 0.367 (was 0.590 / 0.963 / 0.209); README.
 ``configs/sparks.py:randomized`` (the CPU default with domain-randomized priors:
 randomize_sim; issue 23, see README "Ca2+ release events"),
 ``configs/sparks.py:randomized_G1+G2`` (only those factor groups of randomize_sim, e.g.
