@@ -70,8 +70,10 @@ def make_cells(rng, height_px, width_px):
            if end_visible else rng.uniform(-10, 10))
     u = u_all - u_c
     v = v_all - (vc + v_shift)
-    q = ((np.abs(u) / (length_um / 2)) ** 6 + (np.abs(v) / (wc / 2)) ** 6) ** (1 / 6)
-    m = _sigmoid((1 - q) * wc / 2 / 0.15)                # ~0.3 um soft membrane edge
+    r_c = rng.uniform(0.3, 0.5) * wc                     # rounded-rectangle signed distance
+    qu, qv = np.abs(u) - (length_um / 2 - r_c), np.abs(v) - (wc / 2 - r_c)
+    dist_out = (np.hypot(np.maximum(qu, 0), np.maximum(qv, 0)) + np.minimum(np.maximum(qu, qv), 0) - r_c)
+    m = _sigmoid(-dist_out / 0.15)                       # ~0.6 um 10-90 % soft membrane edge
     phase = 2 * np.pi * u / period_um + 0.8 * _smooth_noise(rng, mask.shape, 10.0)
     stria = 1 + rng.uniform(0.03, 0.12) * np.cos(phase)
     mito = 1 + rng.uniform(0.04, 0.12) * ndimage.gaussian_filter(
@@ -165,7 +167,7 @@ def sample_events(rng, geo, n_frames):
     rel_ms = float(np.clip(rng.lognormal(np.log(10.0), 0.35), 4, 30))
     events.append({"class": "spark", "t0_ms": onset(3, 8), "yx_um": site,
                    "dz_um": float(np.clip(rng.normal(0, 0.7), -1.5, 1.5)),
-                   "dca_uM": float(rng.lognormal(np.log(0.6), 0.5)), "rel_ms": rel_ms,
+                   "dca_uM": float(rng.lognormal(np.log(0.45), 0.5)), "rel_ms": rel_ms,
                    "tau_ms": float(rng.uniform(12, 25)), "s0_um": float(rng.uniform(0.35, 0.6)),
                    "d_app_um2_ms": float(rng.uniform(0.008, 0.02))})
   for _ in range(n_puff):
@@ -175,7 +177,7 @@ def sample_events(rng, geo, n_frames):
     rel_ms = float(np.clip(rng.lognormal(np.log(250.0), 0.6), 60, 1500))
     events.append({"class": "puff", "t0_ms": onset(3, 20), "yx_um": site,
                    "dz_um": float(np.clip(rng.normal(0, 0.7), -1.5, 1.5)),
-                   "dca_uM": float(rng.lognormal(np.log(0.3), 0.5)), "rel_ms": rel_ms,
+                   "dca_uM": float(rng.lognormal(np.log(0.15), 0.5)), "rel_ms": rel_ms,
                    "tau_ms": float(rng.uniform(40, 90)), "s0_um": float(rng.uniform(0.8, 1.4)),
                    "d_app_um2_ms": float(rng.uniform(0.001, 0.004)),
                    "flux": _puff_flux(rng, rel_ms)})
@@ -187,7 +189,7 @@ def sample_events(rng, geo, n_frames):
                    "uv_um": (float(cell["u_centre_um"] * 0 + rng.uniform(-w_um / 2 - 20, w_um / 2 + 20)),
                              float(cell["v_centre_um"] + rng.uniform(-0.3, 0.3) * cell["width_um"])),
                    "speed_um_ms": float(rng.uniform(0.04, 0.15)),
-                   "aniso": float(rng.uniform(0.6, 1.0)), "dca_uM": float(rng.lognormal(np.log(0.8), 0.35)),
+                   "aniso": float(rng.uniform(0.6, 1.0)), "dca_uM": float(rng.lognormal(np.log(0.6), 0.35)),
                    "rel_ms": float(rng.uniform(20, 60)), "tau_ms": float(rng.uniform(100, 250)),
                    "dmax_um": float(rng.uniform(15, 200)), "jitter_ms": float(rng.uniform(3, 12))})
   events.sort(key=lambda e: e["t0_ms"])
