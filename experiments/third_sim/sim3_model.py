@@ -166,7 +166,7 @@ def sample_events(rng, geo, n_frames):
     sites.append(site)
     rel_ms = float(np.clip(rng.lognormal(np.log(10.0), 0.35), 4, 30))
     events.append({"class": "spark", "t0_ms": onset(3, 8), "yx_um": site,
-                   "dz_um": float(np.clip(rng.normal(0, 0.7), -1.5, 1.5)),
+                   "dz_um": float(np.clip(rng.normal(0, 0.9), -2.0, 2.0)),
                    "dca_uM": float(rng.lognormal(np.log(0.45), 0.5)), "rel_ms": rel_ms,
                    "tau_ms": float(rng.uniform(12, 25)), "s0_um": float(rng.uniform(0.35, 0.6)),
                    "d_app_um2_ms": float(rng.uniform(0.008, 0.02))})
@@ -176,7 +176,7 @@ def sample_events(rng, geo, n_frames):
       break
     rel_ms = float(np.clip(rng.lognormal(np.log(250.0), 0.6), 60, 1500))
     events.append({"class": "puff", "t0_ms": onset(3, 20), "yx_um": site,
-                   "dz_um": float(np.clip(rng.normal(0, 0.7), -1.5, 1.5)),
+                   "dz_um": float(np.clip(rng.normal(0, 0.9), -2.0, 2.0)),
                    "dca_uM": float(rng.lognormal(np.log(0.15), 0.5)), "rel_ms": rel_ms,
                    "tau_ms": float(rng.uniform(40, 90)), "s0_um": float(rng.uniform(0.8, 1.4)),
                    "d_app_um2_ms": float(rng.uniform(0.001, 0.004)),
@@ -186,7 +186,7 @@ def sample_events(rng, geo, n_frames):
     cell = geo["cells"][k]
     w_um = geo["mask"].shape[1] * PIXEL_UM
     events.append({"class": "wave", "t0_ms": onset(5, 40), "cell": int(k),
-                   "uv_um": (float(cell["u_centre_um"] * 0 + rng.uniform(-w_um / 2 - 20, w_um / 2 + 20)),
+                   "uv_um": (float(rng.uniform(-w_um / 2 - 20, w_um / 2 + 20)),
                              float(cell["v_centre_um"] + rng.uniform(-0.3, 0.3) * cell["width_um"])),
                    "speed_um_ms": float(rng.uniform(0.04, 0.15)),
                    "aniso": float(rng.uniform(0.6, 1.0)), "dca_uM": float(rng.lognormal(np.log(0.6), 0.35)),
