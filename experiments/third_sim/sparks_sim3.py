@@ -7,7 +7,7 @@ Contract: writes, for i in 0..num-1, NAME = f"{prefix}_{i:04d}" in --out:
   NAME.json           camera/physics parameters, per-event metadata, the label rule in words
 Deterministic: movie i uses np.random.default_rng([seed, i]). Physics in sim3_model.py,
 modelling choices and sources in README.md. Bad flag values: one line "error: ..." and exit 2.
-Last stdout line: "RESULT movies=.. sparks=.. puffs=.. waves=.." (events with an instance id).
+Last stdout line: "RESULT movies=.. sparks=.. puffs=.. waves=.." (events with labelled voxels).
 """
 import json
 import os
@@ -81,7 +81,7 @@ def main(argv):
       json.dump(meta, f, indent=1)
     counts = {c: 0 for c in totals}
     for ev in meta["events"]:
-      if ev["ignored"]:
+      if ev["ignored"] or ev["n_voxels"] == 0:
         faint[ev["class"]] += 1
       else:
         counts[ev["class"]] += 1
@@ -91,7 +91,7 @@ def main(argv):
     print(f"{name}: sparks={counts['spark']} puffs={counts['puff']} waves={counts['wave']}", flush=True)
   for c in totals:
     med = f"{np.median(peaks[c]):.2f}" if peaks[c] else "n/a"
-    print(f"{c}s: {totals[c]} labelled (median peak dF/F0 {med}), {faint[c]} too faint (ignore)")
+    print(f"{c}s: {totals[c]} labelled (median peak dF/F0 {med}), {faint[c]} too faint or hidden by overlaps")
   print(f"RESULT movies={FLAGS.num} sparks={totals['spark']} puffs={totals['puff']} waves={totals['wave']}")
 
 
