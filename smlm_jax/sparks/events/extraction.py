@@ -104,8 +104,14 @@ def _split(component_mask, peaks, spec: EventSpec):
 _STRUCT26 = np.ones((3, 3, 3), bool)
 
 
-def _keep(cls, sl, mask, spec):
-  frames = sl[0].stop - sl[0].start
+def _component_passes(cls, mask, spec) -> bool:
+  """Whether one component (boolean mask [T, H, W] of its voxels) lasts the class's
+  minimum number of frames (first to last frame it occupies) and covers its minimum
+  area (pixels of its projection over time)."""
+  ts = np.nonzero(np.any(mask, axis=(1, 2)))[0]
+  if len(ts) == 0:
+    return False
+  frames = int(ts[-1] - ts[0] + 1)
   area = int(np.any(mask, axis=0).sum())
   return frames >= spec.min_frames(cls) and area >= spec.min_pixels(cls)
 
@@ -147,9 +153,7 @@ def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
       for m in pieces:
         if not m.any():
           continue
-        ts = np.nonzero(np.any(m, axis=(1, 2)))[0]
-        sub = (slice(sl[0].start + ts[0], sl[0].start + ts[-1] + 1),) + sl[1:]
-        if not _keep(c, sub, m[ts[0]:ts[-1] + 1], spec):
+        if not _component_passes(c, m, spec):
           continue
         cls_of.append(c)
         region = inst[sl]
@@ -198,9 +202,7 @@ def absorb_into_waves(classes, spec: EventSpec):
   wave = np.zeros(classes.shape, bool)
   for i, sl in enumerate(ndimage.find_objects(comp_w), start=1):
     m = comp_w[sl] == i
-    ts = np.nonzero(np.any(m, axis=(1, 2)))[0]
-    sub = (slice(sl[0].start + ts[0], sl[0].start + ts[-1] + 1),) + sl[1:]
-    if _keep(WAVE, sub, m[ts[0]:ts[-1] + 1], spec):
+    if _component_passes(WAVE, m, spec):
       wave[sl] |= m
   if not wave.any():
     return classes
@@ -251,9 +253,7 @@ def filter_true_instances(labels, instances, cls_of, spec: EventSpec):
     if sl is None:
       continue
     m = inst[sl] == i
-    ts = np.nonzero(np.any(m, axis=(1, 2)))[0]
-    sub = (slice(ts[0], ts[-1] + 1),) + sl[1:]
-    if not _keep(int(cls_of[i]), sub, m[ts[0]:ts[-1] + 1], spec):
+    if not _component_passes(int(cls_of[i]), m, spec):
       ignore[sl] |= m
   return ignore
 
