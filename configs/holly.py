@@ -130,6 +130,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.search.top = 4               # local refinement of the best `top` per image,
   config.search.local = 8             # `local` small turns each (half the grid spacing,
   config.search.levels = 2            # halved per level), `levels` levels
+  # uniform-view prior in the search (pose_search.py), weight annealed linearly to 0 at
+  # view_prior_until of training; folders of fewer than view_prior_min_images images
+  # (per sigma) go without it; 0 = off
+  config.search.view_prior = 0.0
+  config.search.view_prior_until = 0.5
+  config.search.view_prior_min_images = 100
   config.refine = ml_collections.ConfigDict()
   config.refine.extra_sigmas_px = (2.0, 1.0, 0.5, 0.0)
   config.refine.damping = 0.01
@@ -140,6 +146,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.convergence.max_residual = 0.1
   config.convergence.min_agreement = 0.3
   config.convergence.agree_deg = 10.0
+  # largest eigenvalue of the refined poses' viewing-direction second moment (uniform
+  # 1/3; < 0.47 for 64 uniform views in 99% of draws): the failed shell and elongated
+  # runs had 0.90 and 0.85, seven learned panel shapes 0.38-0.44; checked with >= view_min_images
+  # images per sigma and a cloud that is not axially symmetric
+  config.convergence.max_view_eig = 0.6
+  config.convergence.view_min_images = 32
 
   # 3000 (was 1500): chosen on the tuning shapes (bunny CNN pose median 11.7 -> 6.7 deg,
   # Chamfer 0.0115 -> 0.0091; teapot 9.3 -> 7.1 deg, 0.0092 -> 0.0090); the CNN, which

@@ -86,7 +86,11 @@ def finished(workdir: str, steps: int) -> bool:
     return False
 
 
-def make_config(obj: str, tiny: bool, steps: int | None, seed: int | None = None):
+def make_config(obj: str, tiny: bool, steps: int | None, seed: int | None = None,
+                overrides=()):
+  """configs/holly.py (default or tiny) for ``obj``, with ``overrides``: "a.b=value"
+  strings (value parsed as JSON where it can be, else kept as text; the field must
+  exist)."""
   from configs import holly
   c = holly.get_config("tiny" if tiny else None)
   c.data.obj = obj
@@ -94,6 +98,21 @@ def make_config(obj: str, tiny: bool, steps: int | None, seed: int | None = None
     c.num_train_steps = int(steps)
   if seed is not None:
     c.seed = int(seed)
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    try:
+      value = json.loads(text)
+    except ValueError:
+      value = text
+    *parents, leaf = key.split(".")
+    node = c
+    for part in parents:
+      node = node.get(part) if hasattr(node, "get") else None
+    if not sep or node is None or leaf not in node:
+      raise ValueError(f"--set {item!r}: expected an existing config field as KEY=VALUE, "
+                       "e.g. --set search.view_prior=0.5")
+    node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and \
+        not isinstance(node[leaf], bool) else value
   return c
 
 
@@ -102,7 +121,7 @@ def run_shape(name: str, args) -> dict:
   from smlm_jax.holly import evaluate, shapes
   obj = shape_path(name, args.shared)
   workdir = os.path.join(args.out, name)
-  config = make_config(obj, args.tiny, args.steps, args.seed)
+  config = make_config(obj, args.tiny, args.steps, args.seed, args.set)
   row = {"name": name, "group": SHAPES[name][1], "kind": SHAPES[name][2], "obj": obj}
   t0 = time.time()
   if not finished(workdir, int(config.num_train_steps)):
@@ -173,6 +192,9 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=None, help="override num_train_steps")
   ap.add_argument("--seed", type=int, default=None,
                   help="override config.seed (the training seed; use another --out per seed)")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="override a config field, e.g. --set search.view_prior=0.5 "
+                       "(repeatable; use another --out per setting)")
   ap.add_argument("--num_images", type=int, default=256)
   ap.add_argument("--tiny", action="store_true", help="configs/holly.py:tiny (tests)")
   ap.add_argument("--table_only", action="store_true", help="no training: print OUT/panel.json")
@@ -188,6 +210,11 @@ def main(argv=None):
   if missing and not args.table_only:
     print(f"error: shape files missing for {', '.join(missing)} (--shared={args.shared})",
           file=sys.stderr)
+    return 2
+  try:
+    make_config("", args.tiny, args.steps, args.seed, args.set)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
   from smlm_jax.core import cli
   cli.quiet_logs()

@@ -27,6 +27,30 @@ def test_verdict_catches_a_rod_whose_roll_was_averaged_away():
                                                 thresholds=th))
 
 
+def test_view_spread_flags_images_explained_from_one_direction():
+  """Uniform viewing directions pass, views bunched on one axis fail the verdict, and
+  the check is skipped for few particles or an axial cloud."""
+  th = diagnose.thresholds(holly_config.get_config())
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(64, 4))
+  from scipy.spatial.transform import Rotation
+  uniform = Rotation.from_quat(q / np.linalg.norm(q, axis=1, keepdims=True)).as_matrix()
+  assert diagnose.view_eig_max(uniform) < 0.5
+  # every image seen within ~15 deg of the object's z axis (random in-plane turns)
+  tilt = Rotation.from_rotvec(np.concatenate([0.25 * rng.normal(size=(64, 2)),
+                                              np.zeros((64, 1))], 1))
+  spin = Rotation.from_rotvec(np.outer(rng.uniform(0, 2 * np.pi, 64), [0, 0, 1.0]))
+  bunched = (spin * tilt).as_matrix()
+  assert diagnose.view_eig_max(bunched) > 0.85
+  good = dict(_rep(0.01, 0.8), view_eig_max=diagnose.view_eig_max(uniform),
+              views_checked=True)
+  bad = dict(good, view_eig_max=diagnose.view_eig_max(bunched))
+  assert diagnose.verdict(good, th) and not diagnose.verdict(bad, th)
+  msg = diagnose.message(dict(bad, converged=False, thresholds=th))
+  assert "one viewing direction" in msg and "view_prior" in msg
+  assert diagnose.verdict(dict(bad, views_checked=False), th)
+
+
 def test_axial_order_of_a_rod_and_of_an_asymmetric_cloud():
   rng = np.random.default_rng(0)
   n = 240

@@ -167,7 +167,9 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
       errors, batch = pose_errors(task, state, num_images, seed, starts)
       metrics["symmetry"] = task.symmetry().describe()
       diag_images, diag_sigma = batch["image"], batch["sigma"]
+      particles = None
     elif task.image_set is not None:
+      particles = max(len(a) for a in task.image_set.images)
       diag_images = np.concatenate(task.image_set.images)
       diag_sigma = np.concatenate([np.full(len(a), s, np.float32) for a, s in
                                    zip(task.image_set.images, task.image_set.sigmas)])
@@ -184,7 +186,8 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
       metrics["convergence"] = {k: v for k, v in earlier.items() if k != "step"}
     elif diag_images is not None:
       metrics["convergence"] = diagnose.report(task, jax.device_get(state["params"]),
-                                               diag_images, diag_sigma, seed)
+                                               diag_images, diag_sigma, seed,
+                                               particles=particles)
       diagnose.write(workdir, metrics["convergence"], step)
     if errors is not None:
       for kind, e in errors.items():
