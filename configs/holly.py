@@ -130,12 +130,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.search.top = 4               # local refinement of the best `top` per image,
   config.search.local = 8             # `local` small turns each (half the grid spacing,
   config.search.levels = 2            # halved per level), `levels` levels
-  # uniform-view prior in the search (pose_search.py), weight annealed linearly to 0 at
-  # view_prior_until of training; folders of fewer than view_prior_min_images images
-  # (per sigma) go without it; 0 = off
-  config.search.view_prior = 0.0
-  config.search.view_prior_until = 0.5
-  config.search.view_prior_min_images = 100
   config.refine = ml_collections.ConfigDict()
   config.refine.extra_sigmas_px = (2.0, 1.0, 0.5, 0.0)
   config.refine.damping = 0.01

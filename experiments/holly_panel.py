@@ -110,7 +110,7 @@ def make_config(obj: str, tiny: bool, steps: int | None, seed: int | None = None
       node = node.get(part) if hasattr(node, "get") else None
     if not sep or node is None or leaf not in node:
       raise ValueError(f"--set {item!r}: expected an existing config field as KEY=VALUE, "
-                       "e.g. --set search.view_prior=0.5")
+                       "e.g. --set search.top=2")
     node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and \
         not isinstance(node[leaf], bool) else value
   return c
@@ -193,7 +193,7 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=None,
                   help="override config.seed (the training seed; use another --out per seed)")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                  help="override a config field, e.g. --set search.view_prior=0.5 "
+                  help="override a config field, e.g. --set search.top=2 "
                        "(repeatable; use another --out per setting)")
   ap.add_argument("--num_images", type=int, default=256)
   ap.add_argument("--tiny", action="store_true", help="configs/holly.py:tiny (tests)")

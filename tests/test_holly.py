@@ -288,10 +288,6 @@ def test_train_two_steps_writes_shapes_and_evaluate_scores(tmp_path):
   from smlm_jax.core import trainer
   from smlm_jax.holly import evaluate
   cfg = _tiny(tmp_path)
-  cfg.search.view_prior = 1.0       # the uniform-view prior on (pose_search.view_assign)
-  cfg.search.view_prior_until = 0.5
-  task = task_lib.HollyTask(cfg)
-  assert [float(task.host_batch(s)["view_weight"][0]) for s in (0, 1, 2)] == [1.0, 0.0, 0.0]
   workdir = str(tmp_path / "run")
   final = trainer.train_and_evaluate(cfg, workdir)
   assert 0.0 < final["chamfer"] < 1.0 and np.isfinite(final["pose_error_deg"]["median"])
@@ -358,10 +354,8 @@ def test_folder_images_holly_layout_and_plain(tmp_path):
   from smlm_jax.core import trainer
   cfg = _tiny(tmp_path, images=str(tmp_path / "imgs"))
   cfg.sigma.stages = (6.0, 3.0)
-  cfg.search.view_prior = 1.0
   task = task_lib.HollyTask(cfg)
   host = task.host_batch(0)
-  assert "view_weight" not in host     # 3 particles need not cover the sphere: no prior
   assert host["image"].shape == (8, 32, 32) and np.all(host["native_sigma"] == 4.0)
   mesh = trainer.make_mesh()
   batch = jax.jit(lambda k, h: task.make_batch(k, h, trainer.shard_fn(mesh)))(

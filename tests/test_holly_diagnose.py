@@ -47,7 +47,7 @@ def test_view_spread_flags_images_explained_from_one_direction():
   bad = dict(good, view_eig_max=diagnose.view_eig_max(bunched))
   assert diagnose.verdict(good, th) and not diagnose.verdict(bad, th)
   msg = diagnose.message(dict(bad, converged=False, thresholds=th))
-  assert "one viewing direction" in msg and "view_prior" in msg
+  assert "one viewing direction" in msg and "max_view_eig=1" in msg
   assert diagnose.verdict(dict(bad, views_checked=False), th)
 
 

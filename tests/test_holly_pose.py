@@ -134,9 +134,10 @@ def test_panel_runs_tiny_with_two_shapes(tmp_path, capsys):
   assert "done earlier" in capsys.readouterr().out
   assert panel.main(["--shapes=nosuch", f"--out={out}"]) == 2
   assert panel.main(["--shapes=asymmetric", "--set", "search.nosuch=1", f"--out={out}"]) == 2
-  c = panel.make_config("x.ply", True, None, None, ["search.view_prior=2", "search.grid=random"])
-  assert c.search.view_prior == 2.0 and isinstance(c.search.view_prior, float)
-  assert c.search.grid == "random"
+  c = panel.make_config("x.ply", True, None, None, ["search.top=2", "search.grid=random",
+                                                    "convergence.max_view_eig=1"])
+  assert c.search.top == 2 and c.search.grid == "random"
+  assert c.convergence.max_view_eig == 1.0 and isinstance(c.convergence.max_view_eig, float)
 
 
 def test_ring_analysis_finds_diameter_and_ninefold_order(tmp_path):
@@ -169,29 +170,3 @@ def test_ring_analysis_finds_diameter_and_ninefold_order(tmp_path):
   assert out["diameter_nm"] == pytest.approx(out["diameter_px"] * 10.0)
   assert os.path.getsize(tmp_path / "ring" / "ring.png") > 0
 
-
-def test_view_prior_spreads_the_views_of_a_flattened_cloud():
-  """A disc explains images of a closed ellipsoidal shell best from near its normal, so
-  a plain search bunches the views; the uniform-view prior spreads them."""
-  size, fov = 32, 1.1
-  rng = np.random.default_rng(0)
-  d = rng.normal(size=(200, 3))
-  d /= np.linalg.norm(d, axis=1, keepdims=True)
-  shell = jnp.asarray(d * [0.8, 0.7, 0.6], jnp.float32)
-  disc = jnp.asarray(np.sqrt(rng.uniform(size=(200, 1))) * np.concatenate(
-      [d[:, :2] / np.linalg.norm(d[:, :2], axis=1, keepdims=True), np.zeros((200, 1))], 1)
-      * [0.8, 0.7, 0], jnp.float32)
-  R_true = rotations.random_rotation(jax.random.key(3), (32,))
-  images = render.render_batch(shell, R_true, jnp.zeros((32, 2)), 1.5, size, fov)
-
-  @jax.jit
-  def run(images, key):
-    plain, _ = pose_search.search(disc, images, 1.5, key, 256, 1, 1.5, fov, grid="fibonacci")
-    prior, _, A = pose_search.search(disc, images, 1.5, key, 256, 1, 1.5, fov,
-                                     grid="fibonacci", view_weight=3.0)
-    return plain, prior, A
-  plain, prior, A = run(images, jax.random.key(5))
-  eig = lambda R: np.linalg.eigvalsh(np.asarray(pose_search.view_moment_excess(R)))[-1] + 1 / 3
-  assert eig(plain) > 0.6, eig(plain)
-  assert eig(prior) < eig(plain) - 0.2, (eig(prior), eig(plain))
-  np.testing.assert_allclose(np.asarray(A[0]), 0.0, atol=1e-6)   # the first image is free

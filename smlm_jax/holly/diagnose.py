@@ -162,8 +162,7 @@ def message(rep: dict) -> str:
   if rep.get("views_checked") and rep["view_eig_max"] > th.get("max_view_eig", 1.0):
     views = ("; most images were explained from one viewing direction, so the cloud is "
              "likely a flattened average of the structure (unless the sample has "
-             "preferred orientations: then set --config.convergence.max_view_eig=1); "
-             "try --config.search.view_prior=1")
+             "preferred orientations: then set --config.convergence.max_view_eig=1)")
   return (f"WARNING holly: poses did NOT converge: {body}{axial}{views}; the cloud is "
           "likely a blur of several views or misses detail the images show. Train "
           "longer, with another --config.seed, or more --config.search.num_rotations")

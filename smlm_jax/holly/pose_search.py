@@ -30,21 +30,6 @@ cryoSPARC's branch-and-bound and cryoDRGN's hierarchical pose search: each is tu
 by ``local`` small rotations (fixed axes, angle half the grid spacing, halved at every
 one of ``levels``), every image scores its own candidates, and the ``top`` best are
 kept. The best of all is returned.
-
-Uniform-view prior (``view_weight``; off when None): a cloud that is a flattened
-average of the structure (a disc for a hollow shell, a rod seen from one side) explains
-most images best from one viewing direction, so the search sends every image there,
-the cloud learns only those views, and training cannot leave that state (the failed
-panel runs had the largest eigenvalue of the viewing directions' second moment at
-0.85-0.90, learned ones 0.38-0.44; uniform poses give 1/3 each). With the prior, the batch's viewing
-directions v = R^T e_z (the object-frame direction the camera looks along) should have
-E[v v^T] = I / 3 over the batch: the images choose in turn, and every candidate's score,
-normalized per image (|render - target|^2 / |target|^2, as the residual), is raised by
-view_weight * v^T (M - I / 3) v, M the second moment of the views chosen before it
-(``view_assign``): crowded directions cost, empty ones pay. The trainer anneals the
-weight to 0 (config.search.view_prior*), so the final poses are free. It assumes
-poses spread over all directions, as they do in the simulator; with few real
-particles or a sample with preferred orientations it is off (task.py).
 """
 from __future__ import annotations
 
@@ -85,45 +70,6 @@ def grid_rotations(num: int) -> np.ndarray:
   return Rotation.from_quat(q[:, [1, 2, 3, 0]]).as_matrix().astype(np.float32)
 
 
-def view_directions(R):
-  """Object-frame viewing directions [..., 3] of rotations [..., 3, 3] (R^T e_z)."""
-  return R[..., 2, :]
-
-
-def view_moment_excess(R):
-  """E[v v^T] - I / 3 [3, 3] over rotations [B, 3, 3] (0 for uniformly spread views)."""
-  v = view_directions(R)
-  return jnp.einsum("bi,bj->ij", v, v) / v.shape[0] - jnp.eye(3, dtype=v.dtype) / 3.0
-
-
-def view_penalty(R, A):
-  """v^T A v [B, ...] for rotations [B, ..., 3, 3] and per-image A [B, 3, 3]
-  (view_assign)."""
-  v = view_directions(R)
-  return jnp.einsum("b...i,bij,b...j->b...", v, A, v)
-
-
-def view_assign(residual, R, weight, pseudo: float = 4.0):
-  """Greedy balanced assignment: images in turn take argmin_g residual + weight v_g^T
-  (M - I / 3) v_g, M the second moment of the views already taken plus ``pseudo``
-  uniformly spread ones. A fixed penalty would only move the whole batch to its
-  next-best direction together (every image's residuals rank the directions alike);
-  in turn, each image pays for the crowd before it. Returns A [B, 3, 3], the penalty
-  matrix weight (M - I / 3) each image saw."""
-  w = jnp.asarray(weight, residual.dtype)
-  v = view_directions(R)                                                # [G, 3]
-  eye3 = jnp.eye(3, dtype=residual.dtype) / 3.0
-
-  def step(S, res_b):
-    n, M = S
-    A = w * (M / n - eye3)
-    g = jnp.argmin(res_b + jnp.einsum("gi,ij,gj->g", v, A, v))
-    return (n + 1.0, M + jnp.outer(v[g], v[g])), A
-  init = (jnp.asarray(pseudo, residual.dtype), pseudo * eye3)
-  _, A = jax.lax.scan(step, init, residual)
-  return A
-
-
 def _scores(renders, target):
   """|r|^2 - 2 <target, r>: renders [..., G, n, n] against targets [..., n, n]."""
   r = renders.reshape(renders.shape[:-2] + (-1,))
@@ -134,12 +80,11 @@ def _scores(renders, target):
 @fast_prng
 def search(points, images, sigma_px, key, num: int, factor: int, sigma_coarse_px: float,
            fov: float, grid: str = "random", top: int = 1, local: int = 0,
-           levels: int = 0, view_weight=None):
+           levels: int = 0):
   """Best rotation for each image [B, N, N] (unit mass, width sigma_px [B] or scalar)
   among ``num`` global candidates (``grid``: "random" Haar draws or "fibonacci"),
   optionally refined locally (``top`` x ``local`` candidates per level, ``levels``
-  levels): (R [B, 3, 3], score [B]). With ``view_weight`` (a scalar, may be traced;
-  see the module doc): (R, penalized normalized score [B], A [B, 3, 3])."""
+  levels): (R [B, 3, 3], score [B])."""
   n = images.shape[-1] // factor
   if grid == "fibonacci":
     R = jnp.asarray(grid_rotations(num)) @ rotations.random_rotation(key)
@@ -156,15 +101,9 @@ def search(points, images, sigma_px, key, num: int, factor: int, sigma_coarse_px
   target = jax.vmap(lambda im, e: render.gaussian_blur(im, e, n))(pooled, extra)
   flat_r = renders.reshape(num, -1)
   score = jnp.sum(flat_r ** 2, axis=1)[None] - 2.0 * target.reshape(target.shape[0], -1) @ flat_r.T
-  prior = view_weight is not None
-  if prior:
-    t2 = jnp.maximum(jnp.sum(target ** 2, axis=(-2, -1)), 1e-30)[:, None]      # [B, 1]
-    A = view_assign((score + t2) / t2, R, view_weight)                   # [B, 3, 3]
-    penalize = lambda sc, Rc: (sc + t2) / t2 + view_penalty(Rc, A)
-    score = penalize(score, jnp.broadcast_to(R[None], (score.shape[0],) + R.shape))
   if levels <= 0 or local <= 0:
     g = jnp.argmin(score, axis=1)
-    return (R[g], jnp.min(score, axis=1)) + ((A,) if prior else ())
+    return R[g], jnp.min(score, axis=1)
   k = max(1, min(int(top), num))
   neg, idx = jax.lax.top_k(-score, k)                               # [B, k]
   cand, cand_score = R[idx], -neg                                   # [B, k, 3, 3]
@@ -176,15 +115,13 @@ def search(points, images, sigma_px, key, num: int, factor: int, sigma_coarse_px
     new = (turn[None, None] @ cand[:, :, None]).reshape(cand.shape[0], k * local, 3, 3)
     rend = jax.vmap(lambda Rb: render.render_batch(pts, Rb, zeros, sigma_c, n, fov))(new)
     s = _scores(rend, target)                                       # [B, k L]
-    if prior:
-      s = penalize(s, new)
     all_R = jnp.concatenate([cand, new], axis=1)
     all_s = jnp.concatenate([cand_score, s], axis=1)
     neg, idx = jax.lax.top_k(-all_s, k)
     cand = jnp.take_along_axis(all_R, idx[:, :, None, None], axis=1)
     cand_score = -neg
     angle = 0.5 * angle
-  return (cand[:, 0], cand_score[:, 0]) + ((A,) if prior else ())
+  return cand[:, 0], cand_score[:, 0]
 
 
 def image_centroid(images, size: int, fov: float):

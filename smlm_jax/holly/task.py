@@ -203,32 +203,10 @@ class HollyTask(Task):
     return tx, schedule
 
   # ------------------------------------------------------------------------ batches
-  def view_prior_on(self) -> bool:
-    """Whether the pose search uses the uniform-view prior (pose_search.py): a weight
-    > 0, and poses known to spread over all directions (simulated data, or a folder of
-    at least config.search.view_prior_min_images images: a few real particles need
-    not cover the sphere)."""
-    c = self.config.search
-    if float(c.get("view_prior", 0.0)) <= 0 or int(c.num_rotations) <= 0:
-      return False
-    if self.image_set is None:
-      return True
-    particles = max(len(a) for a in self.image_set.images)    # per sigma group
-    return particles >= int(c.get("view_prior_min_images", 100))
-
-  def view_prior_weight(self, step) -> float:
-    """The prior's weight at ``step``: config.search.view_prior, falling linearly to 0
-    at the fraction config.search.view_prior_until of training."""
-    c = self.config.search
-    end = float(c.get("view_prior_until", 0.5)) * int(self.config.num_train_steps)
-    return float(c.view_prior) * max(0.0, 1.0 - float(step) / max(end, 1.0))
-
   def host_batch(self, step):
     b = int(self.config.batch_size)
     sigma = self.sigma(step)
     out = {"sigma": np.full((b,), sigma, np.float32)}
-    if self.view_prior_on():
-      out["view_weight"] = np.full((b,), self.view_prior_weight(step), np.float32)
     if self.image_set is not None:
       rng = np.random.default_rng([int(self.config.seed), int(step)])
       g = self.image_set.group_for(sigma)
@@ -246,8 +224,7 @@ class HollyTask(Task):
       sites = jnp.asarray(self.sites)
       image, R, t = jax.vmap(lambda k, s: render.simulate_image(k, sites, s, self.sim))(
           keys, sigma)
-      return shard({"image": image, "sigma": sigma, "R": R, "t": t,
-                    **_view_weight(host_batch)})
+      return shard({"image": image, "sigma": sigma, "R": R, "t": t})
     native = host_batch["native_sigma"]
     image = host_batch["image"]
     if bool(self.config.data.augment_rotation):
@@ -257,8 +234,7 @@ class HollyTask(Task):
     image = jax.vmap(lambda im, e: jnp.where(
         e > 1e-3, render.gaussian_blur(im, e, self.size), im))(image, extra)
     image = image / jnp.maximum(jnp.sum(image, axis=(-2, -1), keepdims=True), 1e-12)
-    return shard({"image": image, "sigma": jnp.maximum(sigma, native),
-                  **_view_weight(host_batch)})
+    return shard({"image": image, "sigma": jnp.maximum(sigma, native)})
 
   # --------------------------------------------------------------------------- loss
   def predict(self, net_params, image):
@@ -282,14 +258,13 @@ class HollyTask(Task):
     return image_loss(pred, target, jnp.broadcast_to(sigma[:, None], (sigma.shape[0], h)),
                       name or lcfg.name, tuple(lcfg.scales))
 
-  def search(self, points, image, sigma, key, view_weight=None):
-    """The pose search of config.search (pose_search.search): (R [B, 3, 3], score [B]),
-    plus the per-image view penalty matrices A [B, 3, 3] with a ``view_weight``."""
+  def search(self, points, image, sigma, key):
+    """The pose search of config.search (pose_search.search): (R [B, 3, 3], score [B])."""
     c = self.config.search
     return pose_search.search(points, image, sigma, key, int(c.num_rotations), int(c.factor),
                               float(c.sigma_coarse_px), self.fov, str(c.get("grid", "random")),
                               int(c.get("top", 1)), int(c.get("local", 0)),
-                              int(c.get("levels", 0)), view_weight=view_weight)
+                              int(c.get("levels", 0)))
 
   def hypothesis_losses(self, params, batch, key=None):
     """(per-image, per-hypothesis losses [B, H], rotations [B, H, 3, 3], CNN outputs).
@@ -318,24 +293,12 @@ class HollyTask(Task):
     image, sigma = batch["image"], batch["sigma"]
     R = sg(R_cnn)
     scfg = self.config.search
-    w = batch.get("view_weight", None)          # the uniform-view prior (training only)
-    A = None
     if int(scfg.num_rotations) > 0:
-      if w is not None:
-        w = jnp.mean(w)
-        R_s, _, A = self.search(pts, image, sigma, key, view_weight=w)
-      else:
-        R_s, _ = self.search(pts, image, sigma, key)
+      R_s, _ = self.search(pts, image, sigma, key)
       R = jnp.concatenate([R, R_s[:, None]], axis=1)
     t = jax.vmap(lambda r, im: pose_search.centroid_translation(pts, r, im[None], self.size,
                                                                 self.fov))(R, image)
     losses = self.render_losses(pts, R, t, sigma, image, name="l2")
-    if A is not None:
-      # the same prior among the CNN's hypotheses and the search's pose: residuals
-      # |render - image|^2 / |image|^2 plus v^T A v, A the penalty each image saw in
-      # the search (pose_search.view_assign)
-      norm = 4 * math.pi * sigma ** 2 * jnp.sum(image ** 2, axis=(-2, -1))
-      losses = losses / jnp.maximum(norm, 1e-30)[:, None] + pose_search.view_penalty(R, A)
     i = jnp.argmin(losses, axis=1)
     R0 = jnp.take_along_axis(R, i[:, None, None, None], axis=1)[:, 0]
     t0 = jnp.take_along_axis(t, i[:, None, None], axis=1)[:, 0]
@@ -504,7 +467,8 @@ class HollyTask(Task):
     return evaluate
 
   def _diagnose(self, state, params, images, sigma, particles=None):
-    """At the last step: the convergence report (diagnose.py), kept for export."""
+    """At the last step: the convergence report (diagnose.py), kept for export
+    (``particles``: distinct structures among the images, for folder data)."""
     step = int(state["step"])
     if step >= int(self.config.num_train_steps):
       self._convergence = (step, diagnose.report(self, params, images, sigma,
@@ -561,12 +525,6 @@ class HollyTask(Task):
                                            indent=1))
 
   _exported = False
-
-
-def _view_weight(host_batch) -> dict:
-  """{"view_weight": [B]} when the host batch carries the prior's weight, else {}."""
-  w = host_batch.get("view_weight", None)
-  return {} if w is None else {"view_weight": jnp.asarray(w)}
 
 
 def _entropy(p):
