@@ -130,6 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.search.top = 4               # local refinement of the best `top` per image,
   config.search.local = 8             # `local` small turns each (half the grid spacing,
   config.search.levels = 2            # halved per level), `levels` levels
+  config.search.cnn_margin = 0.0      # the search's pose must beat the CNN's by this
   config.refine = ml_collections.ConfigDict()
   config.refine.extra_sigmas_px = (2.0, 1.0, 0.5, 0.0)
   config.refine.damping = 0.01

@@ -284,6 +284,22 @@ def _tiny(tmp_path, **data):
   return c
 
 
+def test_cnn_margin_keeps_the_cnn_pose_unless_the_search_is_clearly_better(tmp_path):
+  cfg = _tiny(tmp_path)
+  k = int(cfg.model.hypotheses)
+  wins = {}
+  for margin in (0.0, 1e6):
+    cfg.search.cnn_margin = margin
+    task = task_lib.HollyTask(cfg)
+    params = task.init_variables(jax.random.key(0))["params"]
+    batch = task.eval_batch(2.0, 8, 3)
+    _, _, i, _, _ = task.refined_poses(params, {"image": jnp.asarray(batch["image"]),
+                                                "sigma": jnp.asarray(batch["sigma"])},
+                                       jax.random.key(1))
+    wins[margin] = int(np.sum(np.asarray(i) == k))      # the search's pose chosen
+  assert wins[0.0] >= 4 and wins[1e6] == 0, wins       # an untrained CNN loses unless
+
+
 def test_train_two_steps_writes_shapes_and_evaluate_scores(tmp_path):
   from smlm_jax.core import trainer
   from smlm_jax.holly import evaluate

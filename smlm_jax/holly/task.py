@@ -299,6 +299,12 @@ class HollyTask(Task):
     t = jax.vmap(lambda r, im: pose_search.centroid_translation(pts, r, im[None], self.size,
                                                                 self.fov))(R, image)
     losses = self.render_losses(pts, R, t, sigma, image, name="l2")
+    margin = float(scfg.get("cnn_margin", 0.0))
+    if margin > 0 and int(scfg.num_rotations) > 0:
+      # the search's pose replaces the CNN's only when it is better by the margin: the
+      # CNN maps similar images to similar poses, so among near-equal symmetric
+      # alternatives it keeps choosing the same one, which the search does not
+      losses = losses.at[:, -1].multiply(1.0 + margin)
     i = jnp.argmin(losses, axis=1)
     R0 = jnp.take_along_axis(R, i[:, None, None, None], axis=1)[:, 0]
     t0 = jnp.take_along_axis(t, i[:, None, None], axis=1)[:, 0]
