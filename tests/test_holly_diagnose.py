@@ -49,6 +49,10 @@ def test_view_spread_flags_images_explained_from_one_direction():
   msg = diagnose.message(dict(bad, converged=False, thresholds=th))
   assert "one viewing direction" in msg and "max_view_eig=1" in msg
   assert diagnose.verdict(dict(bad, views_checked=False), th)
+  # a few particles, all one view: converged, but the depth is flagged as undetermined
+  one = dict(good, view_eig_max=0.999, views_checked=False, converged=True, thresholds=th)
+  assert "depth" in diagnose.message(one) and "depth" not in diagnose.message(
+      dict(good, converged=True, thresholds=th))
 
 
 def test_axial_order_of_a_rod_and_of_an_asymmetric_cloud():

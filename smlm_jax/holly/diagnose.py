@@ -27,7 +27,10 @@ and, with at least ``view_min_images`` images per sigma (few real particles need
 cover the sphere) and a cloud that is not axially symmetric (whose roll is free),
 view_eig_max <= ``max_view_eig`` (config.convergence; calibrated on runs whose truth
 we know: see README). A sample with preferred orientations fails the last test
-although its cloud may be right: set max_view_eig=1 for one.
+although its cloud may be right: set max_view_eig=1 for one. Above ``ONE_VIEW`` the
+message says, whatever the verdict, that the images do not determine the cloud's depth
+(the ten CEP152 renders are in-plane turns of one view: their 2D covariances are equal
+and an in-plane turn maps one onto another; both runs there had 1.00).
 
 Axial clouds: when the learned cloud is (at the symmetry detector's tolerance) invariant
 under rotations of order >= ``AXIAL_ORDER`` about one axis, the agreement above only
@@ -61,6 +64,7 @@ def thresholds(config) -> dict:
 
 
 AXIAL_ORDER = 5
+ONE_VIEW = 0.95     # view_eig_max above this: (nearly) every image seen along one axis
 
 
 def axial_order(symmetry) -> int:
@@ -151,6 +155,10 @@ def message(rep: dict) -> str:
     body += (f", viewing directions {rep['view_eig_max']:.2f} on one axis (uniform 0.33, "
              + (f"max {th['max_view_eig']:g})" if rep.get("views_checked")
                 else "not checked: too few particles or an axial cloud)"))
+  if rep.get("view_eig_max", 0.0) > ONE_VIEW:
+    body += ("; every image is explained from one viewing direction: the images may be "
+             "in-plane turns of a single view (as the ten CEP152 renders are), and then "
+             "the cloud's depth along that direction is not determined by them")
   axial = ""
   if rep.get("axial_order", 1) >= AXIAL_ORDER:
     axial = ("; the learned cloud is nearly axially symmetric (C%d or more about one axis): "
