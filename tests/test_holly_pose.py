@@ -169,4 +169,18 @@ def test_ring_analysis_finds_diameter_and_ninefold_order(tmp_path):
   assert out["order"] == 9 and out["seed_chamfer"] < 1e-3
   assert out["diameter_nm"] == pytest.approx(out["diameter_px"] * 10.0)
   assert os.path.getsize(tmp_path / "ring" / "ring.png") > 0
+  # two runs that saw every image from one direction and differ only in depth along
+  # it: far apart in 3D, equal once projected along their viewing axes
+  flat = np.stack([pts[:, 0], pts[:, 1], 0 * pts[:, 0]], 1)
+  runs = []
+  for i, depth in enumerate((rng.normal(0, 0.4, 270), rng.normal(0, 0.4, 270))):
+    d = tmp_path / f"run{i}"
+    d.mkdir()
+    shapes.write_ply(str(d / "shape.ply"), flat + np.outer(depth, [0, 0, 1.0]))
+    (d / "convergence.json").write_text(json.dumps({"view_eig_max": 0.999,
+                                                    "view_axis": [0, 0, 1.0]}))
+    runs.append(str(d))
+  two = ring.run(runs[0], runs[1], output=str(tmp_path / "ring2"))
+  assert two["seed_chamfer"] > 0.02 and two["seed_chamfer_projected"] < 1e-3, two
+  assert np.isnan(out["seed_chamfer_projected"])       # cloud files: no view axis known
 

@@ -90,8 +90,15 @@ def verdict(rep: dict, th: dict) -> bool:
 
 def view_eig_max(R) -> float:
   """Largest eigenvalue of E[v v^T] over rotations [B, 3, 3], v = R^T e_z."""
+  return view_moment(R)[0]
+
+
+def view_moment(R):
+  """(largest eigenvalue of E[v v^T], its eigenvector [3]) over rotations [B, 3, 3],
+  v = R^T e_z (the object-frame viewing directions)."""
   v = np.asarray(R, np.float64)[:, 2, :]
-  return float(np.linalg.eigvalsh(v.T @ v / max(len(v), 1))[-1])
+  w, U = np.linalg.eigh(v.T @ v / max(len(v), 1))
+  return float(w[-1]), U[:, -1]
 
 
 def report(task, params, images, sigma, seed: int = 0, batch_size: int = 64,
@@ -137,7 +144,8 @@ def report(task, params, images, sigma, seed: int = 0, batch_size: int = 64,
          "cnn_to_refined_median_deg": float(np.median(agree)),
          "hypothesis_spread_deg": spread, "num_images": int(len(images)),
          "cloud_symmetry": cloud_sym.describe(), "axial_order": axial_order(cloud_sym),
-         "view_eig_max": view_eig_max(R_ref), "thresholds": th}
+         "view_eig_max": view_moment(R_ref)[0],
+         "view_axis": view_moment(R_ref)[1].tolist(), "thresholds": th}
   n_part = len(images) if particles is None else int(particles)
   out["views_checked"] = bool(n_part >= th["view_min_images"]
                               and out["axial_order"] < AXIAL_ORDER)

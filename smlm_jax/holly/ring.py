@@ -18,7 +18,12 @@ Method (a cloud [N, 3] in the renderer's normalized units):
             orders tried (Bonferroni).
   agreement Chamfer distance between two runs' clouds after similarity alignment
             (with reflection, align.py), as a fraction of the first cloud's
-            bounding-box diagonal (target: two seeds within 0.02).
+            bounding-box diagonal (target: two seeds within 0.02). When both runs'
+            convergence reports say every image was explained from one viewing
+            direction (``view_eig_max`` > diagnose.ONE_VIEW, ``view_axis``), the
+            images do not determine the clouds' depth along it, and
+            ``seed_chamfer_projected`` compares what they do determine: each cloud
+            projected along its own viewing axis (2D, same alignment and units).
 Lengths: normalized units; in pixels of the training images' field of view via
 --image_px (the folder's native size: 128 for the CEP152 renders) and in nm with
 --nm_per_px. Writes OUTPUT/ring.json and ring.png (the cloud seen along the axis and
@@ -72,6 +77,31 @@ def seed_chamfer(a, b, starts: int = 48) -> float:
   return float(align.align(b, a, num_starts=starts).chamfer_rel)
 
 
+def project_along(points, axis):
+  """[N, 3] -> [N, 3]: the points' coordinates in the plane normal to ``axis`` (third
+  coordinate 0)."""
+  a = np.asarray(axis, np.float64)
+  a = a / np.linalg.norm(a)
+  u = np.cross(a, [1.0, 0, 0] if abs(a[0]) < 0.9 else [0, 1.0, 0])
+  u /= np.linalg.norm(u)
+  w = np.cross(a, u)
+  x = np.asarray(points, np.float64)
+  return np.stack([x @ u, x @ w, np.zeros(len(x))], 1)
+
+
+def one_view_axis(workdir: str):
+  """The viewing axis of a run whose images were all explained from one direction
+  (its convergence.json), else None."""
+  from smlm_jax.holly import diagnose
+  try:
+    rep = json.load(open(os.path.join(workdir, "convergence.json")))
+  except (OSError, ValueError):
+    return None
+  if rep.get("view_eig_max", 0.0) > diagnose.ONE_VIEW and "view_axis" in rep:
+    return np.asarray(rep["view_axis"], np.float64)
+  return None
+
+
 def picture(points, result: dict, path: str, title: str = ""):
   from smlm_jax.core import plotting
   plt = plotting.pyplot()
@@ -112,10 +142,15 @@ def run(workdir_or_cloud: str, other: str | None = None, nm_per_px: float = 0.0,
   if nm_per_px > 0:
     res["diameter_nm"] = res["diameter_px"] * nm_per_px
   res["seed_chamfer"] = float("nan")
+  res["seed_chamfer_projected"] = float("nan")
   if other:
     o = load(other)
     res["seed_chamfer"] = seed_chamfer(pts, o)
     res["other"] = analyse(o, max_order)
+    axes = [one_view_axis(p) if os.path.isdir(p) else None for p in (workdir_or_cloud, other)]
+    if all(a is not None for a in axes):
+      res["seed_chamfer_projected"] = seed_chamfer(project_along(pts, axes[0]),
+                                                   project_along(o, axes[1]))
   out = output or os.path.join(workdir_or_cloud if os.path.isdir(workdir_or_cloud)
                                else os.path.dirname(os.path.abspath(workdir_or_cloud)), "ring")
   os.makedirs(out, exist_ok=True)
@@ -148,9 +183,14 @@ def main(argv):
                                            zip(res["orders"], res["power"])))
   print(f"rotational order {res['order']} (P = {res['order_power']:.1f}, p = "
         f"{res['p_value']:.2g}); two runs' Chamfer {res['seed_chamfer']:.4f}")
+  if np.isfinite(res["seed_chamfer_projected"]):
+    print("both runs explained every image from one viewing direction: their depth is not "
+          "determined by the images; Chamfer of the clouds projected along it "
+          f"{res['seed_chamfer_projected']:.4f}")
   print(f"RESULT diameter_units={res['diameter']:.5f} diameter_px={res['diameter_px']:.2f} "
         f"order={res['order']} power={res['order_power']:.2f} "
-        f"seed_chamfer={res['seed_chamfer']:.5f}")
+        f"seed_chamfer={res['seed_chamfer']:.5f} "
+        f"seed_chamfer_projected={res['seed_chamfer_projected']:.5f}")
 
 
 if __name__ == "__main__":
