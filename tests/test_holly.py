@@ -350,7 +350,7 @@ def test_folder_images_holly_layout_and_plain(tmp_path):
   (tmp_path / "imgs" / "2.0" / "broken.fits").write_bytes(b"SIMPLE  = not fits")
   msgs = []
   s = images_lib.load_folder(str(tmp_path / "imgs"), log=lambda *a, **k: msgs.append(a[0]))
-  assert list(s.sigmas) == [2.0, 4.0] and s.count == 6 and s.size == 32
+  assert list(s.sigmas) == [2.0, 4.0] and s.count == 6 and s.size == 32 and s.particles == 3
   assert len(msgs) == 1 and "broken.fits" in msgs[0] and msgs[0].startswith("error:")
   np.testing.assert_allclose(s.images[0].sum(axis=(1, 2)), 1.0, rtol=1e-5)
   assert s.group_for(3.0) == 0 and s.group_for(9.0) == 1 and s.group_for(1.0) == 0

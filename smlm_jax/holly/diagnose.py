@@ -144,8 +144,9 @@ def report(task, params, images, sigma, seed: int = 0, batch_size: int = 64,
          "cnn_to_refined_median_deg": float(np.median(agree)),
          "hypothesis_spread_deg": spread, "num_images": int(len(images)),
          "cloud_symmetry": cloud_sym.describe(), "axial_order": axial_order(cloud_sym),
-         "view_eig_max": view_moment(R_ref)[0],
-         "view_axis": view_moment(R_ref)[1].tolist(), "thresholds": th}
+         "thresholds": th}
+  out["view_eig_max"], axis = view_moment(R_ref)
+  out["view_axis"] = axis.tolist()
   n_part = len(images) if particles is None else int(particles)
   out["views_checked"] = bool(n_part >= th["view_min_images"]
                               and out["axial_order"] < AXIAL_ORDER)

@@ -169,7 +169,7 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
       diag_images, diag_sigma = batch["image"], batch["sigma"]
       particles = None
     elif task.image_set is not None:
-      particles = max(len(a) for a in task.image_set.images)
+      particles = task.image_set.particles
       diag_images = np.concatenate(task.image_set.images)
       diag_sigma = np.concatenate([np.full(len(a), s, np.float32) for a, s in
                                    zip(task.image_set.images, task.image_set.sigmas)])

@@ -46,6 +46,11 @@ class ImageSet:
   def count(self) -> int:
     return sum(len(a) for a in self.images)
 
+  @property
+  def particles(self) -> int:
+    """Distinct images at one sigma (the largest group): the structures imaged."""
+    return max(len(a) for a in self.images)
+
   def group_for(self, sigma_px: float) -> int:
     """Index of the group to use at curriculum sigma: the largest sigma <= sigma_px
     (so blurring further can match it exactly), else the smallest."""

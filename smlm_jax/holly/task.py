@@ -443,7 +443,7 @@ class HollyTask(Task):
         params = jax.device_get(state["params"])
         _, loss, _ = poses(params, {"image": imgs, "sigma": sig})
         self._diagnose(state, params, imgs, sig,
-                       particles=max(len(a) for a in self.image_set.images))
+                       particles=self.image_set.particles)
         return {"image_loss": float(np.mean(loss)), "seconds": self.elapsed()}
       return evaluate_folder
 
