@@ -147,8 +147,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.convergence.min_agreement = 0.3
   config.convergence.agree_deg = 10.0
   # largest eigenvalue of the refined poses' viewing-direction second moment (uniform
-  # 1/3; < 0.47 for 64 uniform views in 99% of draws): the failed shell and elongated
-  # runs had 0.90 and 0.85, seven learned panel shapes 0.38-0.44; checked with >= view_min_images
+  # 1/3; < 0.47 for 64 uniform views in 99% of draws): on 128 images the failed shell and
+  # elongated runs had 0.90 and 0.85, seven learned panel shapes 0.38-0.44 (on the 64 of
+  # the report, teapot 0.47; see README); checked with >= view_min_images
   # images per sigma and a cloud that is not axially symmetric
   config.convergence.max_view_eig = 0.6
   config.convergence.view_min_images = 32

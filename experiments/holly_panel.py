@@ -111,8 +111,14 @@ def make_config(obj: str, tiny: bool, steps: int | None, seed: int | None = None
     if not sep or node is None or leaf not in node:
       raise ValueError(f"--set {item!r}: expected an existing config field as KEY=VALUE, "
                        "e.g. --set search.top=2")
-    node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and \
-        not isinstance(node[leaf], bool) else value
+    old = node[leaf]
+    if isinstance(old, (int, float)) and not isinstance(old, bool):
+      if not isinstance(value, (int, float)) or isinstance(value, bool) or (
+          isinstance(old, int) and float(value) != int(value)):
+        raise ValueError(f"--set {item!r}: {key} takes "
+                         f"{'an integer' if isinstance(old, int) else 'a number'}")
+      value = type(old)(value)
+    node[leaf] = value
   return c
 
 

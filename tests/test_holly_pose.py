@@ -134,6 +134,7 @@ def test_panel_runs_tiny_with_two_shapes(tmp_path, capsys):
   assert "done earlier" in capsys.readouterr().out
   assert panel.main(["--shapes=nosuch", f"--out={out}"]) == 2
   assert panel.main(["--shapes=asymmetric", "--set", "search.nosuch=1", f"--out={out}"]) == 2
+  assert panel.main(["--shapes=asymmetric", "--set", "search.top=2.5", f"--out={out}"]) == 2
   c = panel.make_config("x.ply", True, None, None, ["search.top=2", "search.grid=random",
                                                     "convergence.max_view_eig=1"])
   assert c.search.top == 2 and c.search.grid == "random"
