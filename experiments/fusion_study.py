@@ -5,6 +5,7 @@ simulated volumes from an unseen seed.
       --workdir=/tmp/fusion_study [--config=configs/fusion.py] [--num_volumes=16] \
       [--test_shape=24,80,80] [--tile=24,48,48] [--plot=fusion_study.png] \
       [--num_val=16] [--val_seed=4242] [--skip_training] [--second_sim_dir=DIR]
+      [--second_sim_val_dir=DIR] [--third_sim_dir=DIR] [--third_sim_val_dir=DIR]
 
 1. Trains ``configs/fusion.py`` (default variant) in --workdir, timed (``seconds``: wall
    time of train_and_evaluate, compilation and periodic evaluation included); an
@@ -23,10 +24,16 @@ simulated volumes from an unseen seed.
    ADU), NAME_fused.tif (target), NAME.json (voxel_size_um, camera_offset_adu,
    camera_gain_adu_per_e): the model, RL and the Gaussian (parameters tuned in 3, PSF
    from our simulator's mid-range model: only what a user knows) scored there too.
+   ``--third_sim_dir=DIR``: the same for a third simulator (``*_third_sim`` keys).
+   ``--second_sim_val_dir`` / ``--third_sim_val_dir``: OTHER volumes of that simulator
+   (another seed); the baselines are also re-tuned there (``*_tuned`` keys: what a
+   classical method reaches when tuned on data of that microscope, which the model
+   never gets).
 With ``--skip_training`` and no trained run in --workdir only the baselines are scored.
 Prints a table per channel and one line
   RESULT n_ssim=... gaussian_n_ssim=... rl_n_ssim=... seconds=...
-  [n_ssim_second_sim=... rl_n_ssim_second_sim=... gaussian_n_ssim_second_sim=...]
+  [n_ssim_second_sim=... rl_n_ssim_second_sim=... gaussian_n_ssim_second_sim=...
+   rl_n_ssim_second_sim_tuned=... gaussian_n_ssim_second_sim_tuned=...] [..._third_sim...]
 and writes --plot: orthogonal slices (view, Gaussian, prediction, fused) of one nucleus
 and one membrane volume.
 """
@@ -58,6 +65,12 @@ _SKIP = flags.DEFINE_bool("skip_training", False, "Never train: score the run in
                           "--workdir if there is one, else the baselines only.")
 _SECOND = flags.DEFINE_string("second_sim_dir", None, "Folder of independently simulated "
                               "volumes (NAME_view.tif, NAME_fused.tif, NAME.json).")
+_SECOND_VAL = flags.DEFINE_string("second_sim_val_dir", None, "Other volumes of the second "
+                                  "simulator: the baselines are re-tuned there too.")
+_THIRD = flags.DEFINE_string("third_sim_dir", None, "Folder of a third independent "
+                             "simulator's volumes (same layout).")
+_THIRD_VAL = flags.DEFINE_string("third_sim_val_dir", None, "Other volumes of the third "
+                                 "simulator: the baselines are re-tuned there too.")
 
 
 def load_config():
@@ -120,8 +133,70 @@ def read_second_sim(folder):
   return out
 
 
+def score_independent(tag, folder, val_folder, sigma, rl_params, psf, depth, sc, predictor,
+                      tri) -> str:
+  """Scores the model and the baselines (parameters tuned on our validation volumes) on
+  an independent simulator's folder; with ``val_folder`` (other volumes of the same
+  simulator) the baselines are also re-tuned there: the best a classical method gets
+  with data from that microscope. Returns the RESULT fields ``*_TAG[_tuned]``."""
+  from smlm_jax.fusion import baselines, metrics
+  cam = sc.camera
+  meta_of = lambda meta: (tuple(float(x) for x in meta.get("voxel_size_um", sc.voxel_size_um)),
+                          float(meta.get("camera_offset_adu", cam.offset_adu)),
+                          float(meta.get("camera_gain_adu_per_e", cam.gain_adu_per_e)))
+
+  def rl_fn(v, meta, params):
+    vox, off, gain = meta_of(meta)
+    return baselines.restore(v, vox, psf, depth, off, gain, params)
+
+  items = read_second_sim(folder)
+  tuned = None
+  if val_folder:
+    val = read_second_sim(val_folder)
+    if os.path.samefile(val_folder, folder):
+      raise app.UsageError(f"--{tag}_val_dir must hold other volumes than --{tag}_dir")
+    t0 = time.perf_counter()
+    g_sigma, _ = baselines.tune_gaussian([v for _, v, _, _ in val], [f for _, _, f, _ in val])
+    vox, off, gain = zip(*[meta_of(m) for *_, m in val])    # per volume
+    rl_tuned, _, _ = baselines.tune_restore(
+        [v for _, v, _, _ in val], [f for _, _, f, _ in val], list(vox), psf,
+        [depth] * len(val), list(off), list(gain))
+    tuned = (g_sigma, rl_tuned)
+    print(f"\n{tag}: baselines re-tuned on {len(val)} volumes of {val_folder} in "
+          f"{time.perf_counter() - t0:.0f} s: Gaussian {g_sigma}, RL {rl_tuned}")
+  s_g, s_rl, s_m, t_g, t_rl = [], [], [], [], []
+  print(f"\n{tag}: {len(items)} volumes in {folder}")
+  print(f"{'volume':<24} {'input SSIM':>10} {'gauss NSSIM':>11} {'RL NSSIM':>10} "
+        f"{'unet NSSIM':>10}" + (f" {'gauss tuned':>11} {'RL tuned':>10}" if tuned else ""))
+  for name, v, f, meta in items:
+    s_g.append(metrics.compare(baselines.gaussian(v, *sigma), f, v))
+    s_rl.append(metrics.compare(rl_fn(v, meta, rl_params), f, v))
+    line = ""
+    if tuned:
+      t_g.append(metrics.compare(baselines.gaussian(v, *tuned[0]), f, v))
+      t_rl.append(metrics.compare(rl_fn(v, meta, tuned[1]), f, v))
+      line = f" {t_g[-1]['n_ssim']:>11.3f} {t_rl[-1]['n_ssim']:>10.3f}"
+    if predictor is not None:
+      p, _ = predictor.predict(v, voxel_size_um=meta_of(meta)[0], tile=tri(_TILE.value),
+                               overlap=tri(_OVERLAP.value), halo=tri(_HALO.value))
+      s_m.append(metrics.compare(p, f, v))
+    um = s_m[-1]["n_ssim"] if s_m else float("nan")
+    print(f"{name:<24} {s_g[-1]['input_ssim']:>10.3f} {s_g[-1]['n_ssim']:>11.3f} "
+          f"{s_rl[-1]['n_ssim']:>10.3f} {um:>10.3f}" + line)
+  mean = lambda ms: float(np.mean([m["n_ssim"] for m in ms]))
+  out = f" n_ssim_{tag}={mean(s_m):.4f}" if s_m else ""
+  out += f" rl_n_ssim_{tag}={mean(s_rl):.4f} gaussian_n_ssim_{tag}={mean(s_g):.4f}"
+  if tuned:
+    out += f" rl_n_ssim_{tag}_tuned={mean(t_rl):.4f} gaussian_n_ssim_{tag}_tuned={mean(t_g):.4f}"
+  return out
+
+
 def main(argv):
   del argv
+  for name, path in (("second_sim_dir", _SECOND.value), ("second_sim_val_dir", _SECOND_VAL.value),
+                     ("third_sim_dir", _THIRD.value), ("third_sim_val_dir", _THIRD_VAL.value)):
+    if path and not os.path.isdir(path):
+      raise app.UsageError(f"--{name}={path}: no such folder")
   from smlm_jax.core import plotting
   from smlm_jax.fusion import baselines, metrics
   cfg = load_config()
@@ -208,29 +283,11 @@ def main(argv):
             f"seconds={seconds:.0f}")
   if unet:
     result = f"n_ssim={mean(unet):.4f} " + result
-  if _SECOND.value:
-    items = read_second_sim(_SECOND.value)
-    s_g, s_rl, s_m = [], [], []
-    print(f"\nsecond simulator: {len(items)} volumes in {_SECOND.value}")
-    print(f"{'volume':<24} {'input SSIM':>10} {'gauss NSSIM':>11} {'RL NSSIM':>10} "
-          f"{'unet NSSIM':>10}")
-    for name, v, f, meta in items:
-      vox = tuple(float(x) for x in meta.get("voxel_size_um", sc.voxel_size_um))
-      off = float(meta.get("camera_offset_adu", cam.offset_adu))
-      gain = float(meta.get("camera_gain_adu_per_e", cam.gain_adu_per_e))
-      s_g.append(metrics.compare(baselines.gaussian(v, *sigma), f, v))
-      s_rl.append(metrics.compare(rl_fn(v, vox, off, gain), f, v))
-      if have_run:
-        p, _ = predictor.predict(v, voxel_size_um=vox, tile=tri(_TILE.value),
-                                 overlap=tri(_OVERLAP.value), halo=tri(_HALO.value))
-        s_m.append(metrics.compare(p, f, v))
-      um = s_m[-1]["n_ssim"] if s_m else float("nan")
-      print(f"{name:<24} {s_g[-1]['input_ssim']:>10.3f} {s_g[-1]['n_ssim']:>11.3f} "
-            f"{s_rl[-1]['n_ssim']:>10.3f} {um:>10.3f}")
-    if s_m:
-      result += f" n_ssim_second_sim={mean(s_m):.4f}"
-    result += (f" rl_n_ssim_second_sim={mean(s_rl):.4f} "
-               f"gaussian_n_ssim_second_sim={mean(s_g):.4f}")
+  for tag, folder, val_folder in (("second_sim", _SECOND.value, _SECOND_VAL.value),
+                                  ("third_sim", _THIRD.value, _THIRD_VAL.value)):
+    if folder:
+      result += score_independent(tag, folder, val_folder, sigma, rl_params, psf, depth, sc,
+                                  predictor if have_run else None, tri)
 
   if _PLOT.value:
     idx = [i for i in (int(np.argmin(membrane)), int(np.argmax(membrane)))]

@@ -100,6 +100,53 @@ def test_attenuation_along_detection_and_illumination_matches_lengths():
   np.testing.assert_allclose(z_profile[0], expected, rtol=0.02)
 
 
+def test_randomized_effects_are_off_by_default_and_act_as_specified():
+  """Domain randomization (configs/fusion.py:randomized): no effect draws anything by
+  default; the axial side lobe widens a point's z profile, the halo spreads light
+  laterally more at depth, stripes and shadows modulate the sheet along x only."""
+  base = sim_lib.SimConfig(shape=(24, 24, 24))
+  assert sim_lib.draw_randomized(jax.random.key(0), base) == {}
+  sc = dataclasses.replace(base, axial_lobe_weight=(0.3, 0.3), axial_lobe_scale=(2.0, 2.0),
+                           halo_fraction=(0.5, 0.5), halo_sigma_um=(2.0, 2.0),
+                           scatter_length_um=(20.0, 20.0))
+  cond0 = _conditions(base, depth_offset_um=0.0, view_photons=1.0,
+                      view_background_photons=0.0, detection_attenuation_um=1e9,
+                      illumination_attenuation_um=1e9)
+  cond = sim_lib.draw_conditions(jax.random.key(0), sc)
+  for k in ("membrane", "view_fwhm_z_um", "view_photons"):    # the other draws unchanged
+    assert float(cond[k]) == float(sim_lib.draw_conditions(jax.random.key(0), base)[k])
+  cond.update({k: v for k, v in cond0.items() if k not in sim_lib.RANDOMIZED})
+  def points(c):                                   # a shallow and a deep point
+    mz, my, mx = c.margins
+    return jnp.zeros(c.padded_shape).at[mz + 2, my + 12, mx + 12].set(1.0).at[
+        mz + 20, my + 12, mx + 12].set(1.0)
+  plain = np.asarray(sim_lib.single_view_photons(points(base), base, cond0))
+  both = np.asarray(sim_lib.single_view_photons(points(sc), sc, cond))
+  # lateral spread beyond 2 voxels, shallow vs deep slice: the halo grows with depth
+  far = lambda img, z: 1.0 - img[z, 10:15, 10:15].sum() / img[z].sum()
+  assert far(both, 20) > far(plain, 20) + 0.15 and far(both, 20) > far(both, 2) + 0.1
+  # the side lobe: more of the light in slices > 4 voxels from the emitter
+  tail = lambda img: img[8:16].sum() / img.sum()
+  assert tail(both) > 1.5 * tail(plain)
+  np.testing.assert_allclose(both.sum(), plain.sum(), rtol=0.05)     # flux kept
+  # stripes / shadows: on a uniform specimen only x-dependent losses along each row
+  sc2 = dataclasses.replace(base, shadow_strength=(0.02, 0.02))
+  cond2 = sim_lib.draw_conditions(jax.random.key(1), sc2)
+  cond2.update({k: v for k, v in cond0.items() if k not in sim_lib.RANDOMIZED})
+  flat = np.asarray(sim_lib.single_view_photons(jnp.ones(sc2.padded_shape), sc2, cond2))
+  ref = np.asarray(sim_lib.single_view_photons(jnp.ones(base.padded_shape), base, cond0))
+  ratio = (flat / ref).mean(axis=(0, 1))
+  assert np.all(np.diff(ratio) < 0) and ratio[-1] < 0.9 * ratio[0]
+  sc3 = dataclasses.replace(base, stripe_amplitude=(0.3, 0.3))
+  cond3 = sim_lib.draw_conditions(jax.random.key(1), sc3)
+  cond3.update({k: v for k, v in cond0.items() if k not in sim_lib.RANDOMIZED})
+  striped = np.asarray(sim_lib.single_view_photons(jnp.ones(sc3.padded_shape), sc3, cond3,
+                                                   jax.random.key(5)))
+  rel = np.log(striped / ref)
+  # stripes run along x: far more variation across y than along x
+  assert rel.std(axis=1).mean() > 3.0 * rel.std(axis=2).mean()
+
+
 def test_specimen_channels_and_config_round_trip():
   cfg = fusion_config.get_config("tiny")
   sc = sim_lib.sim_config(cfg.sim)

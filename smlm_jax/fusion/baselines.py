@@ -249,17 +249,20 @@ def tune_gaussian(views, fused, sigmas_z=GAUSS_SIGMAS_Z, sigmas_xy=GAUSS_SIGMAS_
   return best, scores[best]
 
 
-def tune_restore(views, fused, voxel_size_um, psf: PSF, depths_um, offset_adu: float,
-                 gain_adu_per_e: float, iterations=RL_ITERATIONS,
+def tune_restore(views, fused, voxel_size_um, psf: PSF, depths_um, offset_adu,
+                 gain_adu_per_e, iterations=RL_ITERATIONS,
                  prefilters_fwhm_um=RL_PREFILTER_FWHM_UM, tvs=RL_TV, corrections=RL_CORRECT):
   """(best RLParams, its mean N_SSIM, {RLParams: mean N_SSIM} over the whole grid) on
-  the given (validation) views in ADU and their fused targets."""
+  the given (validation) views in ADU and their fused targets. ``voxel_size_um``,
+  ``offset_adu`` and ``gain_adu_per_e`` are one value for all volumes or a list of one
+  per volume."""
+  each = lambda x: x if isinstance(x, list) else [x] * len(views)
+  voxels, offsets, gains = each(voxel_size_um), each(offset_adu), each(gain_adu_per_e)
   scores = {}
   for pre, tv in itertools.product(prefilters_fwhm_um, tvs):
     per = {}
-    for v, f, d in zip(views, fused, depths_um):
-      outs = restore_all(v, voxel_size_um, psf, d, offset_adu, gain_adu_per_e, pre, tv,
-                         iterations, corrections)
+    for v, f, d, vox, off, gain in zip(views, fused, depths_um, voxels, offsets, gains):
+      outs = restore_all(v, vox, psf, d, off, gain, pre, tv, iterations, corrections)
       for (n, c), p in outs.items():
         per.setdefault(RLParams(n, pre, tv, c), []).append(
             metrics.compare(p, f, v)["n_ssim"])

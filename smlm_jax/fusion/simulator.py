@@ -94,14 +94,34 @@ class SimConfig:
   fused_background_photons: tuple = (2.0, 10.0)
   fused_noise: bool = True
   camera: noise.Camera = noise.Camera()
+  # Domain randomization (configs/fusion.py:randomized); every one off by default, and
+  # then the draws and images are bit for bit those without the fields. Ranges drawn
+  # uniformly per volume from their own fold_in keys.
+  # Side lobe of the axial PSF (Bessel/lattice sheets, spherical aberration): a wider
+  # Gaussian of ``axial_lobe_scale`` x the axial sigma with weight ``axial_lobe_weight``.
+  axial_lobe_weight: tuple = (0.0, 0.0)
+  axial_lobe_scale: tuple = (1.5, 2.5)
+  # Diffuse scattering halo: a fraction f(d) = halo_fraction (1 - exp(-d / L_scat)) of
+  # the detected light spread laterally by a Gaussian of sigma ``halo_sigma_um``.
+  halo_fraction: tuple = (0.0, 0.0)
+  halo_sigma_um: tuple = (1.5, 5.0)
+  scatter_length_um: tuple = (30.0, 120.0)
+  # Light-sheet stripes: the illumination multiplied by exp(a z), z smooth noise long
+  # along the illumination axis x (``stripe_length_um``) and thin across it.
+  stripe_amplitude: tuple = (0.0, 0.0)
+  stripe_length_um: float = 25.0
+  # Absorption shadows: the sheet loses exp(-mu cumsum_x density) behind bright
+  # structure; ``shadow_strength`` = mu x (1 um of density 1).
+  shadow_strength: tuple = (0.0, 0.0)
 
   @property
   def max_fwhm_um(self) -> tuple[float, float]:
     """(lateral, axial) single-view FWHM at the deepest voxel any volume can have."""
     deepest = self.depth_offset_um[1] + self.shape[0] * self.voxel_size_um[0]
     growth = 1.0 + deepest / self.blur_growth_length_um[0]
+    lobe = self.axial_lobe_scale[1] if self.axial_lobe_weight[1] > 0 else 1.0
     return (max(self.view_fwhm_xy_um[1] * growth, self.fused_fwhm_xy_um[1]),
-            max(self.view_fwhm_z_um[1] * growth, self.fused_fwhm_z_um[1]))
+            max(self.view_fwhm_z_um[1] * growth * lobe, self.fused_fwhm_z_um[1]))
 
   @property
   def margins(self) -> tuple[int, int, int]:
@@ -167,7 +187,27 @@ def draw_conditions(key, sc: SimConfig) -> dict:
       "fused_photons": _log_uniform(k["fphotons"], sc.fused_photons),
       "fused_background_photons": _log_uniform(k["fbg"], sc.fused_background_photons),
       "cytoplasm_level": _uniform(k["cyto"], sc.cytoplasm_level),
+      **draw_randomized(jax.random.fold_in(key, 0x5A7D), sc),
   }
+
+
+RANDOMIZED = ("axial_lobe_weight", "axial_lobe_scale", "halo_fraction", "halo_sigma_um",
+              "scatter_length_um", "stripe_amplitude", "shadow_strength")
+_SWITCHES = {"axial_lobe_weight": ("axial_lobe_weight", "axial_lobe_scale"),
+             "halo_fraction": ("halo_fraction", "halo_sigma_um", "scatter_length_um"),
+             "stripe_amplitude": ("stripe_amplitude",),
+             "shadow_strength": ("shadow_strength",)}
+
+
+def draw_randomized(key, sc: SimConfig) -> dict:
+  """The domain-randomization conditions of the effects that are on (an effect is on
+  when the upper end of its switch range is > 0); {} by default."""
+  out = {}
+  for i, (switch, names) in enumerate(_SWITCHES.items()):
+    if getattr(sc, switch)[1] > 0:
+      keys = jax.random.split(jax.random.fold_in(key, i), len(names))
+      out.update({n: _uniform(k, getattr(sc, n)) for n, k in zip(names, keys)})
+  return out
 
 
 def padded_coords_um(sc: SimConfig, cond: dict):
@@ -317,14 +357,48 @@ def attenuation(sc: SimConfig, cond: dict):
   return det[:, None, None] * ill[None, None, :]
 
 
-def single_view_photons(obj, sc: SimConfig, cond: dict):
-  """Expected photons per voxel ``[Z, Y, X]`` of the single view of a padded specimen."""
+def illumination(obj, sc: SimConfig, cond: dict, key):
+  """Multiplicative sheet non-uniformity of the padded grid from the randomized effects
+  (1 when they are off): stripes along x and absorption shadows behind structure."""
+  out = jnp.ones((1, 1, 1))
+  dz, dy, dx = sc.voxel_size_um
+  if "stripe_amplitude" in cond:
+    sig = (1.0 / dz, 0.4 / dy, sc.stripe_length_um / dx)
+    out = out * jnp.exp(cond["stripe_amplitude"] * _smooth_noise(key, obj.shape, sig))
+  if "shadow_strength" in cond:
+    out = out * jnp.exp(-cond["shadow_strength"] * dx * jnp.cumsum(obj, axis=2))
+  return out
+
+
+def _lateral_blur(img, sigma_y_vox, sigma_x_vox):
+  """Gaussian blur along y and x of ``[Z, Y, X]``, rows normalized at the borders."""
+  def mat(n, s):
+    m = blur_matrix(jnp.full((n,), s), n, 0)
+    return m / jnp.sum(m, axis=1, keepdims=True)
+  h = jnp.einsum("zyx,Yy->zYx", img, mat(img.shape[1], sigma_y_vox))
+  return jnp.einsum("zyx,Xx->zyX", h, mat(img.shape[2], sigma_x_vox))
+
+
+def single_view_photons(obj, sc: SimConfig, cond: dict, key=None):
+  """Expected photons per voxel ``[Z, Y, X]`` of the single view of a padded specimen
+  (``key``: the stripes' random field, needed only when they are on)."""
   z, _, _ = padded_coords_um(sc, cond)
   fxy, fz = view_fwhm_um(cond, z)
   dz, dy, dx = sc.voxel_size_um
   s = lambda fwhm, d: fwhm / FWHM_PER_SIGMA / d
-  img = depth_variant_blur(obj * attenuation(sc, cond), s(fz, dz), s(fxy, dy), s(fxy, dx),
-                           sc)
+  lit = obj * attenuation(sc, cond)
+  if "stripe_amplitude" in cond or "shadow_strength" in cond:
+    lit = lit * illumination(obj, sc, cond, key)
+  img = depth_variant_blur(lit, s(fz, dz), s(fxy, dy), s(fxy, dx), sc)
+  if "axial_lobe_weight" in cond:       # the z blur is linear in its matrix: mix two
+    lobe = depth_variant_blur(lit, s(fz * cond["axial_lobe_scale"], dz), s(fxy, dy),
+                              s(fxy, dx), sc)
+    img = (1.0 - cond["axial_lobe_weight"]) * img + cond["axial_lobe_weight"] * lobe
+  if "halo_fraction" in cond:
+    depth = slice_depths_um(sc, cond)[:, None, None]
+    f = cond["halo_fraction"] * (1.0 - jnp.exp(-depth / cond["scatter_length_um"]))
+    halo = _lateral_blur(img, cond["halo_sigma_um"] / dy, cond["halo_sigma_um"] / dx)
+    img = (1.0 - f) * img + f * halo
   return cond["view_photons"] * img + cond["view_background_photons"]
 
 
@@ -347,7 +421,8 @@ def simulate_clean(key, sc: SimConfig) -> dict:
   k_cond, k_spec = jax.random.split(key)
   cond = draw_conditions(k_cond, sc)
   obj = render_specimen(k_spec, sc, cond)
-  return {"view_photons": single_view_photons(obj, sc, cond),
+  return {"view_photons": single_view_photons(obj, sc, cond,
+                                              jax.random.fold_in(k_spec, 0x57)),
           "fused_photons": fused_photons(obj, sc, cond),
           "depth_um": slice_depths_um(sc, cond), "cond": cond}
 
