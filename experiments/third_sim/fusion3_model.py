@@ -244,7 +244,8 @@ def debye_psf(dz_list_um, na, n_imm, n_sample, lam_um, depth_um, px_um, n_rho=16
   A = np.stack([np.ones_like(rho), ci], 1) * np.sqrt(rho)[:, None]
   coef = np.linalg.lstsq(A, opd * np.sqrt(rho), rcond=None)[0]
   W = k0 * (opd - coef[0] - coef[1] * ci + focus_shift_um * ci)
-  rms_waves = float(np.sqrt(np.sum(rho * (W / (2 * np.pi)) ** 2) / rho.sum()))
+  Wm = W - np.sum(rho * W) / rho.sum()                               # piston does not change the PSF
+  rms_waves = float(np.sqrt(np.sum(rho * (Wm / (2 * np.pi)) ** 2) / rho.sum()))
   dr = 0.02
   rmax = KERNEL_XY / 2 * px_um * 1.5
   r = np.arange(0, rmax + dr, dr)
@@ -411,7 +412,7 @@ def light_sheet_view(obj, geo, sp, vox):
     sig = sp["halo_sigma0_um"] + sp["halo_sigma_per_um_depth"] * pd[k]
     halo[k] = ndimage.gaussian_filter(in_plane[k] * frac[k], (sig / vox[1], sig / vox[2]), mode="constant")
   derived = {"sheet_widths_um_along_beam": [float(w) for w in widths], "psf_depths_um": [float(d) for d in depths],
-             "psf_rms_aberration_waves": rms, "kernel_half_z_planes": kz}
+             "psf_rms_wavefront_error_waves": rms, "kernel_half_z_planes": kz}
   return np.clip(img + diffuse + halo, 0, None), derived
 
 
