@@ -178,7 +178,8 @@ def score_independent(tag, folder, val_folder, sigma, rl_params, psf, depth, sc,
       line = f" {t_g[-1]['n_ssim']:>11.3f} {t_rl[-1]['n_ssim']:>10.3f}"
     if predictor is not None:
       p, _ = predictor.predict(v, voxel_size_um=meta_of(meta)[0], tile=tri(_TILE.value),
-                               overlap=tri(_OVERLAP.value), halo=tri(_HALO.value))
+                               overlap=tri(_OVERLAP.value), halo=tri(_HALO.value),
+                               resample=True)     # as smlm_jax.fusion.predict does
       s_m.append(metrics.compare(p, f, v))
     um = s_m[-1]["n_ssim"] if s_m else float("nan")
     print(f"{name:<24} {s_g[-1]['input_ssim']:>10.3f} {s_g[-1]['n_ssim']:>11.3f} "

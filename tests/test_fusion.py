@@ -410,7 +410,16 @@ def test_predict_keeps_voxel_size_metadata_and_reports_bad_inputs(tiny_fusion_ru
   assert any("nan.tif" in l and "NaN" in l for l in errors)
   summary = (out / "predict_summary.csv").read_text()
   assert "error:not_3d" in summary and "error:nan_or_inf" in summary
-  assert "voxel_size_mismatch" in summary        # view2: 2 um z steps vs 1 um trained
+  assert "voxel_size_mismatch;resampled" in summary  # view2: 2 um z steps vs 1 um trained
+  # resampled to the training voxels and back: the input's grid, and not the same as
+  # predicting the volume as it is
+  assert img2.data.shape == vol.shape
+  code = predict.run(workdir, [inputs[1]], str(tmp_path / "plain"), log=lambda *a, **k: None,
+                     resample=False)
+  plain = tiff_io.read_image(str(tmp_path / "plain" / "view2_fused.ome.tif")).data
+  assert code == 0 and plain.shape == vol.shape
+  assert np.abs(plain - img2.data).mean() > 1e-3
+  assert "voxel_size_mismatch" in (tmp_path / "plain" / "predict_summary.csv").read_text()
 
 
 def test_evaluate_scores_pairs_and_rejects_bad_inputs(tmp_path):

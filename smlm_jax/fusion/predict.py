@@ -3,7 +3,7 @@
   python -m smlm_jax.fusion.predict --workdir=runs/fusion --input=VIEW.tif [--input=DIR]
       --output=OUT_DIR [--tile=24,96,96] [--overlap=12,16,16] [--halo=2,4,4]
       [--memory_gb=2] [--batch_size=2] [--depth_offset_um=0] [--surface=first] [--plot]
-      [--tta | --notta]
+      [--tta | --notta] [--noresample]
 
 Inputs: single-channel 3D stacks (Z, Y, X; z = the detection axis) as TIFF / OME-TIFF /
 ImageJ files or folders of them. Each volume is percentile-normalized (2nd / 99.8th
@@ -18,9 +18,10 @@ faster, noisier). ``--plot`` also writes ``<name>_slices.png`` (orthogonal slice
 prediction). ``OUT_DIR/predict_summary.csv`` lists every input:
   file, output, shape_zyx, voxel_size_um_zyx, tiles, seconds, flag
 flag is ``ok`` or ';'-joined reasons: ``voxel_size_mismatch`` (more than 10% from the
-training voxel size: the network learned the PSF in voxels - resample or retrain with
---config.sim.voxel_size_um), ``voxel_size_unknown`` (no metadata; training value
-assumed), or ``error:<code>`` (not_found, unreadable, truncated, not_3d, bad_shape,
+training voxel size: the network learned the PSF and the cells in voxels), ``resampled``
+(then, by default, the volume was resampled linearly to the training voxels, predicted
+and the prediction resampled back onto the input grid; ``--noresample`` predicts it as
+it is), ``voxel_size_unknown`` (no metadata; training value assumed), or ``error:<code>`` (not_found, unreadable, truncated, not_3d, bad_shape,
 bad_dtype, rgb, nan_or_inf, constant_input - all voxels equal: nothing to normalize,
 no volume is written -, empty_folder) for inputs that could not be used. --output is
 checked before anything is read (exit 2 when it cannot be written). Bad inputs never stop the
@@ -40,6 +41,7 @@ import time
 
 from absl import app, flags
 import numpy as np
+from scipy import ndimage
 
 from smlm_jax.core import cli
 from smlm_jax.core import tiff_io
@@ -109,8 +111,22 @@ class Predictor:
 
   def predict(self, volume, voxel_size_um=None, tile=None, overlap=None, halo=None,
               memory_gb=None, batch_size=2, depth_offset_um=0.0, surface="first",
-              progress=False):
-    """Fused prediction [Z, Y, X] (float32, normalized units) of a raw volume."""
+              progress=False, resample=False):
+    """Fused prediction [Z, Y, X] (float32, normalized units) of a raw volume. With
+    ``resample`` and a ``voxel_size_um`` more than 10% from the training voxel size on
+    any axis, the volume is resampled (linear) to the training voxels, predicted, and
+    the prediction resampled back onto the input grid (the network learned the PSF and
+    the structures' sizes in voxels)."""
+    if resample and voxel_size_um is not None and _mismatch(voxel_size_um,
+                                                             self.voxel_size_um):
+      factors = [v / r for v, r in zip(voxel_size_um, self.voxel_size_um)]
+      small = ndimage.zoom(np.asarray(volume, np.float32), factors, order=1,
+                           mode="nearest")
+      out, n = self.predict(small, self.voxel_size_um, tile, overlap, halo, memory_gb,
+                            batch_size, depth_offset_um, surface, progress)
+      back = [s / o for s, o in zip(volume.shape, out.shape)]
+      out = ndimage.zoom(out, back, order=1, mode="nearest")
+      return out[tuple(slice(0, s) for s in volume.shape)], n
     x = self.model_input(volume, voxel_size_um, depth_offset_um, surface)
     z = x.shape[0]
     if self.fixed_slices and z < self.fixed_slices:     # too thin: mirror-pad along z
@@ -141,7 +157,7 @@ def _mismatch(found, reference):
 
 def run(workdir, inputs, output_dir, tile=None, overlap=None, halo=None, memory_gb=None,
         batch_size=2, depth_offset_um=0.0, surface="first", plot=False, log=print,
-        tta=None) -> int:
+        tta=None, resample=True) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   t0 = time.time()
   predictor = Predictor(workdir, tta=tta)
@@ -165,12 +181,19 @@ def run(workdir, inputs, output_dir, tile=None, overlap=None, halo=None, memory_
       flags_.append("voxel_size_unknown")
     if _mismatch(vox, ref):
       flags_.append("voxel_size_mismatch")
-      log(f"warning: {path}: voxel size {vox} um differs from the model's {ref} by more "
-          "than 10%; the prediction may be poor (resample, or retrain with "
-          "--config.sim.voxel_size_um)", file=sys.stderr)
+      if resample:
+        flags_.append("resampled")
+        log(f"note: {path}: voxel size {vox} um differs from the model's {ref} by more "
+            "than 10%: resampled to it for the prediction and back (--noresample: off)",
+            file=sys.stderr)
+      else:
+        log(f"warning: {path}: voxel size {vox} um differs from the model's {ref} by "
+            "more than 10%; the prediction may be poor (drop --noresample, or retrain "
+            "with --config.sim.voxel_size_um)", file=sys.stderr)
     used = tuple(v if v is not None else r for v, r in zip(vox, ref))
     pred, n_tiles = predictor.predict(volume, used, tile, overlap, halo, memory_gb,
-                                      batch_size, depth_offset_um, surface, progress=True)
+                                      batch_size, depth_offset_um, surface, progress=True,
+                                      resample=resample)
     name = volume_io.stem(path)
     ome = path.lower().endswith((".ome.tif", ".ome.tiff"))
     out_path = os.path.join(output_dir, f"{name}_fused" + (".ome.tif" if ome else ".tif"))
@@ -228,6 +251,9 @@ def _define_flags():
   flags.DEFINE_bool("plot", False, "Also write <name>_slices.png per input.")
   flags.DEFINE_bool("tta", None, "Average each tile over its y/x flips and transposes "
                     "(default: the run's predict.tta).")
+  flags.DEFINE_bool("resample", True, "A volume whose voxel size (metadata) is more than "
+                    "10% from the training voxel size is resampled to it, predicted and "
+                    "resampled back (--noresample: predicted as it is).")
 
 
 def main(argv):
@@ -246,6 +272,7 @@ def main(argv):
   cli.require_positive(f, ("memory_gb",))
   cli.run_or_fail(run, f.workdir, inputs, f.output, tile, overlap, halo, f.memory_gb,
                   f.batch_size, f.depth_offset_um, f.surface, f.plot, tta=f.tta,
+                  resample=f.resample,
                   user_errors=(FileNotFoundError, ValueError))   # ValueError: tile/overlap/halo
 
 
