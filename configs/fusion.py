@@ -173,12 +173,14 @@ def randomize_sim(sim: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Variants: None (CPU default), 'gpu', 'tiny' (unit tests), 'randomized' (the CPU
-  default trained on the domain-randomized priors of :func:`randomize_sim`)."""
+  """Variants: None (CPU default: trained on the domain-randomized priors of
+  :func:`randomize_sim`), 'gpu' (the same priors, bigger network and patches),
+  'narrow' (the CPU default before issue 23: the literature priors of
+  :func:`get_sim_config` only; they are also the priors of the study's own-simulator
+  test volumes), 'tiny' (unit tests, narrow priors)."""
   variant = arg or "cpu"
-  if variant not in ("cpu", "gpu", "tiny", "randomized"):
-    raise ValueError(f"unknown config variant {variant!r}; use cpu, gpu, tiny or "
-                     "randomized")
+  if variant not in ("cpu", "gpu", "tiny", "narrow"):
+    raise ValueError(f"unknown config variant {variant!r}; use cpu, gpu, narrow or tiny")
   config = ml_collections.ConfigDict()
   config.task = "fusion"
   config.seed = 0
@@ -224,9 +226,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # no training cost.
   config.predict.tta = True
 
-  if variant == "randomized":
+  if variant in ("cpu", "gpu"):
+    # Chosen by the rule fixed before the run (issue 23): the second simulator's
+    # volumes (validation from then on) N_SSIM 0.654 vs 0.634 for the narrow priors,
+    # and >= 0.7 kept on our narrow-prior test volumes (0.741; narrow-trained 0.800).
     randomize_sim(config.sim)
-    config.pool_size = 256
+    config.pool_size = 256          # more specimens for the wider priors
   if variant == "gpu":
     config.sim.shape = (64, 128, 128)
     config.model.kind = "unet3d"

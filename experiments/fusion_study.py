@@ -2,7 +2,8 @@
 simulated volumes from an unseen seed.
 
   flock /tmp/smlm_cpu.lock env PYTHONPATH=. python experiments/fusion_study.py \
-      --workdir=/tmp/fusion_study [--config=configs/fusion.py] [--num_volumes=16] \
+      --workdir=/tmp/fusion_study [--config=configs/fusion.py] \
+      [--test_config=configs/fusion.py:narrow] [--num_volumes=16] \
       [--test_shape=24,80,80] [--tile=24,48,48] [--plot=fusion_study.png] \
       [--num_val=16] [--val_seed=4242] [--skip_training] [--second_sim_dir=DIR]
       [--second_sim_val_dir=DIR] [--third_sim_dir=DIR] [--third_sim_val_dir=DIR]
@@ -11,8 +12,10 @@ simulated volumes from an unseen seed.
    time of train_and_evaluate, compilation and periodic evaluation included); an
    existing finished run there is reused (its recorded time is reported).
 2. Simulates ``--num_volumes`` test volumes of ``--test_shape`` voxels (larger than the
-   training patches, so prediction goes through the blended tiles) with the training
-   physics but seed ``--test_seed``, never used in training or validation.
+   training patches, so prediction goes through the blended tiles) with our simulator
+   and the priors of ``--test_config`` (default ``configs/fusion.py:narrow``: the
+   literature priors, not the wider randomized ones the default trains on), seed
+   ``--test_seed``, never used in training or validation.
 3. Scores the U-Net prediction (with the run's ``predict.tta`` self-ensemble; the
    column ``1-pass`` is the same network without it) and two classical baselines
    (:mod:`smlm_jax.fusion.baselines`) with the challenge metric
@@ -50,7 +53,11 @@ from absl import app, flags
 import numpy as np
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/fusion_study", "Training run folder.")
-_CONFIG = flags.DEFINE_string("config", "configs/fusion.py", "Config file[:variant].")
+_CONFIG = flags.DEFINE_string("config", "configs/fusion.py", "Config file[:variant] to train.")
+_TEST_CONFIG = flags.DEFINE_string(
+    "test_config", "configs/fusion.py:narrow", "Config whose simulator priors draw the "
+    "own-simulator test and validation volumes (default: the literature priors, not the "
+    "randomized training priors; give the training config to test on those).")
 _NUM = flags.DEFINE_integer("num_volumes", 16, "Test volumes.")
 _SEED = flags.DEFINE_integer("test_seed", 777, "Seed of the test volumes (unseen).")
 _SHAPE = flags.DEFINE_string("test_shape", "24,80,80", "Test volume shape z,y,x.")
@@ -73,14 +80,14 @@ _THIRD_VAL = flags.DEFINE_string("third_sim_val_dir", None, "Other volumes of th
                                  "simulator: the baselines are re-tuned there too.")
 
 
-def load_config():
+def load_config(spec_value=None, overrides=True):
   import importlib.util
-  path, _, variant = _CONFIG.value.partition(":")
+  path, _, variant = (spec_value or _CONFIG.value).partition(":")
   spec = importlib.util.spec_from_file_location("fusion_config", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   cfg = mod.get_config(variant or None)
-  for kv in _OVERRIDES.value:
+  for kv in (_OVERRIDES.value if overrides else []):
     key, value = kv.split("=", 1)
     target = cfg
     *parents, leaf = key.split(".")
@@ -201,6 +208,7 @@ def main(argv):
   from smlm_jax.core import plotting
   from smlm_jax.fusion import baselines, metrics
   cfg = load_config()
+  test_cfg = load_config(_TEST_CONFIG.value, overrides=False)
   shape = tuple(int(s) for s in _SHAPE.value.split(","))
   have_run = os.path.isdir(os.path.join(_WORKDIR.value, "checkpoints"))
   seconds = float("nan")
@@ -209,11 +217,11 @@ def main(argv):
     have_run = True
     print(f"training: {seconds:.0f} s ({cfg.num_train_steps} steps of {cfg.batch_size} "
           f"volumes {tuple(cfg.sim.shape)})")
-  val_seed = int(cfg.eval_seed) if _VAL_SEED.value is None else _VAL_SEED.value
+  val_seed = int(test_cfg.eval_seed) if _VAL_SEED.value is None else _VAL_SEED.value
   if val_seed == _SEED.value:
     raise app.UsageError("--val_seed must differ from --test_seed")
-  views, fused, membrane, sc = simulate_test_set(cfg, shape, _NUM.value, _SEED.value)
-  vviews, vfused, _, _ = simulate_test_set(cfg, shape, _NUM_VAL.value, val_seed)
+  views, fused, membrane, sc = simulate_test_set(test_cfg, shape, _NUM.value, _SEED.value)
+  vviews, vfused, _, _ = simulate_test_set(test_cfg, shape, _NUM_VAL.value, val_seed)
   cam = sc.camera
   psf, depth = baselines.nominal_psf(sc)
   t0 = time.perf_counter()

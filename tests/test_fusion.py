@@ -101,7 +101,7 @@ def test_attenuation_along_detection_and_illumination_matches_lengths():
 
 
 def test_randomized_effects_are_off_by_default_and_act_as_specified():
-  """Domain randomization (configs/fusion.py:randomized): no effect draws anything by
+  """Domain randomization (configs/fusion.py randomize_sim): no effect draws anything by
   default; the axial side lobe widens a point's z profile, the halo spreads light
   laterally more at depth, stripes and shadows modulate the sheet along x only."""
   base = sim_lib.SimConfig(shape=(24, 24, 24))

@@ -94,7 +94,7 @@ class SimConfig:
   fused_background_photons: tuple = (2.0, 10.0)
   fused_noise: bool = True
   camera: noise.Camera = noise.Camera()
-  # Domain randomization (configs/fusion.py:randomized); every one off by default, and
+  # Domain randomization (configs/fusion.py randomize_sim); every one off by default, and
   # then the draws and images are bit for bit those without the fields. Ranges drawn
   # uniformly per volume from their own fold_in keys.
   # Side lobe of the axial PSF (Bessel/lattice sheets, spherical aberration): a wider
