@@ -21,6 +21,8 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from smlm_jax.core import cli  # noqa: E402
+
 import fusion3_model  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -31,45 +33,33 @@ flags.DEFINE_string("shape", "32,96,96", "volume shape z,y,x (voxels)")
 flags.DEFINE_string("prefix", "fusion3", "volume name prefix")
 
 
-def _fail(msg):
-  print(f"error: {msg}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-
-
 def _shape():
   try:
     shape = tuple(int(v) for v in FLAGS.shape.split(","))
   except ValueError:
-    _fail(f"--shape={FLAGS.shape} must be three integers z,y,x")
+    cli.fail(f"--shape={FLAGS.shape} must be three integers z,y,x")
   if len(shape) != 3:
-    _fail(f"--shape={FLAGS.shape} must be three integers z,y,x")
+    cli.fail(f"--shape={FLAGS.shape} must be three integers z,y,x")
   if not (8 <= shape[0] <= 256 and 16 <= shape[1] <= 1024 and 16 <= shape[2] <= 1024):
-    _fail("--shape: z must be in 8..256, y and x in 16..1024")
+    cli.fail("--shape: z must be in 8..256, y and x in 16..1024")
   return shape
 
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
+    cli.fail(f"unexpected arguments {argv[1:]}")
   if not FLAGS.out:
-    _fail("--out is required")
+    cli.fail("--out is required")
   checks = [(FLAGS.num >= 1, "--num must be >= 1"), (FLAGS.seed >= 0, "--seed must be >= 0"),
             (FLAGS.prefix.replace("_", "").replace("-", "").isalnum(), "--prefix must be alphanumeric")]
   for ok, msg in checks:
     if not ok:
-      _fail(msg)
+      cli.fail(msg)
   shape = _shape()
   try:
     os.makedirs(FLAGS.out, exist_ok=True)
   except OSError as e:
-    _fail(f"cannot create {FLAGS.out}: {e}")
+    cli.fail(f"cannot create {FLAGS.out}: {e}")
   counts = {"nuclei": 0, "membranes": 0}
   for i in range(FLAGS.num):
     t0 = time.time()
@@ -100,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from smlm_jax.core import cli  # noqa: E402
+
 import sim3_model  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -31,34 +33,22 @@ flags.DEFINE_integer("width", 256, "movie width (px)")
 flags.DEFINE_string("prefix", "sparks3", "movie name prefix")
 
 
-def _fail(msg):
-  print(f"error: {msg}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-
-
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
+    cli.fail(f"unexpected arguments {argv[1:]}")
   if not FLAGS.out:
-    _fail("--out is required")
+    cli.fail("--out is required")
   checks = [(FLAGS.num >= 1, "--num must be >= 1"), (16 <= FLAGS.frames <= 100000, "--frames must be in 16..100000"),
             (16 <= FLAGS.height <= 4096, "--height must be in 16..4096"),
             (16 <= FLAGS.width <= 4096, "--width must be in 16..4096"), (FLAGS.seed >= 0, "--seed must be >= 0"),
             (FLAGS.prefix.replace("_", "").replace("-", "").isalnum(), "--prefix must be alphanumeric")]
   for ok, msg in checks:
     if not ok:
-      _fail(msg)
+      cli.fail(msg)
   try:
     os.makedirs(FLAGS.out, exist_ok=True)
   except OSError as e:
-    _fail(f"cannot create {FLAGS.out}: {e}")
+    cli.fail(f"cannot create {FLAGS.out}: {e}")
   totals = {"spark": 0, "puff": 0, "wave": 0}
   faint = {"spark": 0, "puff": 0, "wave": 0}
   peaks = {"spark": [], "puff": [], "wave": []}
@@ -96,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=cli.parse_flags)
