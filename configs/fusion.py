@@ -1,17 +1,18 @@
 """Light-sheet fusion from one view (task 'fusion', smlm_jax/fusion/): simulator physics
 and training defaults.
 
-Train (default: 2-core CPU, about 8 minutes under the CPU lock):
+Train (default: 2-core CPU, about 14 minutes under the CPU lock):
 
   python -m smlm_jax.train --config=configs/fusion.py --workdir=runs/fusion
 
 The default trains on the domain-randomized priors of :func:`randomize_sim` (issue 23).
 Expected result: the final summary reports the validation N_SSIM on 16 volumes of those
-wide priors, about 0.61 (0.610 measured; they include 8-photon views 100 um deep).
+wide priors, about 0.64 (0.642 measured; they include 8-photon views 100 um deep).
 experiments/fusion_study.py (test seed 777, 24 x 80 x 80 volumes of the narrow
-literature priors, 4 blended tiles): N_SSIM 0.741 after 470 s of training; on the
-independent second simulator 0.654 and the third 0.598, next to Richardson-Lucy +
-depth correction re-tuned on those simulators' own volumes 0.328 / 0.415 (README).
+literature priors, 4 blended tiles): N_SSIM 0.763 after 844 s of training (4000
+steps); on the independent second simulator 0.678 and the third 0.612, next to
+Richardson-Lucy + depth correction re-tuned on those simulators' own volumes 0.328 /
+0.415 (README).
 ``:narrow`` (the literature priors only, the default before issue 23): 0.800 on the
 narrow test volumes (nuclei 0.845, membranes 0.773; 0.792 without the self-ensemble)
 after 688 s, 0.634 / 0.548 on the independent simulators; 0.255 for a Gaussian filter
