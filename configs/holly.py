@@ -136,8 +136,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 0) chosen on the tuning shapes at 3000 steps: bunny Chamfer 0.0091 -> 0.0015, CNN
   # 6.7 -> 6.4 deg; teapot 0.0090 -> 0.0085, 7.1 -> 6.3 deg (README)
   config.search.cnn_margin = 0.1
-  # fraction of training before the margin applies (0: from the start)
-  config.search.cnn_margin_start = 0.0
   config.refine = ml_collections.ConfigDict()
   config.refine.extra_sigmas_px = (2.0, 1.0, 0.5, 0.0)
   config.refine.damping = 0.01

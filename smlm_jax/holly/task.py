@@ -282,11 +282,10 @@ class HollyTask(Task):
       R = jnp.concatenate([R, jax.lax.stop_gradient(R_s)[:, None]], axis=1)
     return self.render_losses(params["points"], R, out["t"], sigma, batch["image"]), R, out
 
-  def refined_poses(self, params, batch, key, step=None):
+  def refined_poses(self, params, batch, key):
     """Search + Gauss-Newton: (R [B, 3, 3], t [B, 2], index of the winning candidate
     [B] (K = the search's), CNN outputs, CNN rotations [B, K, 3, 3]); no gradient flows
-    into the poses. ``step`` (training): the CNN margin applies from
-    ``search.cnn_margin_start`` x num_train_steps on (always when None)."""
+    into the poses."""
     sg = jax.lax.stop_gradient
     out = self.predict(params["net"], batch["image"])
     R_cnn = rotations.matrix_from_6d(out["r6"])
@@ -305,9 +304,6 @@ class HollyTask(Task):
       # the search's pose replaces the CNN's only when it is better by the margin: the
       # CNN maps similar images to similar poses, so among near-equal symmetric
       # alternatives it keeps choosing the same one, which the search does not
-      start = float(scfg.get("cnn_margin_start", 0.0)) * int(self.config.num_train_steps)
-      if step is not None and start > 0:
-        margin = jnp.where(step >= start, margin, 0.0)
       losses = losses.at[:, -1].multiply(1.0 + margin)
     i = jnp.argmin(losses, axis=1)
     R0 = jnp.take_along_axis(R, i[:, None, None, None], axis=1)[:, 0]
@@ -348,7 +344,7 @@ class HollyTask(Task):
       loss, meas = self._with_moments(loss, meas, params["points"])
       return loss, meas, batch_stats
     k = int(self.config.model.hypotheses)
-    R_ref, t_ref, i, out, R_cnn = self.refined_poses(params, batch, key, step)
+    R_ref, t_ref, i, out, R_cnn = self.refined_poses(params, batch, key)
     img = jax.vmap(lambda r, t, s: render.render(params["points"], r, t, s, self.size,
                                                  self.fov))(R_ref, t_ref, batch["sigma"])
     lcfg = self.config.loss
