@@ -160,8 +160,6 @@ def score_independent(tag, folder, val_folder, sigma, rl_params, psf, depth, sc,
   tuned = None
   if val_folder:
     val = read_second_sim(val_folder)
-    if os.path.samefile(val_folder, folder):
-      raise app.UsageError(f"--{tag}_val_dir must hold other volumes than --{tag}_dir")
     t0 = time.perf_counter()
     g_sigma, _ = baselines.tune_gaussian([v for _, v, _, _ in val], [f for _, _, f, _ in val])
     vox, off, gain = zip(*[meta_of(m) for *_, m in val])    # per volume
@@ -205,6 +203,10 @@ def main(argv):
                      ("third_sim_dir", _THIRD.value), ("third_sim_val_dir", _THIRD_VAL.value)):
     if path and not os.path.isdir(path):
       raise app.UsageError(f"--{name}={path}: no such folder")
+  for tag, folder, val_folder in (("second_sim", _SECOND.value, _SECOND_VAL.value),
+                                  ("third_sim", _THIRD.value, _THIRD_VAL.value)):
+    if folder and val_folder and os.path.samefile(val_folder, folder):
+      raise app.UsageError(f"--{tag}_val_dir must hold other volumes than --{tag}_dir")
   from smlm_jax.core import plotting
   from smlm_jax.fusion import baselines, metrics
   cfg = load_config()

@@ -191,12 +191,12 @@ def draw_conditions(key, sc: SimConfig) -> dict:
   }
 
 
-RANDOMIZED = ("axial_lobe_weight", "axial_lobe_scale", "halo_fraction", "halo_sigma_um",
-              "scatter_length_um", "stripe_amplitude", "shadow_strength")
+# each effect's switch field (on when its upper end is > 0) -> the fields it draws
 _SWITCHES = {"axial_lobe_weight": ("axial_lobe_weight", "axial_lobe_scale"),
              "halo_fraction": ("halo_fraction", "halo_sigma_um", "scatter_length_um"),
              "stripe_amplitude": ("stripe_amplitude",),
              "shadow_strength": ("shadow_strength",)}
+RANDOMIZED = tuple(n for names in _SWITCHES.values() for n in names)
 
 
 def draw_randomized(key, sc: SimConfig) -> dict:
