@@ -207,3 +207,26 @@ def test_faint_fluctuations_add_dff_but_no_labels():
   assert extra.min() > -1e-5 and extra.max() <= 2 * p.faint_amplitude[1] + 1e-5
   # Most movies show them (a fluctuation may fall before or after the frames).
   assert np.mean(extra.max(axis=(1, 2, 3)) > 0.5 * p.faint_amplitude[0]) > 0.7
+
+
+def test_default_spark_amplitudes_are_log_uniform_and_the_switch_restores_uniform():
+  """Default spark dF/F0: log-uniform over sim.sparks.amplitude_dff (median near the
+  geometric mean, over a third of sparks below 0.4); sparks.log_uniform=False (or a run's
+  config without the key) draws them uniformly again (median near the midpoint)."""
+  geom = sim.Geometry(num_frames=24, height_px=16, width_px=24)
+  cfg = sparks_config.get_config()
+  lo, hi = cfg.sim.sparks.amplitude_dff
+  amps = {}
+  for log in (True, False):
+    cfg.sim.sparks.log_uniform = log
+    p = sim.simulator_from_config(cfg.sim).priors
+    assert p.spark_log_amplitude is log and not p.log_uniform_amplitudes
+    e = _scenes(p, geom, n=256).events
+    amps[log] = e.amplitude[:, e.kind[0] == sim.SPARK].ravel()
+    assert lo <= amps[log].min() and amps[log].max() <= hi
+  assert np.median(amps[True]) == pytest.approx(np.sqrt(lo * hi), rel=0.1)
+  assert np.median(amps[False]) == pytest.approx((lo + hi) / 2, rel=0.1)
+  faint = {k: np.mean(v < 0.4) for k, v in amps.items()}     # expected 0.38 and 0.14
+  assert faint[True] > 0.3 and faint[True] > 2 * faint[False]
+  del cfg.sim.sparks.log_uniform
+  assert not sim.simulator_from_config(cfg.sim).priors.spark_log_amplitude

@@ -89,6 +89,7 @@ class Priors:
   spark_rise_ms: tuple = (5.0, 15.0)
   spark_tau_ms: tuple = (15.0, 50.0)
   spark_amplitude: tuple = (0.3, 1.5)
+  spark_log_amplitude: bool = False          # log-uniform spark dF/F0 (many faint ones)
   sympathetic_probability: float = 0.0       # a spark slot triggered by the previous one
   sympathetic_delay_ms: tuple = (4.0, 30.0)
   sympathetic_distance_um: tuple = (1.2, 2.5)
@@ -317,7 +318,8 @@ def draw_scene(key, priors: Priors, geom: Geometry) -> Scene:
       kind=jnp.full((ns,), SPARK, jnp.int32), active=r.bernoulli(p.spark_probability, ns),
       t0_ms=s_t0, y_px=s_y, x_px=s_x, fwhm_um=r.uniform(p.spark_fwhm_um, ns), rise_ms=s_rise,
       plateau_ms=jnp.zeros((ns,)), tau_ms=r.uniform(p.spark_tau_ms, ns),
-      speed_um_per_s=jnp.zeros((ns,)), amplitude=r.amplitude(p.spark_amplitude, log_amp, ns),
+      speed_um_per_s=jnp.zeros((ns,)),
+      amplitude=r.amplitude(p.spark_amplitude, log_amp or bool(p.spark_log_amplitude), ns),
       aspect=r.log_uniform(p.spark_aspect, ns), widening=r.uniform(p.spark_widening, ns),
       flicker=jnp.zeros((ns,)), flicker_hz=jnp.full((ns,), 10.0),
       flicker_phase=jnp.zeros((ns,)), curvature=jnp.zeros((ns,)))

@@ -280,6 +280,7 @@ _RANDOMIZATION = (
     ("acquisition", "extra_read_noise_e", "extra_read_noise_e"),
     ("acquisition", "excess_noise_factor", "excess_noise_factor"),
     ("acquisition", "log_uniform_amplitudes", "log_uniform_amplitudes"),
+    ("sparks", "log_uniform", "spark_log_amplitude"),
     ("sparks", "aspect", "spark_aspect"),
     ("sparks", "widening", "spark_widening"),
     ("sparks", "sympathetic_probability", "sympathetic_probability"),
