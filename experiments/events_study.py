@@ -4,7 +4,8 @@
       [--calibration=events_calibration.json] [--workdir=runs/events_study] \
       [--finetune_steps=200 (0: zero-shot only)] [--num_test=512] [--real=DIR] \
       [--include_unusable] [--threshold_rule=frame_max|threshold] \
-      [--finetune_threshold_on=inner_crop|train_crops] [--variant=tiny (a quick check)]
+      [--finetune_threshold_on=inner_crop|train_crops] [--tta=choose|on|off]
+      [--variant=tiny (a quick check)]
 
 1. Trains the default config (configs/events.py; with ``--calibration`` the simulator
    calibrated to real movies, ``config.data.calibration``) in WORKDIR/sim (reused if
@@ -36,6 +37,10 @@
      fold; this costs none, but each fold trains on n - 2 crops); ``train_crops``
      chooses it on the fold's own training crops (the earlier choice: biased high,
      0.87-0.94, because the model has fit them).
+   ``--tta=choose`` (default): per fold the maps are either the network's ('raw') or
+   their mean over the 8 rotations / reflections ('tta', dihedral test-time
+   averaging), chosen together with the threshold on the same validation crops
+   (max F0.1; ties keep raw); ``on`` / ``off`` fix the view.
    Every rule and threshold source is also scored on the same predictions and
    printed as diagnostics (study.json ``all_rules``); the reported one is fixed by
    the flags before scoring.
@@ -75,11 +80,25 @@ from smlm_jax.events import task as task_lib  # noqa: E402
 SHARED = os.path.join(ROOT, "..", "shared", "real-data", "events_isim")
 
 
-def load_model(workdir, mesh):
-  """(config, state, predict function) of a finished run."""
+def load_model(workdir, mesh, tta=False):
+  """(config, state, predict function) of a finished run (``tta``: the mean over the 8
+  rotations / reflections, task.make_predict_fn)."""
   config, params, stats = trainer.load_variables(workdir)
-  fn = task_lib.make_predict_fn(task_lib.build_model(config.model), mesh)
+  fn = task_lib.make_predict_fn(task_lib.build_model(config.model), mesh, tta=tta)
   return config, {"params": params, "batch_stats": stats}, fn
+
+
+VIEWS = ("raw", "tta")
+
+
+def predict_views(workdir, state, fn, views, crops_windows, mesh):
+  """{view: {event id: [probability maps]}}: 'raw' with ``fn``, 'tta' with the run's
+  dihedral-averaged predictor."""
+  out = {}
+  for v in views:
+    f = fn if v == "raw" else load_model(workdir, mesh, tta=True)[2]
+    out[v] = {e: list(predict_windows(f, state, w, mesh)) for e, w in crops_windows.items()}
+  return out
 
 
 def predict_windows(fn, state, windows, mesh, batch_size=8):
@@ -234,11 +253,21 @@ def finetune_config(variant, sim_dir, db_path, excluded, steps, lr, calibration)
 
 
 def choose_and_score(probs, sites, held_out, validation, radius, beta, rule):
-  """Row of the held-out crop at the threshold of max F-beta on ``validation`` crops."""
-  thr = best_threshold([probs[x] for x in validation], [sites[x] for x in validation],
-                       radius, beta, rule)
-  return {"event_id": held_out, **score_crop(probs[held_out], sites[held_out], thr, radius,
-                                             rule)}
+  """Row of the held-out crop. ``probs``: {view: {event id: maps}} (or one view's
+  {event id: maps}); the view (raw / tta) and the threshold are chosen together, max
+  F-beta pooled over the ``validation`` crops (ties: the first view, raw)."""
+  by_view = probs if set(probs) <= set(VIEWS) else {"raw": probs}
+  best = None
+  for view, pv in by_view.items():
+    thr = best_threshold([pv[x] for x in validation], [sites[x] for x in validation],
+                         radius, beta, rule)
+    counts = [fold_counts(pv[x], sites[x], thr, radius, rule) for x in validation]
+    val_fbeta = rates(*(sum(c[i] for c in counts) for i in range(3)), beta)[3]
+    if best is None or val_fbeta > best[0]:
+      best = (val_fbeta, view, thr)
+  val_fbeta, view, thr = best
+  return {"event_id": held_out, "view": view, "validation_fbeta": val_fbeta,
+          **score_crop(by_view[view][held_out], sites[held_out], thr, radius, rule)}
 
 
 def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
@@ -255,11 +284,19 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
   # Zero-shot: the simulation model; per held-out crop the threshold of max F0.1 on
   # the OTHER crops (validation data for a model that never saw real crops). Every
   # rule is scored (the same predictions); --threshold_rule is the one reported.
-  zero = {e: list(predict_windows(sim_fn, sim_state, per_crop[e][0], mesh)) for e in ids}
-  zero_by = {r: [choose_and_score(zero, sites, e, [x for x in ids if x != e], radius, beta,
-                                  r) for e in ids] for r in RULES}
+  views = VIEWS if f.tta == "choose" else (("tta",) if f.tta == "on" else ("raw",))
+  windows = {e: per_crop[e][0] for e in ids}
+  zero = predict_views(sim_dir, sim_state, sim_fn, VIEWS, windows, mesh)
+  others = {e: [x for x in ids if x != e] for e in ids}
+  zero_by = {r: [choose_and_score({v: zero[v] for v in views}, sites, e, others[e], radius,
+                                  beta, r) for e in ids] for r in RULES}
+  # Diagnostics: each view on its own (the reported one is fixed by --tta beforehand).
+  zero_views = {f"{r}/{v}": [choose_and_score(zero[v], sites, e, others[e], radius, beta, r)
+                             for e in ids] for r in RULES for v in VIEWS}
   zero_rows = zero_by[rule]
   ft_by = {f"{r}/{on}": [] for r in RULES for on in ("inner_crop", "train_crops")}
+  ft_views = {f"{r}/{on}/{v}": [] for r in RULES for on in ("inner_crop", "train_crops")
+              for v in VIEWS}
   rows, examples = [], []
   if f.finetune_steps > 0:
     for i, e in enumerate(ids):
@@ -273,7 +310,8 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
       trainer.train_and_evaluate(cfg, fold)
       _, state, fn = load_model(fold, mesh)
       trained = [x for x in ids if x != e and not (inner and x == val)]
-      probs = {x: list(predict_windows(fn, state, per_crop[x][0], mesh)) for x in ids}
+      all_probs = predict_views(fold, state, fn, VIEWS, windows, mesh)
+      probs = {v: all_probs[v] for v in views}
       for r in RULES:
         # train_crops: the crops the fold trained on (optimistic: the old choice).
         ft_by[f"{r}/train_crops"].append(
@@ -281,31 +319,40 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
         if inner:
           ft_by[f"{r}/inner_crop"].append(
               choose_and_score(probs, sites, e, [val], radius, beta, r))
+        for v in VIEWS:
+          ft_views[f"{r}/train_crops/{v}"].append(
+              choose_and_score(all_probs[v], sites, e, trained, radius, beta, r))
+          if inner:
+            ft_views[f"{r}/inner_crop/{v}"].append(
+                choose_and_score(all_probs[v], sites, e, [val], radius, beta, r))
       row = ft_by[f"{rule}/{f.finetune_threshold_on}"][-1]
       rows.append({**row, "validation_crop": val if inner else None,
                    "seconds": time.time() - t0})
       thr = row["threshold"]
       t_show = next((t for t, s in enumerate(sites[e]) if s), 0)
-      examples.append((per_crop[e][0][t_show][-1], probs[e][t_show], sites[e][t_show], thr,
-                       f"{e[-6:]} t{t_show} (thr {thr:.2f})"))
+      examples.append((per_crop[e][0][t_show][-1], probs[row["view"]][e][t_show],
+                       sites[e][t_show], thr, f"{e[-6:]} t{t_show} ({row['view']}, thr {thr:.2f})"))
   log(f"\nreal crops, leave one crop out ({len(ids)} crops, "
       f"{sum(len(sites[e]) for e in ids)} frames); rule {rule}; fine-tuned threshold on "
       f"{f.finetune_threshold_on}; found = the site reached within {radius:g} px in an "
       "annotated frame; false det. = detections farther away")
-  log(f"{'crop':<26}{'model':<12}{'thr':>5}{'found':>6}{'TP':>4}{'FP':>4}{'FN':>4}"
+  log(f"{'crop':<26}{'model':<12}{'view':>5}{'thr':>5}{'found':>6}{'TP':>4}{'FP':>4}{'FN':>4}"
       f"{'false det./frame':>18}{'med. dist px':>13}")
   for name, table in (("zero-shot", zero_rows), ("fine-tuned", rows)):
     for r in table:
-      log(f"{r['event_id']:<26}{name:<12}{r['threshold']:>5.2f}{'yes' if r['found'] else 'no':>6}"
+      log(f"{r['event_id']:<26}{name:<12}{r['view']:>5}{r['threshold']:>5.2f}{'yes' if r['found'] else 'no':>6}"
           f"{r['tp']:>4}{r['fp']:>4}{r['fn']:>4}{r['false_detections'] / r['frames']:>18.2f}"
           f"{r['median_distance_px']:>13.1f}")
   summary_ = {"rule": rule, "finetune_threshold_on": f.finetune_threshold_on,
               "zero_shot": pooled(zero_rows, beta), "zero_shot_folds": zero_rows,
               "all_rules": {f"zero_shot/{r}": pooled(v, beta) for r, v in zero_by.items()}}
+  summary_["all_rules"].update({f"zero_shot/{k}": pooled(v, beta) for k, v in zero_views.items()})
   if rows:
     summary_.update(finetuned=pooled(rows, beta), finetuned_folds=rows)
     summary_["all_rules"].update({f"finetuned/{k}": pooled(v, beta)
                                   for k, v in ft_by.items() if v})
+    summary_["all_rules"].update({f"finetuned/{k}": pooled(v, beta)
+                                  for k, v in ft_views.items() if v})
     metrics.plot_examples([x[0] for x in examples], [x[1] for x in examples],
                           [x[2] for x in examples], float(np.median([x[3] for x in examples])),
                           radius, os.path.join(workdir, "loo_examples.png"),
@@ -379,6 +426,10 @@ if __name__ == "__main__":
   flags.DEFINE_enum("threshold_rule", "frame_max", list(RULES), "frame_max: one "
                     "candidate per frame, its most probable pixel, above a floor; "
                     "threshold: every local maximum above the threshold.")
+  flags.DEFINE_enum("tta", "choose", ["choose", "on", "off"], "Dihedral test-time "
+                    "averaging (the 8 rotations / reflections): 'choose' picks raw or "
+                    "averaged maps per fold with the threshold, on that fold's validation "
+                    "crops (ties: raw); 'on' / 'off' fix it.")
   flags.DEFINE_enum("finetune_threshold_on", "inner_crop", ["inner_crop", "train_crops"],
                     "Fine-tuned threshold: max F0.1 on one more crop held out of the "
                     "fine-tune (the next one), or on the fold's training crops (biased "

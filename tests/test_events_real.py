@@ -258,3 +258,30 @@ def test_branches_start_on_the_previous_tubule():
   b, tb, _ = sim_lib.scene(key, on, 2)
   np.testing.assert_array_equal(np.asarray(ta["label"]), np.asarray(tb["label"]))
   assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 1.0
+
+
+def test_dihedral_tta_map_turns_with_the_movie():
+  """make_predict_fn(tta=True) averages the 8 rotations / reflections: turning or
+  mirroring the frames turns the map with them, which one pass of an untrained network
+  does not."""
+  import jax
+  from configs import events
+  from smlm_jax.core import trainer
+  from smlm_jax.events import task as task_lib
+  cfg = events.get_config("tiny")
+  n = int(cfg.data.num_frames)
+  model = task_lib.build_model(cfg.model)
+  mesh = trainer.make_mesh()
+  frames = np.random.default_rng(1).uniform(100, 200, (4, n, 16, 16)).astype(np.float32)
+  v = model.init(jax.random.key(3), np.moveaxis(frames, 1, -1), train=False)
+  params, stats = v["params"], v.get("batch_stats", {})
+  raw = task_lib.make_predict_fn(model, mesh)
+  tta = task_lib.make_predict_fn(model, mesh, tta=True)
+  p = np.asarray(tta(params, stats, frames))
+  turned = np.ascontiguousarray(np.rot90(frames, 1, axes=(2, 3)))
+  np.testing.assert_allclose(np.asarray(tta(params, stats, turned)),
+                             np.rot90(p, 1, axes=(1, 2)), atol=1e-5)
+  mirrored = np.ascontiguousarray(frames[..., ::-1])
+  np.testing.assert_allclose(np.asarray(tta(params, stats, mirrored)), p[..., ::-1], atol=1e-5)
+  r = np.asarray(raw(params, stats, frames))
+  assert np.abs(np.asarray(raw(params, stats, turned)) - np.rot90(r, 1, axes=(1, 2))).max() > 1e-3

@@ -2,7 +2,7 @@
 
   python -m smlm_jax.events.predict --workdir=runs/events_real --input=movies/ \
       --output=detections.csv [--threshold=0.8] [--radius_px=8] [--channel=0] \
-      [--max_per_frame=1] [--no_probability_tiffs]
+      [--max_per_frame=1] [--tta] [--no_probability_tiffs]
 
 Inputs: TIFF / OME-TIFF movies [T, H, W] (or [T, C, H, W] with --channel) of at least
 the run's window of n frames (``data.num_frames``, 3 by default) and at least
@@ -61,7 +61,7 @@ PIXELS_PER_BATCH = 1 << 22        # windows x frames x pixels fed to the device 
 class Predictor:
   """A trained run ready to turn movies into probability maps."""
 
-  def __init__(self, workdir: str, batch_size: int | None = None):
+  def __init__(self, workdir: str, batch_size: int | None = None, tta: bool = False):
     from smlm_jax.core import trainer
     from smlm_jax.events import task as task_lib
     self.mesh = trainer.make_mesh()
@@ -69,7 +69,7 @@ class Predictor:
     self.n = int(self.config.data.num_frames)
     self.model = task_lib.build_model(self.config.model)
     self.batch_size = batch_size
-    self._fn = task_lib.make_predict_fn(self.model, self.mesh)
+    self._fn = task_lib.make_predict_fn(self.model, self.mesh, tta=tta)
 
   def probabilities(self, frames: np.ndarray):
     """Yields the [H, W] probability map of every frame of a movie [T, H, W]."""
@@ -130,12 +130,12 @@ def write_probabilities(path: str, probs, shape, pixel_size_nm, frame_interval_s
 
 
 def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
-        batch_size=None, probability_tiffs=True, max_per_frame=0) -> int:
+        batch_size=None, probability_tiffs=True, max_per_frame=0, tta=False) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   from smlm_jax.events import metrics as metrics_lib
   from smlm_jax.events import task as task_lib
   t0 = time.time()
-  predictor = Predictor(workdir, batch_size)
+  predictor = Predictor(workdir, batch_size, tta)
   cfg = predictor.config
   if threshold is None:
     chosen = task_lib.read_threshold(workdir)
@@ -146,6 +146,8 @@ def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
     source = f"threshold {threshold:.2f} (--threshold)"
   radius = float(radius_px or cfg.eval.radius_px)
   train_px = float(cfg.sim.pixel_size_nm)
+  if tta:
+    source += "; maps averaged over the 8 rotations / reflections (--tta)"
   if max_per_frame:
     source += f"; at most {max_per_frame} detection(s) per frame (--max_per_frame)"
   print(f"model from {workdir}: {predictor.n}-frame windows; {source}; NMS radius "
@@ -208,6 +210,8 @@ def _define_flags():
   flags.DEFINE_bool("probability_tiffs", True, "Write <movie>_prob.tif next to the CSV.")
   flags.DEFINE_integer("max_per_frame", 0, "Keep only the k most probable detections of "
                        "each frame (0: all above the threshold).")
+  flags.DEFINE_bool("tta", False, "Average the probability maps over the 8 rotations / "
+                    "reflections of the frames (8x the compute).")
 
 
 def main(argv):
@@ -222,7 +226,7 @@ def main(argv):
   if f.max_per_frame < 0:
     cli.fail("--max_per_frame must be >= 0 (0: no limit)")
   cli.run_or_fail(run, f.workdir, inputs, f.output, f.threshold, f.radius_px, f.channel,
-                  f.batch_size, f.probability_tiffs, f.max_per_frame)
+                  f.batch_size, f.probability_tiffs, f.max_per_frame, f.tta)
 
 
 if __name__ == "__main__":

@@ -73,16 +73,31 @@ def pixel_loss(logits, target, loss_config):
   return total
 
 
-def make_predict_fn(model, mesh):
+def make_predict_fn(model, mesh, tta: bool = False):
   """Jitted (params, batch_stats, frames [B, n, H, W] in camera units) -> event
-  probabilities [B, H, W]; the batch is sharded on 'data'."""
+  probabilities [B, H, W]; the batch is sharded on 'data'. ``tta``: the mean of the
+  probabilities over the 8 rotations / reflections of the frames (the dihedral group
+  training augments with), each turned back: 8x the compute, and a map that no longer
+  depends on how the camera was turned."""
   data = NamedSharding(mesh, P("data"))
+
+  def once(params, batch_stats, x):
+    logits, _ = trainer.model_apply(model, params, batch_stats, x, train=False)
+    return jax.nn.sigmoid(logits[..., 0])
 
   def predict(params, batch_stats, frames):
     frames = jax.lax.with_sharding_constraint(frames, data)
-    x = jnp.moveaxis(data_lib.normalize(frames), 1, -1)
-    logits, _ = trainer.model_apply(model, params, batch_stats, x, train=False)
-    return jax.nn.sigmoid(logits[..., 0])
+    x = jnp.moveaxis(data_lib.normalize(frames), 1, -1)        # [B, H, W, n]
+    if not tta:
+      return once(params, batch_stats, x)
+    total = 0.0
+    for flip in (False, True):
+      xf = jnp.flip(x, 2) if flip else x
+      for k in range(4):
+        p = jnp.rot90(once(params, batch_stats, jnp.rot90(xf, k, axes=(1, 2))), -k,
+                      axes=(1, 2))
+        total = total + (jnp.flip(p, 2) if flip else p)
+    return total / 8.0
 
   return jax.jit(predict)
 
