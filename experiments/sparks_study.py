@@ -95,6 +95,20 @@ def second_sim_items(folder):
   return out
 
 
+AMPLITUDE_KEYS = ("peak_dF_F0", "peak_dff")     # the two independent simulators' names
+
+
+def event_amplitudes(meta) -> dict:
+  """{instance id: true peak dF/F0} from a movie's JSON ``events`` list (empty when it
+  has none): recall by true amplitude in the study's F1-vs-amplitude table."""
+  out = {}
+  for e in meta.get("events", []) or []:
+    a = next((e[k] for k in AMPLITUDE_KEYS if k in e), None)
+    if a is not None and "id" in e:
+      out[int(e["id"])] = float(a)
+  return out
+
+
 def classical_second_sim(items, config, params):
   import numpy as np
   from smlm_jax.core import tiff_io
@@ -187,7 +201,8 @@ def main(argv):
         [i[3] for i in items] if all(i[3] for i in items) else (),
         float(meta["pixel_size_nm"]), float(meta["frame_interval_s"]),
         float(meta.get("camera_offset_adu", 100.0)),
-        os.path.join(workdir, f"study_{tag}"))
+        os.path.join(workdir, f"study_{tag}"),
+        amplitudes=[event_amplitudes(i[4]) for i in items])
     keys += " " + " ".join(f"f1_{n}s_{tag}={m2[n]['f1']:.3f}"
                            for n in ("spark", "wave", "puff"))
   print(f"RESULT f1_sparks={m['spark']['f1']:.3f} f1_waves={m['wave']['f1']:.3f} "

@@ -583,6 +583,12 @@ def test_evaluate_scores_an_annotated_movie(tiny_run, tmp_path):
   assert m["wave"]["tp"] + m["wave"]["fn"] == 0
   assert np.asarray(m["confusion"]).shape == (4, 4)
   assert os.path.exists(os.path.join(out, "metrics.json"))
+  # True amplitudes (e.g. a simulator's metadata) put the true spark in its dF/F0 bin.
+  assert sum(r["n_true"] for r in m["f1_vs_amplitude"].get("spark", [])) == 0
+  m = evaluate.evaluate_annotated(workdir, [mpath], [lpath], output=out,
+                                  log=lambda *a, **k: None, amplitudes=[{1: 1.1}])
+  rows = [r for r in m["f1_vs_amplitude"]["spark"] if r["n_true"]]
+  assert len(rows) == 1 and rows[0]["n_true"] == 1 and rows[0]["lo"] <= 1.1 < rows[0]["hi"]
   bad = np.zeros((3, 16, 24), np.uint8)
   tiff_io.write_image(lpath, bad, "TYX")
   with pytest.raises(tiff_io.MovieError, match="do not match"):

@@ -106,7 +106,10 @@ def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print) 
 
 def evaluate_annotated(workdir, movies, labels, instances=(), pixel_size_nm=None,
                        frame_interval_s=None, camera_offset_adu=None, output=None,
-                       log=print) -> dict:
+                       log=print, amplitudes=()) -> dict:
+  """Scores the run on annotated movies. ``amplitudes`` (optional, one per movie): {true
+  instance id: its true peak dF/F0}, e.g. from a simulator's metadata; with them the
+  F1-vs-amplitude table also bins the true events (recall by true amplitude)."""
   from smlm_jax.sparks import events as events_lib
   seg = predict_lib.Segmenter(workdir, camera_offset_adu=camera_offset_adu)
   cfg = seg.config
@@ -131,8 +134,14 @@ def evaluate_annotated(workdir, movies, labels, instances=(), pixel_size_nm=None
     inst = (_read_volume(instances[i], image.data.shape, "instances")
             if i < len(instances) else None)
     inst, cls_of = events_lib.annotated_instances(lab, inst)
+    true_amp = None
+    if i < len(amplitudes) and amplitudes[i]:
+      true_amp = np.full(len(cls_of), np.nan)
+      for j, a in amplitudes[i].items():
+        if 0 < int(j) < len(true_amp):
+          true_amp[int(j)] = float(a)
     probs, x, _ = seg.probabilities(image.data, desc=os.path.basename(mpath))
-    scorer.add(probs, x[..., 0], lab, inst, cls_of)
+    scorer.add(probs, x[..., 0], lab, inst, cls_of, true_amp)
   metrics = scorer.metrics()
   metrics.update(step=int(seg.state["step"]), movies=list(movies), source="annotated")
   _write(metrics, output or os.path.join(workdir, "eval_annotated"),
