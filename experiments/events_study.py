@@ -291,7 +291,7 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
   zero_by = {r: [choose_and_score({v: zero[v] for v in views}, sites, e, others[e], radius,
                                   beta, r) for e in ids] for r in RULES}
   # Diagnostics: each view on its own (the reported one is fixed by --tta beforehand).
-  zero_views = {f"{r}/{v}": [choose_and_score(zero[v], sites, e, others[e], radius, beta, r)
+  zero_views = {f"{r}/{v}": [choose_and_score({v: zero[v]}, sites, e, others[e], radius, beta, r)
                              for e in ids] for r in RULES for v in VIEWS}
   zero_rows = zero_by[rule]
   ft_by = {f"{r}/{on}": [] for r in RULES for on in ("inner_crop", "train_crops")}
@@ -321,10 +321,10 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
               choose_and_score(probs, sites, e, [val], radius, beta, r))
         for v in VIEWS:
           ft_views[f"{r}/train_crops/{v}"].append(
-              choose_and_score(all_probs[v], sites, e, trained, radius, beta, r))
+              choose_and_score({v: all_probs[v]}, sites, e, trained, radius, beta, r))
           if inner:
             ft_views[f"{r}/inner_crop/{v}"].append(
-                choose_and_score(all_probs[v], sites, e, [val], radius, beta, r))
+                choose_and_score({v: all_probs[v]}, sites, e, [val], radius, beta, r))
       row = ft_by[f"{rule}/{f.finetune_threshold_on}"][-1]
       rows.append({**row, "validation_crop": val if inner else None,
                    "seconds": time.time() - t0})
@@ -340,7 +340,8 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
       f"{'false det./frame':>18}{'med. dist px':>13}")
   for name, table in (("zero-shot", zero_rows), ("fine-tuned", rows)):
     for r in table:
-      log(f"{r['event_id']:<26}{name:<12}{r['view']:>5}{r['threshold']:>5.2f}{'yes' if r['found'] else 'no':>6}"
+      log(f"{r['event_id']:<26}{name:<12}{r['view']:>5}{r['threshold']:>5.2f}"
+          f"{'yes' if r['found'] else 'no':>6}"
           f"{r['tp']:>4}{r['fp']:>4}{r['fn']:>4}{r['false_detections'] / r['frames']:>18.2f}"
           f"{r['median_distance_px']:>13.1f}")
   summary_ = {"rule": rule, "finetune_threshold_on": f.finetune_threshold_on,

@@ -285,3 +285,30 @@ def test_dihedral_tta_map_turns_with_the_movie():
   np.testing.assert_allclose(np.asarray(tta(params, stats, mirrored)), p[..., ::-1], atol=1e-5)
   r = np.asarray(raw(params, stats, frames))
   assert np.abs(np.asarray(raw(params, stats, turned)) - np.rot90(r, 1, axes=(1, 2))).max() > 1e-3
+
+
+def test_study_chooses_the_view_on_validation_crops_only():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "events_study", os.path.join(ROOT, "experiments", "events_study.py"))
+  study = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(study)
+  rng = np.random.default_rng(0)
+  def frames(site, far, k=3):
+    out = []
+    for _ in range(k):
+      p = rng.uniform(0, 0.05, (32, 32)).astype(np.float32)
+      p[10, 10], p[25, 25] = site, far
+      out.append(p)
+    return out
+  sites = {"a": [[(10, 10)]] * 3, "b": [[(10, 10)]] * 3}
+  # Validation crop b: the site tops the frame only in the averaged maps -> 'tta'.
+  raw = {"a": frames(0.9, 0.1), "b": frames(0.3, 0.6)}
+  tta = {"a": frames(0.2, 0.8), "b": frames(0.7, 0.2)}
+  row = study.choose_and_score({"raw": raw, "tta": tta}, sites, "a", ["b"], 8, 0.1,
+                               "frame_max")
+  assert row["view"] == "tta" and (row["tp"], row["fp"]) == (0, 3)   # a's own maps unseen
+  # Equal on validation: raw is kept.
+  row = study.choose_and_score({"raw": raw, "tta": dict(tta, b=raw["b"])}, sites, "a", ["b"],
+                               8, 0.1, "frame_max")
+  assert row["view"] == "raw"
