@@ -209,7 +209,7 @@ class _FakeDiffusion:
             "peak_snr": z + 20, "edge_fraction": z}
 
 
-def _fake_events(workdir, batch_size=None):
+def _fake_events(workdir, batch_size=None, tta=False):
   from configs import events
   cfg = events.get_config("tiny")
 
