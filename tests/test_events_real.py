@@ -179,12 +179,18 @@ def test_column_stripes_are_a_fixed_column_gain():
   assert bool(jnp.all(frames == ref))
 
 
-def test_study_frame_max_rule_counts_one_candidate_per_frame():
+def _study():
+  """experiments/events_study.py as a module (it is a script, not a package)."""
   import importlib.util
   spec = importlib.util.spec_from_file_location(
       "events_study", os.path.join(ROOT, "experiments", "events_study.py"))
   study = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(study)
+  return study
+
+
+def test_study_frame_max_rule_counts_one_candidate_per_frame():
+  study = _study()
   rng = np.random.default_rng(0)
   def frame(peaks):
     p = rng.uniform(0, 0.05, (64, 64)).astype(np.float32)
@@ -288,11 +294,7 @@ def test_dihedral_tta_map_turns_with_the_movie():
 
 
 def test_study_chooses_the_view_on_validation_crops_only():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "events_study", os.path.join(ROOT, "experiments", "events_study.py"))
-  study = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(study)
+  study = _study()
   rng = np.random.default_rng(0)
   def frames(site, far, k=3):
     out = []
