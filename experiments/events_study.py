@@ -80,23 +80,23 @@ from smlm_jax.events import task as task_lib  # noqa: E402
 SHARED = os.path.join(ROOT, "..", "shared", "real-data", "events_isim")
 
 
-def load_model(workdir, mesh, tta=False):
-  """(config, state, predict function) of a finished run (``tta``: the mean over the 8
-  rotations / reflections, task.make_predict_fn)."""
+def load_model(workdir, mesh):
+  """(config, state, predict function) of a finished run."""
   config, params, stats = trainer.load_variables(workdir)
-  fn = task_lib.make_predict_fn(task_lib.build_model(config.model), mesh, tta=tta)
+  fn = task_lib.make_predict_fn(task_lib.build_model(config.model), mesh)
   return config, {"params": params, "batch_stats": stats}, fn
 
 
 VIEWS = ("raw", "tta")
 
 
-def predict_views(workdir, state, fn, views, crops_windows, mesh):
-  """{view: {event id: [probability maps]}}: 'raw' with ``fn``, 'tta' with the run's
-  dihedral-averaged predictor."""
+def predict_views(model_config, state, fn, views, crops_windows, mesh):
+  """{view: {event id: [probability maps]}}: 'raw' with ``fn``, 'tta' with the
+  dihedral-averaged predictor of the same model (``model_config``) and parameters."""
   out = {}
   for v in views:
-    f = fn if v == "raw" else load_model(workdir, mesh, tta=True)[2]
+    f = fn if v == "raw" else task_lib.make_predict_fn(task_lib.build_model(model_config),
+                                                      mesh, tta=True)
     out[v] = {e: list(predict_windows(f, state, w, mesh)) for e, w in crops_windows.items()}
   return out
 
@@ -253,12 +253,11 @@ def finetune_config(variant, sim_dir, db_path, excluded, steps, lr, calibration)
 
 
 def choose_and_score(probs, sites, held_out, validation, radius, beta, rule):
-  """Row of the held-out crop. ``probs``: {view: {event id: maps}} (or one view's
-  {event id: maps}); the view (raw / tta) and the threshold are chosen together, max
-  F-beta pooled over the ``validation`` crops (ties: the first view, raw)."""
-  by_view = probs if set(probs) <= set(VIEWS) else {"raw": probs}
+  """Row of the held-out crop. ``probs``: {view: {event id: maps}}; the view (raw /
+  tta) and the threshold are chosen together, max F-beta pooled over the
+  ``validation`` crops (ties: the first view, raw)."""
   best = None
-  for view, pv in by_view.items():
+  for view, pv in probs.items():
     thr = best_threshold([pv[x] for x in validation], [sites[x] for x in validation],
                          radius, beta, rule)
     counts = [fold_counts(pv[x], sites[x], thr, radius, rule) for x in validation]
@@ -267,7 +266,7 @@ def choose_and_score(probs, sites, held_out, validation, radius, beta, rule):
       best = (val_fbeta, view, thr)
   val_fbeta, view, thr = best
   return {"event_id": held_out, "view": view, "validation_fbeta": val_fbeta,
-          **score_crop(by_view[view][held_out], sites[held_out], thr, radius, rule)}
+          **score_crop(probs[view][held_out], sites[held_out], thr, radius, rule)}
 
 
 def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
@@ -286,7 +285,7 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
   # rule is scored (the same predictions); --threshold_rule is the one reported.
   views = VIEWS if f.tta == "choose" else (("tta",) if f.tta == "on" else ("raw",))
   windows = {e: per_crop[e][0] for e in ids}
-  zero = predict_views(sim_dir, sim_state, sim_fn, VIEWS, windows, mesh)
+  zero = predict_views(base.model, sim_state, sim_fn, VIEWS, windows, mesh)
   others = {e: [x for x in ids if x != e] for e in ids}
   zero_by = {r: [choose_and_score({v: zero[v] for v in views}, sites, e, others[e], radius,
                                   beta, r) for e in ids] for r in RULES}
@@ -308,9 +307,9 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
       cfg = finetune_config(variant, sim_dir, db_path, [e] + ([val] if inner else []),
                             f.finetune_steps, f.finetune_lr, f.calibration)
       trainer.train_and_evaluate(cfg, fold)
-      _, state, fn = load_model(fold, mesh)
+      fold_config, state, fn = load_model(fold, mesh)
       trained = [x for x in ids if x != e and not (inner and x == val)]
-      all_probs = predict_views(fold, state, fn, VIEWS, windows, mesh)
+      all_probs = predict_views(fold_config.model, state, fn, VIEWS, windows, mesh)
       probs = {v: all_probs[v] for v in views}
       for r in RULES:
         # train_crops: the crops the fold trained on (optimistic: the old choice).

@@ -40,6 +40,7 @@ from smlm_jax.events import data as data_lib
 from smlm_jax.events import metrics as metrics_lib
 from smlm_jax.events import simulate as sim_lib
 from smlm_jax.nn import UNet, losses
+from smlm_jax.nn.ensemble import mirror_ensemble
 
 SOURCES = ("sim", "db", "mixed")
 LOSSES = ("focal", "bce", "dice", "focal+dice")
@@ -90,14 +91,8 @@ def make_predict_fn(model, mesh, tta: bool = False):
     x = jnp.moveaxis(data_lib.normalize(frames), 1, -1)        # [B, H, W, n]
     if not tta:
       return once(params, batch_stats, x)
-    total = 0.0
-    for flip in (False, True):
-      xf = jnp.flip(x, 2) if flip else x
-      for k in range(4):
-        p = jnp.rot90(once(params, batch_stats, jnp.rot90(xf, k, axes=(1, 2))), -k,
-                      axes=(1, 2))
-        total = total + (jnp.flip(p, 2) if flip else p)
-    return total / 8.0
+    # The 4 flips x transpose of (H, W): the 8 elements of the dihedral group.
+    return mirror_ensemble(lambda h: once(params, batch_stats, h), x, (1, 2), transpose=True)
 
   return jax.jit(predict)
 
