@@ -348,6 +348,10 @@ def get_events_config() -> ml_collections.ConfigDict:
   # ... and its estimated peak dF/F0 (smoothed movie) >= min_amplitude_dff (chosen with
   # the two above; off in the fallback).
   ev.min_amplitude_dff = (0.0, 0.0, 0.0)
+  # ... and its peak dF/F0 in units of the movie's own noise (smlm_jax.sparks.events.
+  # event_snr, the CSV's peak_over_noise) >= min_snr: off; the default tuning grid does
+  # not search it (not yet validated on out-of-simulator movies).
+  ev.min_snr = (0.0, 0.0, 0.0)
   # Spark / puff regions touching a wave become part of it (extraction step 1b).
   ev.absorb_into_waves = False
   ev.iomin_threshold = 0.5

@@ -430,6 +430,66 @@ def test_amplitude_floor_is_chosen_when_false_events_are_faint():
   assert scorer.metrics(dict(chosen))["puff"]["fp"] == 0
 
 
+def test_noise_map_follows_photon_noise():
+  """Poisson movie at F0 25 photons (left) and 100 (right): the noise SD of the smoothed
+  dF/F0 is twice as large on the left, and an event's peak over it (SNR) says so."""
+  rng = np.random.default_rng(0)
+  T, H, W = 64, 32, 64
+  f0 = np.where(np.arange(W) < W // 2, 25.0, 100.0)[None, None, :] * np.ones((T, H, 1))
+  movie = rng.poisson(f0).astype(np.float32)
+  spec = ev_lib.EventSpec()
+  classes = np.zeros((T, H, W), np.uint8)
+  dff = ev_lib.estimate_dff(movie, classes, spec)
+  sd = ev_lib.noise_dff(dff, classes == 0)
+  left, right = np.median(sd[:, 4:24]), np.median(sd[:, 40:60])
+  assert left / right == pytest.approx(2.0, rel=0.15)
+  # direct: the temporal SD of the smoothed dF/F0 at a pixel far from the edge
+  assert right == pytest.approx(np.std(dff[:, 16, 50]), rel=0.25)
+  inst = np.zeros((T, H, W), np.int32)
+  inst[30:34, 14:18, 12:16] = 1
+  inst[30:34, 14:18, 44:48] = 2
+  dff[30:34, 14:18, 12:16] += 0.2
+  dff[30:34, 14:18, 44:48] += 0.2
+  snr = ev_lib.event_snr(inst, np.array([0, sim.PUFF, sim.PUFF]), dff)
+  assert snr[2] > 1.6 * snr[1]
+
+
+def test_snr_floor_is_chosen_when_false_events_sit_in_noisy_regions():
+  """Puffs of the same dF/F0 (0.15) where the dye is bright (400 photons: true) and
+  where it is 16x dimmer (false: bumps of that size are noise there): no amplitude floor
+  separates them, the floor in units of the noise does."""
+  rng = np.random.default_rng(1)
+  T, H, W = 40, 16, 96
+  f0 = np.where(np.arange(W) < 48, 400.0, 25.0)[None, None, :] * np.ones((T, H, 1))
+  expected = f0.copy()
+  probs = np.zeros((T, H, W, 4), np.float32)
+  probs[..., 0] = 1.0
+  labels = np.zeros((T, H, W), np.uint8)
+  for x0, true in ((6, True), (26, True), (54, False), (74, False)):
+    sl = (slice(12, 28), slice(6, 10), slice(x0, x0 + 4))
+    probs[sl] = (0.1, 0.0, 0.0, 0.9)
+    expected[sl] *= 1.15
+    if true:
+      labels[sl] = sim.PUFF
+  movie = rng.poisson(expected).astype(np.float32)
+  true_inst, true_cls = ev_lib.instances_from_labels(labels)
+  scorer = ev_lib.Scorer(ev_lib.EventSpec())
+  rec = scorer.add(probs, movie, labels, true_inst, true_cls)
+  assert min(rec.snr[1:3]) > 2 * max(rec.snr[3:])
+  assert ev_lib.choose_filter(scorer.records)["min_snr"] == (0.0, 0.0, 0.0)   # default grid
+  chosen = ev_lib.choose_filter(scorer.records, floors=ev_lib.FLOOR_GRID + ev_lib.SNR_FLOORS)
+  assert chosen["min_snr"][2] > 0 and chosen["min_amplitude_dff"][2] == 0.0
+  assert (chosen["tp"]["puff"], chosen["fp"]["puff"], chosen["fn"]["puff"]) == (2, 0, 0)
+  assert chosen["unfiltered_f1"]["puff"] == pytest.approx(2 / 3)
+  assert all(ev_lib.filter_counts(scorer.records, sim.PUFF, 0.0, 0.0, a) != (2, 0, 0)
+             for a in ev_lib.AMPLITUDE_GRID_DFF)
+  # The extraction applies the floor as the scorer counts it.
+  floor = dataclasses.replace(ev_lib.EventSpec(), min_snr=(0.0, 0.0, chosen["min_snr"][2]))
+  _, inst, cls_of, events, _ = ev_lib.extract_events(probs, movie, floor)
+  assert sorted(e.x_px < 48 for e in events) == [True, True]
+  assert scorer.metrics(dict(chosen))["puff"]["fp"] == 0
+
+
 def test_spark_pieces_touching_a_wave_become_the_wave():
   """Step 1b (absorb_into_waves): a spark region touching a wave band joins it, a
   spark elsewhere stays a spark even with a stray wave voxel inside (too small to be a

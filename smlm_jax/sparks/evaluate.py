@@ -95,7 +95,8 @@ def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print) 
   log(f"confidence filter chosen on {num_movies} movies of seed {seed} (step "
       f"{record['step']}): mean probability >= {chosen['min_probability']}, volume >= "
       f"{chosen['min_volume_um2_ms']} um^2 ms, estimated peak dF/F0 >= "
-      f"{chosen['min_amplitude_dff']} (spark, wave, puff)")
+      f"{chosen['min_amplitude_dff']}, peak / noise >= {chosen['min_snr']} (spark, wave, "
+      f"puff)")
   for name in events_lib.NAMES.values():
     log(f"  {name:<6} F1 {chosen['unfiltered_f1'][name]:.3f} unfiltered -> "
         f"{chosen['f1'][name]:.3f} (P {chosen['precision'][name]:.3f}, R "

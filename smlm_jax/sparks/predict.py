@@ -27,12 +27,14 @@ Outputs in --output (a folder), for each movie STEM.tif:
   STEM_probabilities.tif  float32 [T, 4, H, W] (ImageJ TCYX): class probabilities
   STEM_events.csv         one row per event:
       file, event_id, class, t_start, t_end, y_px, x_px, duration_ms, area_um2,
-      amplitude_dF_F0
+      amplitude_dF_F0, peak_over_noise
     event_id matches STEM_instances.tif; t_start/t_end first/last frame (0-based,
     inclusive); (y_px, x_px) the event's peak of smoothed dF/F0; duration_ms =
     (t_end - t_start + 1) x frame interval; area_um2 = area of the event's projection
     on the frame; amplitude_dF_F0 = peak smoothed dF/F0 (F0: per-pixel mean over frames
-    classified background).
+    classified background); peak_over_noise = the same peak in units of the movie's
+    own noise there (SD over time of the smoothed dF/F0 away from events; faint events
+    near 3-5 are hard to tell from noise).
   STEM_instances.tif      uint16/int32 [T, H, W] event ids (0 = none)
   STEM_events.png         max-over-time dF/F0 with the events, and a t-x kymograph
 and summary.csv: file, frames, height_px, width_px, pixel_size_nm, frame_interval_ms,
@@ -68,7 +70,7 @@ class UsageError(ValueError):
   """A flag value that cannot work (reported in one line)."""
 MISMATCH_TOLERANCE = 0.05
 EVENT_COLUMNS = ("file", "event_id", "class", "t_start", "t_end", "y_px", "x_px",
-                 "duration_ms", "area_um2", "amplitude_dF_F0")
+                 "duration_ms", "area_um2", "amplitude_dF_F0", "peak_over_noise")
 SUMMARY_COLUMNS = ("file", "frames", "height_px", "width_px", "pixel_size_nm",
                    "frame_interval_ms", "sparks", "waves", "puffs", "flag")
 
@@ -151,7 +153,7 @@ def event_rows(name, events):
   num = cli.number
   return [[name, e.event_id, e.class_name, e.t_start, e.t_end, f"{e.y_px:.0f}",
            f"{e.x_px:.0f}", num(e.duration_ms, ".1f"), num(e.area_um2, ".3f"),
-           num(e.amplitude, ".3f")] for e in events]
+           num(e.amplitude, ".3f"), num(e.snr, ".1f")] for e in events]
 
 
 def plot_events(path, dff, classes, events, title=""):

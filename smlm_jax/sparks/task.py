@@ -285,5 +285,6 @@ class SparksTask(Task):
       f = metrics["filter"]
       title += (f", confidence filter chosen on it: mean probability >= "
                 f"{f['min_probability']}, volume >= {f['min_volume_um2_ms']} um^2 ms, "
-                f"estimated peak dF/F0 >= {f['min_amplitude_dff']} (spark, wave, puff)")
+                f"estimated peak dF/F0 >= {f['min_amplitude_dff']}, peak / noise >= "
+                f"{f['min_snr']} (spark, wave, puff)")
     return events_lib.summary_table(metrics, title=title)

@@ -13,7 +13,8 @@ settings are ordered (spark, wave, puff), i.e. indexed by class id - 1.
 
 spec         EventSpec (sizes, distances, thresholds; from the config), Event
 extraction   dF/F0, spark peaks, instances from classes or labels, ``extract_events``
-confidence   the confidence filter (mean own-class probability, volume)
+confidence   the confidence filter (mean own-class probability, volume, peak
+             dF/F0, peak over the movie's noise)
 matching     IoMin matching of one movie, precision / recall / F1
 scoring      Scorer and MovieRecord over many movies, metric tables
 tuning       choosing the confidence filter per class; FILTER_FILE in the run
@@ -22,7 +23,8 @@ Every name below is importable from here (``from smlm_jax.sparks import events``
 """
 from smlm_jax.sparks.events.spec import NAMES, Event, EventSpec, spec_from_config
 from smlm_jax.sparks.events.confidence import (apply_confidence_filter, confident,
-                                               event_amplitude, event_confidence, renumber)
+                                               event_amplitude, event_confidence,
+                                               event_snr, noise_dff, renumber)
 from smlm_jax.sparks.events.extraction import (absorb_into_waves, annotated_instances,
                                                describe, estimate_dff, extract_events,
                                                extract_unfiltered, filter_true_instances,
@@ -33,7 +35,7 @@ from smlm_jax.sparks.events.scoring import (AMPLITUDE_BINS, MovieRecord, Scorer,
                                             amplitude_table, amplitude_table_text,
                                             confusion_table, flat_metrics,
                                             simulated_scorer, summary_table)
-from smlm_jax.sparks.events.tuning import (AMPLITUDE_GRID_DFF, FILTER_FILE, PROBABILITY_GRID,
-                                           VOLUME_GRID_UM2_MS, choose_filter,
-                                           filter_counts, load_filter, save_filter,
-                                           tune_simulated, use_run_filter)
+from smlm_jax.sparks.events.tuning import (AMPLITUDE_GRID_DFF, FILTER_FILE, FLOOR_GRID,
+                                           PROBABILITY_GRID, SNR_FLOORS, VOLUME_GRID_UM2_MS,
+                                           choose_filter, filter_counts, load_filter,
+                                           save_filter, tune_simulated, use_run_filter)

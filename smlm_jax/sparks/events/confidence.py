@@ -3,12 +3,15 @@
 Components whose mean probability of their own class is below ``min_probability``,
 whose volume (voxels x pixel area x frame interval) is below ``min_volume_um2_ms``, or
 whose estimated peak dF/F0 (of the smoothed movie, ``extraction.estimate_dff``) is
-below ``min_amplitude_dff``, are dropped (per class). These apply to predictions only: unlike the minimum sizes
+below ``min_amplitude_dff``, or whose peak in units of the movie's own noise
+(:func:`event_snr`) is below ``min_snr``, are dropped (per class). These apply to predictions only: unlike the minimum sizes
 they say how sure the network is, not whether an event could be found at all, so true
 events are never removed by them. They depend on the trained network, so training
 chooses them per class on its validation movies (``tuning``).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from scipy import ndimage
@@ -33,10 +36,12 @@ def event_confidence(inst, cls_of, probs, spec: EventSpec):
 
 
 def confident(cls_of, pmean, volume, min_probability, min_volume_um2_ms,
-              amplitude=None, min_amplitude_dff=(0.0, 0.0, 0.0)):
+              amplitude=None, min_amplitude_dff=(0.0, 0.0, 0.0), snr=None,
+              min_snr=(0.0, 0.0, 0.0)):
   """Bool [N + 1]: ids that pass per-class thresholds (spark, wave, puff) of mean
-  probability, volume and (when ``amplitude`` per id is given) estimated peak dF/F0;
-  entry 0 (no event) is True. A floor of 0 is off; an unknown amplitude (nan) passes."""
+  probability, volume and (when ``amplitude`` / ``snr`` per id are given) estimated
+  peak dF/F0 and peak over the noise; entry 0 (no event) is True. A floor of 0 is off;
+  an unknown amplitude or SNR (nan) passes."""
   cls_of = np.asarray(cls_of)
   per_id = lambda v: np.concatenate([[0.0], np.asarray(v, np.float64)])[cls_of]
   keep = ((np.asarray(pmean) >= per_id(min_probability) - 1e-9)
@@ -44,6 +49,9 @@ def confident(cls_of, pmean, volume, min_probability, min_volume_um2_ms,
   if amplitude is not None:
     floor = per_id(min_amplitude_dff)
     keep &= ~((floor > 0) & (np.asarray(amplitude, np.float64) < floor - 1e-9))
+  if snr is not None:
+    floor = per_id(min_snr)
+    keep &= ~((floor > 0) & (np.asarray(snr, np.float64) < floor - 1e-9))
   keep[0] = True
   return keep
 
@@ -58,6 +66,55 @@ def event_amplitude(inst, cls_of, dff):
   return out
 
 
+NOISE_SMOOTH_PX = 4.0      # spatial smoothing of the per-pixel noise map (pixels)
+
+
+def noise_dff(dff, background, reach=(3, 6), min_frames: int = 8):
+  """Noise SD map [H, W] of a smoothed dF/F0 movie [T, H, W] (``extraction.estimate_dff``):
+  per pixel, the SD over time of dF/F0 over the voxels where ``background`` (bool
+  [T, H, W]: no extracted event) holds and no event lies within ``reach`` (frames,
+  pixels: the smoothing spreads each event's dF/F0 that far; the SD, not the RMS, as
+  an event's tails shift the F0 of its pixels), averaged over a Gaussian of
+  NOISE_SMOOTH_PX pixels among the pixels with at least ``min_frames`` such frames
+  (elsewhere: the median of those). Photon noise makes it larger where the dye is dim
+  (low F0, a dimmer dye, fewer photons), so an event's peak over it (:func:`event_snr`)
+  is in units of the movie's own noise, as the classical detectors' thresholds are
+  (Cheng et al. 1999), not in those of one simulator's photon budget."""
+  dff = np.asarray(dff, np.float32)
+  rt, rp = (int(r) for r in reach)
+  near = ndimage.maximum_filter(~np.asarray(background, bool),
+                                size=(2 * rt + 1, 2 * rp + 1, 2 * rp + 1))
+  bg = ~near
+  count = bg.sum(0).astype(np.float32)
+  mean = np.where(bg, dff, 0.0).sum(0) / np.maximum(count, 1.0)
+  ms = np.maximum(np.where(bg, dff * dff, 0.0).sum(0) / np.maximum(count, 1.0) - mean ** 2,
+                  0.0)
+  ok = (count >= min_frames) & (ms > 0)
+  if not ok.any():
+    return np.full(dff.shape[1:], max(float(np.std(dff)), 1e-6), np.float32)
+  w = ndimage.gaussian_filter(ok.astype(np.float32), NOISE_SMOOTH_PX, mode="nearest")
+  v = ndimage.gaussian_filter(np.where(ok, ms, 0.0).astype(np.float32), NOISE_SMOOTH_PX,
+                              mode="nearest")
+  fallback = float(np.median(ms[ok]))
+  var = np.where(w > 0.2, v / np.maximum(w, 1e-6), fallback)
+  return np.sqrt(np.maximum(var, 1e-12)).astype(np.float32)
+
+
+def event_snr(inst, cls_of, dff, spec: EventSpec | None = None):
+  """Peak of dF/F0 over its noise (:func:`noise_dff`, background = no instance, reach
+  three times the spec's smoothing) [N + 1] for each instance id (nan without ``dff``)."""
+  n = len(cls_of)
+  if dff is None or n <= 1:
+    return np.full(n, np.nan)
+  spec = spec or EventSpec()
+  reach = (math.ceil(3 * spec.smooth_sigma_frames), math.ceil(3 * spec.smooth_sigma_px))
+  inst = np.asarray(inst)
+  sd = noise_dff(dff, inst == 0, reach)
+  out = np.full(n, np.nan)
+  out[1:] = ndimage.maximum(np.asarray(dff) / sd[None], labels=inst, index=np.arange(1, n))
+  return out
+
+
 def renumber(inst, cls_of, keep):
   """(instances, class per id) with the ids where ``keep`` is False removed and the
   others renumbered 1..K in their order."""
@@ -68,10 +125,18 @@ def renumber(inst, cls_of, keep):
   return new_id[inst], np.asarray(cls_of, np.int32)[keep]
 
 
+def confidence_keep(inst, cls_of, probs, spec: EventSpec, dff=None, snr=None):
+  """Bool [N + 1]: the ids that pass the spec's confidence filter (the amplitude and
+  SNR floors only with ``dff``; ``snr`` per id if already computed)."""
+  if snr is None and dff is not None and any(v > 0 for v in spec.min_snr):
+    snr = event_snr(inst, cls_of, dff, spec)
+  return confident(cls_of, *event_confidence(inst, cls_of, probs, spec),
+                   spec.min_probability, spec.min_volume_um2_ms,
+                   event_amplitude(inst, cls_of, dff), spec.min_amplitude_dff,
+                   snr, spec.min_snr)
+
+
 def apply_confidence_filter(inst, cls_of, probs, spec: EventSpec, dff=None):
   """(instances, class per id) without the ids below the spec's confidence filter
-  (the amplitude floor only with ``dff``)."""
-  keep = confident(cls_of, *event_confidence(inst, cls_of, probs, spec),
-                   spec.min_probability, spec.min_volume_um2_ms,
-                   event_amplitude(inst, cls_of, dff), spec.min_amplitude_dff)
-  return renumber(inst, cls_of, keep)
+  (the amplitude and SNR floors only with ``dff``)."""
+  return renumber(inst, cls_of, confidence_keep(inst, cls_of, probs, spec, dff))

@@ -37,7 +37,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from smlm_jax.sparks.events.confidence import apply_confidence_filter
+from smlm_jax.sparks.events.confidence import (apply_confidence_filter, confidence_keep,
+                                               event_snr, renumber)
 from smlm_jax.sparks.events.spec import Event, EventSpec
 from smlm_jax.sparks.simulator import BACKGROUND, EVENT_CLASSES, IGNORE, PUFF, SPARK, WAVE
 
@@ -164,8 +165,9 @@ def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
   return apply_confidence_filter(inst, cls_of, probs, spec, dff)
 
 
-def describe(inst, cls_of, dff, spec: EventSpec) -> list[Event]:
-  """One :class:`Event` per instance id (properties documented in predict.py)."""
+def describe(inst, cls_of, dff, spec: EventSpec, snr=None) -> list[Event]:
+  """One :class:`Event` per instance id (properties documented in predict.py); ``snr``
+  per id (peak dF/F0 over the noise, ``confidence.event_snr``) or nan."""
   out = []
   objs = ndimage.find_objects(inst)
   for i, sl in enumerate(objs, start=1):
@@ -187,7 +189,8 @@ def describe(inst, cls_of, dff, spec: EventSpec) -> list[Event]:
         y_px=float(sl[1].start + k[1]), x_px=float(sl[2].start + k[2]),
         duration_ms=(t1 - t0 + 1) * spec.frame_interval_ms,
         area_um2=float(np.any(m, axis=0).sum()) * spec.pixel_size_um ** 2,
-        amplitude=amp, num_voxels=int(m.sum())))
+        amplitude=amp, num_voxels=int(m.sum()),
+        snr=float(snr[i]) if snr is not None else float("nan")))
   return out
 
 
@@ -238,8 +241,10 @@ def extract_events(probs, movie, spec: EventSpec):
   dF/F0 [T, H, W]) from probabilities [T, H, W, 4] and the movie [T, H, W] (any
   linear intensity scale)."""
   classes, inst, cls_of, dff = extract_unfiltered(probs, movie, spec)
-  inst, cls_of = apply_confidence_filter(inst, cls_of, probs, spec, dff)
-  return classes, inst, cls_of, describe(inst, cls_of, dff, spec), dff
+  snr = event_snr(inst, cls_of, dff, spec)
+  keep = confidence_keep(inst, cls_of, probs, spec, dff, snr)
+  inst, cls_of = renumber(inst, cls_of, keep)
+  return classes, inst, cls_of, describe(inst, cls_of, dff, spec, snr[keep]), dff
 
 
 # --------------------------------------------------------------------------- truth

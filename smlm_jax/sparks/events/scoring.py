@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from smlm_jax.sparks.events.confidence import confident, event_confidence
+from smlm_jax.sparks.events.confidence import confident, event_confidence, event_snr
 from smlm_jax.sparks.events.extraction import (describe, extract_unfiltered,
                                                filter_true_instances)
 from smlm_jax.sparks.events.matching import match_pairs, overlaps, prf
@@ -31,6 +31,7 @@ class MovieRecord:
   pmean: np.ndarray         # mean own-class probability per predicted id
   volume: np.ndarray        # um^2 ms per predicted id
   amp: np.ndarray           # estimated peak dF/F0 per predicted id
+  snr: np.ndarray           # peak dF/F0 over the movie's noise per predicted id
   scored: np.ndarray        # bool per predicted id (see overlaps)
   pairs: np.ndarray         # (true, pred) id pairs with IoMin >= the threshold [P, 2]
   iomin: np.ndarray         # [P]
@@ -64,6 +65,7 @@ class Scorer:
     classes, inst, cls_of, dff = extract_unfiltered(probs, movie, spec)
     pmean, volume = event_confidence(inst, cls_of, probs, spec)
     amp = np.full(len(cls_of), np.nan)
+    snr = event_snr(inst, cls_of, dff, spec)
     for e in describe(inst, cls_of, dff, spec):
       amp[e.event_id] = e.amplitude
     ignore = filter_true_instances(labels, true_inst, true_cls, spec)
@@ -76,7 +78,8 @@ class Scorer:
     true_amp = (np.full(len(true_cls), np.nan) if true_amplitude is None
                 else np.asarray(true_amplitude, np.float64))
     rec = MovieRecord(np.asarray(true_ids, np.int64), true_cls, true_amp,
-                      np.asarray(cls_of), pmean, volume, amp, scored, pairs[sel], iomin[sel])
+                      np.asarray(cls_of), pmean, volume, amp, snr,
+                      scored, pairs[sel], iomin[sel])
     self.records.append(rec)
     valid = np.asarray(labels) != IGNORE
     for c in range(4):
@@ -88,18 +91,20 @@ class Scorer:
   def metrics(self, chosen: dict | None = None) -> dict:
     """Per-class P / R / F1 / counts, voxel IoU, confusion and F1 vs amplitude under the
     confidence filter ``chosen`` ({'min_probability', 'min_volume_um2_ms',
-    'min_amplitude_dff'}, per class; a missing amplitude floor is off)
+    'min_amplitude_dff', 'min_snr'}, per class; a missing amplitude or SNR floor is off)
     or, by default, the spec's."""
     f = chosen or {"min_probability": self.spec.min_probability,
                    "min_volume_um2_ms": self.spec.min_volume_um2_ms,
-                   "min_amplitude_dff": self.spec.min_amplitude_dff}
+                   "min_amplitude_dff": self.spec.min_amplitude_dff,
+                   "min_snr": self.spec.min_snr}
     counts = {c: np.zeros(3, np.int64) for c in EVENT_CLASSES}
     confusion = np.zeros((4, 4), np.int64)
     amp_rows = []            # (class, amplitude, tp, fp, fn) per scored event
     for rec in self.records:
       keep = confident(rec.cls, rec.pmean, rec.volume, f["min_probability"],
                        f["min_volume_um2_ms"], rec.amp,
-                       f.get("min_amplitude_dff", (0.0,) * 3))
+                       f.get("min_amplitude_dff", (0.0,) * 3), rec.snr,
+                       f.get("min_snr", (0.0,) * 3))
       m = rec.match(keep, self.spec.iomin_threshold)
       for c in EVENT_CLASSES:
         counts[c] += np.asarray(m["counts"][c])

@@ -26,6 +26,7 @@ class EventSpec:
                                                  # configs/sparks.py sets them
   min_volume_um2_ms: tuple = (0.0, 0.0, 0.0)     # predictions only (step 5)
   min_amplitude_dff: tuple = (0.0, 0.0, 0.0)     # predictions only (step 5)
+  min_snr: tuple = (0.0, 0.0, 0.0)               # predictions only (step 5)
   # Step 1b: spark / puff components that touch a wave become part of it (a wave's
   # front breaking into pieces the network calls sparks). Off for runs without it.
   absorb_into_waves: bool = False
@@ -58,6 +59,7 @@ def spec_from_config(config, pixel_size_um: float | None = None,
       min_probability=tuple(float(v) for v in e.get("min_probability", (0.0,) * 3)),
       min_volume_um2_ms=tuple(float(v) for v in e.get("min_volume_um2_ms", (0.0,) * 3)),
       min_amplitude_dff=tuple(float(v) for v in e.get("min_amplitude_dff", (0.0,) * 3)),
+      min_snr=tuple(float(v) for v in e.get("min_snr", (0.0,) * 3)),
       absorb_into_waves=bool(e.get("absorb_into_waves", False)),
       edge_frames=int(config.sim.labels.ignore_frames))
 
@@ -74,6 +76,7 @@ class Event:
   area_um2: float
   amplitude: float
   num_voxels: int
+  snr: float = float("nan")     # peak dF/F0 over the movie's noise (confidence.event_snr)
 
   @property
   def class_name(self) -> str:

@@ -17,25 +17,32 @@ from smlm_jax.sparks.simulator import EVENT_CLASSES
 # validation movies (:func:`choose_filter`): every mean-probability threshold of
 # PROBABILITY_GRID (0 = off) with every volume floor of VOLUME_GRID_UM2_MS and every
 # floor of the estimated peak dF/F0 of AMPLITUDE_GRID_DFF (smoothed movie: a puff of the
-# prior's smallest dF/F0, 0.2, reads ~0.14-0.2 after the smoothing).
+# prior's smallest dF/F0, 0.2, reads ~0.14-0.2 after the smoothing). A floor of the
+# peak in units of the movie's noise (``min_snr``, ``confidence.event_snr``) can be
+# searched as well (``choose_filter(floors=...)`` with SNR_FLOORS) but is not by
+# default: it has not been validated on out-of-simulator movies yet.
 PROBABILITY_GRID = (0.0,) + tuple(round(0.30 + 0.02 * i, 2) for i in range(31))
 VOLUME_GRID_UM2_MS = (0.0, 100.0, 200.0, 400.0, 800.0)
 AMPLITUDE_GRID_DFF = (0.0, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2)
+FLOOR_GRID = tuple((a, 0.0) for a in AMPLITUDE_GRID_DFF)   # (amplitude, snr); 0 = off
+SNR_FLOORS = tuple((0.0, s) for s in (3.0, 4.0, 5.0, 6.0, 8.0))
 FILTER_FILE = "events_filter.json"
 
 
 def filter_counts(records, cls: int, min_probability: float, min_volume: float,
-                  min_amplitude: float = 0.0):
+                  min_amplitude: float = 0.0, min_snr: float = 0.0):
   """(TP, FP, FN) of class ``cls`` over :class:`MovieRecord` s when its predictions
-  need mean probability >= min_probability, volume >= min_volume and estimated peak
-  dF/F0 >= min_amplitude (the class-``cls`` part of :meth:`Scorer.metrics`, fast
-  enough for a grid)."""
+  need mean probability >= min_probability, volume >= min_volume, estimated peak
+  dF/F0 >= min_amplitude and peak over the noise >= min_snr (the class-``cls`` part of
+  :meth:`Scorer.metrics`, fast enough for a grid)."""
   tp = fp = fn = 0
   for d in records:
     keep = ((d.cls == cls) & (d.pmean >= min_probability - 1e-9)
             & (d.volume >= min_volume - 1e-9))
     if min_amplitude > 0:                  # 0: off (estimates can be negative)
       keep &= ~(d.amp < min_amplitude - 1e-9)
+    if min_snr > 0:
+      keep &= ~(d.snr < min_snr - 1e-9)
     same = (d.true_cls[d.pairs[:, 0]] == cls) & keep[d.pairs[:, 1]]
     m = len(greedy(d.pairs[same], d.iomin[same], -1.0))
     n_p = int(np.sum(keep & d.scored))
@@ -43,28 +50,29 @@ def filter_counts(records, cls: int, min_probability: float, min_volume: float,
   return tp, fp, fn
 
 
-def choose_filter(records, classes=EVENT_CLASSES) -> dict:
-  """Per class, the (min_probability, min_volume_um2_ms, min_amplitude_dff) of the
-  grids with the highest event F1 over the movies' records (:attr:`Scorer.records`;
-  ties: the weakest filter, amplitude first). Returns
+def choose_filter(records, classes=EVENT_CLASSES, floors=FLOOR_GRID) -> dict:
+  """Per class, the (min_probability, min_volume_um2_ms, min_amplitude_dff, min_snr) of
+  the grids with the highest event F1 over the movies' records (:attr:`Scorer.records`;
+  ``floors``: the (amplitude, SNR) floor pairs to try, in order; ties: the weakest
+  filter, the earlier floor). Returns
   {'min_probability': (spark, wave, puff), 'min_volume_um2_ms': (...),
-  'min_amplitude_dff': (...), 'f1' / 'precision' / 'recall' / 'tp' / 'fp' / 'fn':
-  {name: ...}, 'unfiltered_f1'}."""
-  keys = ("min_probability", "min_volume_um2_ms", "min_amplitude_dff")
+  'min_amplitude_dff': (...), 'min_snr': (...), 'f1' / 'precision' / 'recall' / 'tp' /
+  'fp' / 'fn': {name: ...}, 'unfiltered_f1'}."""
+  keys = ("min_probability", "min_volume_um2_ms", "min_amplitude_dff", "min_snr")
   out = {k: [0.0] * 3 for k in keys}
   stats = {k: {} for k in ("f1", "precision", "recall", "tp", "fp", "fn", "unfiltered_f1")}
   for c in classes:
     best = None
-    for a in AMPLITUDE_GRID_DFF:
+    for a, s in floors:
       for v in VOLUME_GRID_UM2_MS:
         for p in PROBABILITY_GRID:
-          tp, fp, fn = filter_counts(records, c, p, v, a)
+          tp, fp, fn = filter_counts(records, c, p, v, a, s)
           f1 = prf(tp, fp, fn)[2]
           f1 = -1.0 if math.isnan(f1) else f1
           if best is None:
             stats["unfiltered_f1"][NAMES[c]] = f1
           if best is None or f1 > best[0] + 1e-12:
-            best = (f1, (p, v, a), tp, fp, fn)
+            best = (f1, (p, v, a, s), tp, fp, fn)
     f1, chosen, tp, fp, fn = best
     for k, val in zip(keys, chosen):
       out[k][c - 1] = val
@@ -104,9 +112,9 @@ def load_filter(workdir: str):
 
 def use_run_filter(config, workdir: str) -> str:
   """Sets ``config.events.min_probability`` / ``min_volume_um2_ms`` /
-  ``min_amplitude_dff`` to the run's tuned filter when it has one (a filter chosen
-  before the amplitude floor existed: floor off); returns a line saying which filter
-  is used."""
+  ``min_amplitude_dff`` / ``min_snr`` to the run's tuned filter when it has one (a
+  filter chosen before the amplitude or SNR floor existed: that floor off); returns a
+  line saying which filter is used."""
   chosen = load_filter(workdir)
   ev = config.events
   if chosen is not None:
@@ -114,6 +122,7 @@ def use_run_filter(config, workdir: str) -> str:
     ev.min_volume_um2_ms = tuple(float(v) for v in chosen["min_volume_um2_ms"])
     ev.min_amplitude_dff = tuple(float(v) for v in chosen.get("min_amplitude_dff",
                                                               (0.0,) * 3))
+    ev.min_snr = tuple(float(v) for v in chosen.get("min_snr", (0.0,) * 3))
     source = (f"chosen on {chosen.get('num_movies', '?')} validation movies (seed "
               f"{chosen.get('seed', '?')}, step {chosen.get('step', '?')}; {FILTER_FILE})")
   else:
@@ -121,5 +130,6 @@ def use_run_filter(config, workdir: str) -> str:
   mp = tuple(ev.get("min_probability", (0.0,) * 3))
   mv = tuple(ev.get("min_volume_um2_ms", (0.0,) * 3))
   ma = tuple(ev.get("min_amplitude_dff", (0.0,) * 3))
+  ms = tuple(ev.get("min_snr", (0.0,) * 3))
   return (f"confidence filter (spark, wave, puff): mean probability >= {mp}, volume >= "
-          f"{mv} um^2 ms, estimated peak dF/F0 >= {ma}, {source}")
+          f"{mv} um^2 ms, estimated peak dF/F0 >= {ma}, peak / noise >= {ms}, {source}")
