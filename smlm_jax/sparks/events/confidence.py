@@ -46,12 +46,10 @@ def confident(cls_of, pmean, volume, min_probability, min_volume_um2_ms,
   per_id = lambda v: np.concatenate([[0.0], np.asarray(v, np.float64)])[cls_of]
   keep = ((np.asarray(pmean) >= per_id(min_probability) - 1e-9)
           & (np.asarray(volume) >= per_id(min_volume_um2_ms) - 1e-9))
-  if amplitude is not None:
-    floor = per_id(min_amplitude_dff)
-    keep &= ~((floor > 0) & (np.asarray(amplitude, np.float64) < floor - 1e-9))
-  if snr is not None:
-    floor = per_id(min_snr)
-    keep &= ~((floor > 0) & (np.asarray(snr, np.float64) < floor - 1e-9))
+  for value, floors in ((amplitude, min_amplitude_dff), (snr, min_snr)):
+    if value is not None:
+      floor = per_id(floors)
+      keep &= ~((floor > 0) & (np.asarray(value, np.float64) < floor - 1e-9))
   keep[0] = True
   return keep
 
