@@ -140,6 +140,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.refine.extra_sigmas_px = (2.0, 1.0, 0.5, 0.0)
   config.refine.damping = 0.01
 
+  # best of several starts (core/trainer.py): seeds seed .. seed+num-1 each train the
+  # first `fraction` of the steps; the one whose cloud explains the images best (median
+  # image residual at that step's sigma, no ground truth) continues. 1 = off.
+  config.restarts = ml_collections.ConfigDict()
+  config.restarts.num = 1
+  config.restarts.fraction = 0.2
+
   config.convergence = ml_collections.ConfigDict()   # end-of-training report (diagnose.py)
   # 0.1 (was 0.2, set on suzanne): learned shapes <= 0.065 (teapot), failures 0.142
   # (elongated, roll averaged away) and 0.43 (shell): see README

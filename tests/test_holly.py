@@ -300,6 +300,34 @@ def test_cnn_margin_keeps_the_cnn_pose_unless_the_search_is_clearly_better(tmp_p
   assert wins[0.0] >= 4 and wins[1e6] == 0, wins       # an untrained CNN loses unless
 
 
+def test_restarts_continue_the_start_with_the_lowest_residual(tmp_path):
+  from smlm_jax.core import trainer
+  cfg = _tiny(tmp_path)
+  cfg.num_train_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 4, 4, 2
+  cfg.restarts.num, cfg.restarts.fraction = 2, 0.5
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(cfg, workdir)
+  rec = json.load(open(os.path.join(workdir, trainer.RESTARTS_FILE)))
+  scores = {r["seed"]: r["score"] for r in rec["starts"]}
+  assert sorted(scores) == [0, 1] and rec["steps"] == 2
+  assert scores[0] != scores[1] and all(0 < v < 2 for v in scores.values())
+  assert rec["chosen_seed"] == min(scores, key=scores.get)
+  # the run continued from the chosen start's step-2 checkpoint, with its seed
+  _, _, state = trainer.load_run(workdir, step=2)
+  for seed in (0, 1):
+    _, _, sub = trainer.load_run(os.path.join(workdir, "restarts", f"seed_{seed}"))
+    same = np.array_equal(np.asarray(sub["params"]["points"]),
+                          np.asarray(state["params"]["points"]))
+    assert same == (seed == rec["chosen_seed"]), seed
+  config, _, final = trainer.load_run(workdir)
+  assert int(final["step"]) == 4 and int(config.seed) == rec["chosen_seed"]
+  # the clock includes both starts; a rerun resumes (no new starts)
+  secs = json.load(open(os.path.join(workdir, "train_seconds.json")))
+  assert secs["4"] > rec["seconds"] > 0
+  trainer.train_and_evaluate(cfg, workdir)
+  assert json.load(open(os.path.join(workdir, trainer.RESTARTS_FILE))) == rec
+
+
 def test_train_two_steps_writes_shapes_and_evaluate_scores(tmp_path):
   from smlm_jax.core import trainer
   from smlm_jax.holly import evaluate

@@ -92,6 +92,12 @@ class Task:
   def export(self, state, workdir: str, step: int) -> None:
     """Called on the main process after each checkpoint (e.g. write a learned shape)."""
 
+  def restart_score(self, state, mesh) -> float | None:
+    """A label-free score of a partly trained state, lower is better (e.g. how badly
+    the model explains its own training images), used to pick the best of several
+    starts (``config.restarts``); None: the task cannot rank starts."""
+    return None
+
 
 def flatten(metrics: dict, prefix: str = "") -> dict:
   out = {}

@@ -12,6 +12,10 @@ Sections of :func:`train_and_evaluate` (big_vision style):
   loop        tqdm progress, metrics.jsonl + TensorBoard, stops loudly on NaN/inf
   lock        one run per workdir (:mod:`smlm_jax.core.workdir_lock`): a second run on
               a busy workdir stops at once with WorkdirBusy, before touching anything
+  restarts    optional (``config.restarts.num`` > 1, tasks with a ``restart_score``):
+              several starts (seeds seed, seed+1, ...) train the first
+              ``restarts.fraction`` of the steps in WORKDIR/restarts/seed_<s>; the one
+              with the lowest label-free score continues in WORKDIR (restarts.json)
 
 Several processes (``jax.distributed``, see :mod:`smlm_jax.core.distributed`): the
 mesh spans every process's devices; each process simulates (or, for host-fed tasks,
@@ -338,7 +342,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = ml_collections.ConfigDict(config.to_dict())
   validate(config)
   with run_lock(workdir):
+    _restarts(config, workdir, task)
     return _train(config, workdir, task)
+
+
+RESTARTS_FILE = "restarts.json"
+
+
+def _restarts(config, workdir, task):
+  """Best of several starts (``config.restarts``): each seed trains the first
+  ``fraction`` of the schedule in its own folder; the checkpoint of the lowest
+  :meth:`Task.restart_score` is copied into ``workdir`` and ``config.seed`` set to its
+  seed, so that :func:`_train` continues it. A workdir that already holds checkpoints
+  (a resumed run) keeps the seed chosen before (RESTARTS_FILE)."""
+  import shutil
+  r = config.get("restarts", None)
+  path = os.path.join(workdir, RESTARTS_FILE)
+  if os.path.exists(path):                         # chosen earlier: resume that start
+    with open(path) as f:
+      config.seed = int(json.load(f)["chosen_seed"])
+    return
+  num = int(r.get("num", 1)) if r is not None else 1
+  if num <= 1 or os.path.isdir(checkpoint_dir(workdir)):
+    return
+  stop = int(round(float(r.fraction) * int(config.num_train_steps)))
+  if not 1 <= stop < int(config.num_train_steps):
+    raise ValueError(f"config.restarts.fraction={r.fraction} gives {stop} of "
+                     f"{config.num_train_steps} steps; use a fraction in (0, 1)")
+  base, rows = int(config.seed), []
+  for k in range(num):
+    sub_cfg = ml_collections.ConfigDict(config.to_dict())
+    sub_cfg.seed, sub_cfg.restarts.num = base + k, 1
+    sub = os.path.join(workdir, "restarts", f"seed_{base + k}")
+    if jax.process_index() == 0:
+      print(f"restart {k + 1} of {num}: seed {base + k}, steps 1-{stop} in {sub}",
+            flush=True)
+    t0 = time.time()
+    sub_task = None if task is None else type(task)(sub_cfg)
+    out = _train(sub_cfg, sub, sub_task, stop_step=stop)
+    if out.get("restart_score") is None:
+      raise ValueError(f"config.restarts.num={num}: task {config.get('task')!r} cannot "
+                       "rank starts (no restart_score); set config.restarts.num=1")
+    rows.append({"seed": base + k, "score": float(out["restart_score"]),
+                 "seconds": round(time.time() - t0, 2), "folder": sub})
+  best = min(rows, key=lambda row: row["score"])
+  if jax.process_index() == 0:
+    shutil.copytree(os.path.join(checkpoint_dir(best["folder"]), str(stop)),
+                    os.path.join(checkpoint_dir(workdir), str(stop)))
+    record = {"chosen_seed": best["seed"], "steps": stop, "starts": rows,
+              "seconds": round(sum(row["seconds"] for row in rows), 2)}
+    cli.atomic_write_text(path, json.dumps(record, indent=1))
+    for row in rows:
+      print(f"  seed {row['seed']}: score {row['score']:.4g}"
+            + ("  <- continues" if row is best else ""), flush=True)
+  if jax.process_count() > 1:
+    distributed.barrier("restarts_chosen")
+  config.seed = best["seed"]
 
 
 @contextlib.contextmanager
@@ -365,7 +424,7 @@ def run_lock(workdir: str):
     yield
 
 
-def _train(config, workdir, task):
+def _train(config, workdir, task, stop_step: int | None = None):
   mesh = make_mesh()
   config.batch_size = divisible_batch(config.batch_size, mesh)
   if task is None:
@@ -394,15 +453,17 @@ def _train(config, workdir, task):
     distributed.barrier("train_step_compiled")
   writer = MetricWriter(workdir, config, resume_step=start) if is_main else None
   try:
-    final = _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
-                  workdir, is_main)
+    final, state = _loop(config, task, state, start, train_step, evaluator, mngr, writer,
+                         mesh, workdir, is_main, stop_step)
+    if stop_step is not None:
+      final = dict(final, restart_score=task.restart_score(state, mesh))
     mngr.wait_until_finished()
     distributed.finish()                 # before the last barrier (mngr.close)
   finally:
     mngr.close()
     if writer:
       writer.close()
-  if is_main and final:
+  if is_main and final and stop_step is None:
     print(task.summary(final, config.num_train_steps))
   return final
 
@@ -418,21 +479,24 @@ def cpu_step_sync(mesh) -> bool:
 
 
 def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh, workdir,
-          is_main):
+          is_main, stop_step=None):
+  """Steps start+1 .. num_train_steps (or stop_step); returns (metrics, state)."""
   final = {}
+  end = int(config.num_train_steps) if stop_step is None else min(
+      int(stop_step), int(config.num_train_steps))
   sync = cpu_step_sync(mesh)
   t0, steps_done = time.perf_counter(), 0
   bar = (cli.progress(total=config.num_train_steps, desc="train", unit="step") if is_main
          else contextlib.nullcontext(_NoBar()))
   with bar as bar:
     bar.update(start)
-    for step in range(start + 1, config.num_train_steps + 1):
+    for step in range(start + 1, end + 1):
       host = put_host_batch(task.host_batch(step - 1), mesh)
       state, meas = train_step(state, host)
       if sync:
         jax.block_until_ready(state)
       steps_done += 1
-      last = step == config.num_train_steps
+      last = step == end
       if step % config.log_every_steps == 0 or last:
         meas = jax.device_get(meas)
         loss = float(meas["loss"])
@@ -458,7 +522,7 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
       bar.update(1)
   if not final and evaluator is not None:   # resumed a finished run: evaluate once
     final = evaluator(state)
-  return final
+  return final, state
 
 
 class _NoBar:

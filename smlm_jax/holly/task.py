@@ -483,6 +483,22 @@ class HollyTask(Task):
 
   _convergence = None
 
+  def restart_score(self, state, mesh):
+    """The median image residual of the convergence report (diagnose.py: how badly the
+    cloud at its refined poses explains the images, no ground truth) at the current
+    sigma, on the evaluation images: lower is better; picks among ``config.restarts``."""
+    params = jax.device_get(state["params"])
+    if self.image_set is not None:
+      imgs = np.concatenate(self.image_set.images)
+      sig = np.concatenate([np.full(len(a), s, np.float32)
+                            for a, s in zip(self.image_set.images, self.image_set.sigmas)])
+    else:
+      batch = self.eval_batch(self.sigma(int(state["step"])),
+                              int(self.config.eval_num_images), int(self.config.eval_seed))
+      imgs, sig = batch["image"], batch["sigma"]
+    rep = diagnose.report(self, params, imgs, sig, int(self.config.eval_seed))
+    return float(rep["residual"])
+
   def elapsed(self) -> float:
     """Training wall time (s) of this run, added to that of earlier (resumed) sessions."""
     return self._previous_seconds + time.time() - self._t0
@@ -521,6 +537,10 @@ class HollyTask(Task):
                  and os.path.isdir(os.path.join(ckpts, str(s)))]
       if earlier:
         self._previous_seconds = log[max(earlier)]
+      elif os.path.exists(os.path.join(workdir, trainer.RESTARTS_FILE)):
+        # continuing the best of several starts: the clock includes every start's
+        with open(os.path.join(workdir, trainer.RESTARTS_FILE)) as f:
+          self._previous_seconds = float(json.load(f).get("seconds", 0.0))
       log = {s: v for s, v in log.items() if s < int(step)}
       self._exported = True
     log[int(step)] = round(self.elapsed(), 2)
