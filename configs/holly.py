@@ -142,10 +142,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # best of several starts (core/trainer.py): seeds seed .. seed+num-1 each train the
   # first `fraction` of the steps; the one whose cloud explains the images best (median
-  # image residual at that step's sigma, no ground truth) continues. 1 = off.
+  # image residual at that step's sigma, no ground truth) continues. 1 = off. 3 x 0.4
+  # (was 1) by a rule fixed before the panel runs (README): tuning shapes unchanged
+  # (bunny Chamfer 0.0015 -> 0.0013, teapot 0.0085 -> 0.0093), held out spot and tube
+  # now meet both targets (0.0160 -> 0.0070, 0.0264 -> 0.0124), helix worse (0.0166 ->
+  # 0.0195); training ~460 -> ~875 s alone on 2 cores.
   config.restarts = ml_collections.ConfigDict()
-  config.restarts.num = 1
-  config.restarts.fraction = 0.2
+  config.restarts.num = 3
+  config.restarts.fraction = 0.4
 
   config.convergence = ml_collections.ConfigDict()   # end-of-training report (diagnose.py)
   # 0.1 (was 0.2, set on suzanne): learned shapes <= 0.065 (teapot), failures 0.142
@@ -193,6 +197,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 2000
     config.eval_num_images = 256
   elif variant == "tiny":
+    config.restarts.num = 1
     config.data.size = 32
     config.data.fov = 1.1
     config.sigma.stages = (3.0, 1.0)

@@ -136,6 +136,11 @@ def run_shape(name: str, args) -> dict:
   saved = json.load(open(os.path.join(workdir, "config.json")))["search"]
   row["search"] = (f"{saved.get('grid', 'random')} {saved['num_rotations']}, top "
                    f"{saved.get('top', 1)}, levels {saved.get('levels', 0)}")
+  rpath = os.path.join(workdir, trainer.RESTARTS_FILE)
+  if os.path.exists(rpath):     # best of several starts: which one continued
+    rec = json.load(open(rpath))
+    row["search"] += (f"; start seed {rec['chosen_seed']} of "
+                      f"{','.join(str(r['seed']) for r in rec['starts'])} at step {rec['steps']}")
   tiny = args.tiny
   m = evaluate.evaluate(workdir, obj, num_images=8 if tiny else args.num_images,
                         seed=777, starts=2 if tiny else 48, gif_frames=24, pictures=not tiny)

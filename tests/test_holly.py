@@ -358,7 +358,6 @@ def test_train_two_steps_writes_shapes_and_evaluate_scores(tmp_path):
   for name in ("views.png", "rotation.gif", "aligned.ply"):
     assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
   # a cloud file scored directly: the same Chamfer as the alignment module's
-  from smlm_jax.holly import evaluate
   m2 = evaluate.evaluate(None, cfg.data.obj, learned_path=os.path.join(workdir, "shape.ply"),
                          output=str(tmp_path / "ev"), starts=2, gif_frames=2)
   assert m2["chamfer"] == pytest.approx(align_lib.align(
