@@ -435,9 +435,7 @@ class HollyTask(Task):
       return trainer.batched(lambda chunk: fn(params, chunk), batch, bs, mesh)
 
     if self.image_set is not None:
-      imgs = np.concatenate(self.image_set.images)
-      sig = np.concatenate([np.full(len(a), s, np.float32)
-                            for a, s in zip(self.image_set.images, self.image_set.sigmas)])
+      imgs, sig = self.folder_images()
 
       def evaluate_folder(state):
         params = jax.device_get(state["params"])
@@ -483,15 +481,20 @@ class HollyTask(Task):
 
   _convergence = None
 
+  def folder_images(self):
+    """Every image of the folder data [B, N, N] and its native sigma [B] (px)."""
+    imgs = np.concatenate(self.image_set.images)
+    sig = np.concatenate([np.full(len(a), s, np.float32)
+                          for a, s in zip(self.image_set.images, self.image_set.sigmas)])
+    return imgs, sig
+
   def restart_score(self, state, mesh):
     """The median image residual of the convergence report (diagnose.py: how badly the
     cloud at its refined poses explains the images, no ground truth) at the current
     sigma, on the evaluation images: lower is better; picks among ``config.restarts``."""
     params = jax.device_get(state["params"])
     if self.image_set is not None:
-      imgs = np.concatenate(self.image_set.images)
-      sig = np.concatenate([np.full(len(a), s, np.float32)
-                            for a, s in zip(self.image_set.images, self.image_set.sigmas)])
+      imgs, sig = self.folder_images()
     else:
       batch = self.eval_batch(self.sigma(int(state["step"])),
                               int(self.config.eval_num_images), int(self.config.eval_seed))
