@@ -184,6 +184,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_num_images = 64
   config.eval_seed = 12345
   config.eval_align_starts = 48   # 24 (the octahedral group only) misaligns the teapot
+  config.eval_align_screen = 2048  # + the 16 best of 2048 random rotations by Chamfer
+                                   # (align.py: a helix's ICP basin is narrow)
   config.eval_refined_poses = True   # also score the search + Gauss-Newton poses
 
   if variant == "gpu":
@@ -214,6 +216,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 8
     config.eval_num_images = 8
     config.eval_align_starts = 4
+    config.eval_align_screen = 0
     config.eval_refined_poses = False
     config.search.num_rotations = 16
     config.search.factor = 1

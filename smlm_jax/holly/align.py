@@ -7,11 +7,20 @@ P M = P. So the learned cloud is aligned to the reference by
 ``x -> s Q x + t`` with Q in O(3) (det +-1), s > 0:
 
   for each handedness h in {+1, -1} and each of ``num_starts`` initial rotations
-  (the 24 rotations of the octahedral group, then Haar-random ones), run ICP
-  (Besl & McKay 1992) with symmetric correspondences (each point of either cloud paired
-  with its nearest neighbour in the other) and closed-form similarity updates
-  (Umeyama 1991, with the rotation kept proper and the handedness fixed by h);
-  keep the result of lowest symmetric Chamfer distance.
+  (the 24 rotations of the octahedral group, then Haar-random ones) plus the ``keep``
+  best of ``screen`` Haar-random rotations by the Chamfer distance before any ICP
+  (centroids matched, RMS-radius scale; both clouds' k-d trees fixed, so thousands of
+  rotations cost about a second), run ICP (Besl & McKay 1992) with symmetric
+  correspondences (each point of either cloud paired with its nearest neighbour in the
+  other) and closed-form similarity updates (Umeyama 1991, with the rotation kept proper
+  and the handedness fixed by h); keep the result of lowest symmetric Chamfer distance.
+
+The screen matters for shapes whose ICP basin is narrow: a learned helix lands in
+the right basin from 1.6% of random proper starts (its screw-shifted copies attract
+the rest), so 48 starts missed it in the shape panel (Chamfer 0.0195 instead of 0.0075,
+and a uniform 25 deg "pose error" that was the misalignment); the screen found it
+for every seed tried. The screened starts are added to the others, so the result is
+never worse than ICP from ``num_starts`` alone.
 
 Symmetric Chamfer distance (unsquared, the mean of the two directed means):
   CD(A, B) = 1/2 [ mean_a min_b |a - b| + mean_b min_a |a - b| ],
@@ -108,19 +117,55 @@ def start_rotations(num: int, seed: int = 0) -> np.ndarray:
   return np.concatenate([octa, extra])
 
 
+def screen_chamfer(src, dst, s0: float, Qs, tree_src=None, tree_dst=None,
+                   chunk: int = 256) -> np.ndarray:
+  """[R] symmetric Chamfer of ``s0 Q (src - mean) + mean(dst)`` against ``dst`` for each
+  orthogonal Q in ``Qs`` [R, 3, 3], without ICP. The trees stay fixed: the distance from
+  a moved learned point to ``dst`` is queried in ``dst``'s tree, and the distance from a
+  reference point to the moved cloud as ``s0`` times that of its inverse image in
+  ``src``'s tree."""
+  src = np.asarray(src, np.float64)
+  dst = np.asarray(dst, np.float64)
+  tree_src = tree_src or cKDTree(src)
+  tree_dst = tree_dst or cKDTree(dst)
+  ms, md = src.mean(0), dst.mean(0)
+  a, b = src - ms, dst - md
+  Qs = np.asarray(Qs, np.float64)
+  out = np.empty(len(Qs))
+  for i in range(0, len(Qs), chunk):
+    Q = Qs[i:i + chunk]
+    x = s0 * np.einsum("rij,nj->rni", Q, a) + md      # learned -> reference frame
+    y = np.einsum("rji,nj->rni", Q, b) / s0 + ms      # reference -> learned frame
+    d1, _ = tree_dst.query(x.reshape(-1, 3))
+    d2, _ = tree_src.query(y.reshape(-1, 3))
+    out[i:i + chunk] = 0.5 * (d1.reshape(len(Q), -1).mean(1)
+                              + s0 * d2.reshape(len(Q), -1).mean(1))
+  return out
+
+
 def align(learned, reference, num_starts: int = 24, iters: int = 40,
-          reflection: bool = True) -> Alignment:
-  """Best similarity (+ optional reflection) alignment of ``learned`` onto ``reference``."""
+          reflection: bool = True, screen: int = 2048, keep: int = 16) -> Alignment:
+  """Best similarity (+ optional reflection) alignment of ``learned`` onto ``reference``
+  (ICP from ``num_starts`` rotations and the ``keep`` best of ``screen`` screened ones
+  per handedness; ``screen=0``: no screen)."""
   src = np.asarray(learned, np.float64)
   dst = np.asarray(reference, np.float64)
   tree_dst = cKDTree(dst)
+  tree_src = cKDTree(src)
   diag = float(np.linalg.norm(dst.max(0) - dst.min(0)))
   rms = lambda x: np.sqrt(np.mean(np.sum((x - x.mean(0)) ** 2, axis=1)))
   s0 = rms(dst) / max(rms(src), 1e-12)
+  screened = (Rotation.random(screen, random_state=1).as_matrix() if screen > 0
+              else np.zeros((0, 3, 3)))
   best = None
   for h in ((1, -1) if reflection else (1,)):
-    for R0 in start_rotations(num_starts):
-      Q0 = R0 @ (MIRROR if h < 0 else np.eye(3))
+    H = MIRROR if h < 0 else np.eye(3)
+    starts = start_rotations(num_starts) @ H
+    if len(screened):
+      Qs = screened @ H
+      scores = screen_chamfer(src, dst, s0, Qs, tree_src, tree_dst)
+      starts = np.concatenate([starts, Qs[np.argsort(scores)[:keep]]])
+    for Q0 in starts:
       t0 = dst.mean(0) - s0 * Q0 @ src.mean(0)
       s, Q, t = icp(src, dst, s0, Q0, t0, h, iters, tree_dst)
       cd = chamfer(s * src @ Q.T + t, dst, tree_b=tree_dst)

@@ -8,7 +8,8 @@
 
 The learned cloud (the latest checkpoint of --workdir, or a .ply/.obj given with
 --learned) is aligned to the reference by a similarity transform including reflection
-(ICP from 2 handednesses x --starts initial rotations, :mod:`smlm_jax.holly.align`), and
+(ICP from 2 handednesses x (--starts initial rotations + the 16 best of 2048 random
+ones screened by Chamfer), :mod:`smlm_jax.holly.align`), and
 the symmetric Chamfer distance is reported in units of the reference's bounding-box
 diagonal. For a run trained on images simulated from a shape (config.data.obj), the
 pose CNN is also scored on --num_images fresh simulated images at the final sigma:

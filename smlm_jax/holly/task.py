@@ -452,7 +452,8 @@ class HollyTask(Task):
       batch = self.eval_batch(sigma, int(cfg.eval_num_images), int(cfg.eval_seed))
       R_best, loss, _ = poses(params, {"image": batch["image"], "sigma": batch["sigma"]})
       pts = np.asarray(params["points"])
-      al = align_lib.align(pts, self.sites, num_starts=int(cfg.eval_align_starts))
+      al = align_lib.align(pts, self.sites, num_starts=int(cfg.eval_align_starts),
+                           screen=int(cfg.get("eval_align_screen", 2048)))
       sym = self.symmetry()
       err = symmetry_lib.pose_errors_deg(R_best, batch["R"], al, sym)
       extra = {}
