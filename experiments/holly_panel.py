@@ -18,6 +18,8 @@ with ``smlm_jax.holly.evaluate`` (256 fresh images at the final sigma):
   raw         the CNN's median without the symmetry
   conv        the end-of-training convergence verdict (diagnose.py; no truth used)
   seconds     training wall time (train_seconds.json)
+  met         whether the row meets issue 27's targets: excess <= 0.015, CNN pose
+              median <= 10 deg, training <= 1200 s
 Shapes: tuning group (the defaults were chosen on these: bunny, teapot) and a
 held-out group (procedural and public meshes, experiments/data/holly_shapes/README.md)
 reported separately. A shape whose OUT/<shape>/eval/metrics.json exists is not
@@ -26,7 +28,8 @@ a no-op once finished), so the panel runs in pieces under the CPU lock; rows
 accumulate in OUT/panel.json. --tiny: configs/holly.py:tiny, 8 images, 2 ICP starts
 (the test). Last line: ``RESULT worst_chamfer=... median_chamfer=...
 worst_pose_median_deg=... seconds_max=...`` over the rows present (also
-worst_excess (chamfer - floor), worst_refined_pose_median_deg, not_converged).
+worst_excess (chamfer - floor), worst_refined_pose_median_deg, not_converged,
+meeting_targets).
 """
 from __future__ import annotations
 
@@ -160,10 +163,22 @@ def run_shape(name: str, args) -> dict:
   return row
 
 
+# issue 27's targets per shape: Chamfer - floor, CNN pose median, training seconds
+TARGET_EXCESS = 0.015
+TARGET_POSE_DEG = 10.0
+TARGET_SECONDS = 1200.0
+
+
+def meets(r: dict) -> bool:
+  """Whether a row meets every target (NaN fails)."""
+  return bool(r["chamfer"] - r["floor"] <= TARGET_EXCESS and r["pose"] <= TARGET_POSE_DEG
+              and r["seconds"] <= TARGET_SECONDS)
+
+
 def table(rows: dict) -> list[str]:
   head = (f"{'shape':<15}{'kind':<30}{'chamfer':>8}{'floor':>7}{'excess':>7}"
           f"{'pose CNN':>9}{'<10':>5}{'raw':>6}{'refined':>8}{'<10':>5}{'conv':>5}"
-          f"{'train s':>8}  symmetry")
+          f"{'train s':>8}{'met':>5}  symmetry")
   lines = []
   for group in ("tuning", "held-out"):
     sel = [r for r in rows.values() if r["group"] == group]
@@ -176,7 +191,8 @@ def table(rows: dict) -> list[str]:
           f"{r['name']:<15}{r['kind'][:29]:<30}{r['chamfer']:>8.4f}{r['floor']:>7.4f}"
           f"{r['chamfer'] - r['floor']:>7.4f}{r['pose']:>9.1f}{100 * r['pose_frac10']:>4.0f}%"
           f"{r['pose_raw']:>6.1f}{r['refined']:>8.2f}{100 * r['refined_frac10']:>4.0f}%"
-          f"{conv:>5}{r['seconds']:>8.0f}  {r['symmetry'].split(':')[0]}; search "
+          f"{conv:>5}{r['seconds']:>8.0f}{'yes' if meets(r) else 'NO':>5}  "
+          f"{r['symmetry'].split(':')[0]}; search "
           f"{r.get('search', '?')}")
   return lines
 
@@ -191,7 +207,8 @@ def result_line(rows: dict) -> str:
           f"worst_pose_median_deg={worst(get('pose')):.2f} "
           f"seconds_max={worst(get('seconds')):.0f} worst_excess={worst(excess):.5f} "
           f"worst_refined_pose_median_deg={worst(get('refined')):.2f} "
-          f"not_converged={sum(r.get('converged') is False for r in vals)} rows={len(vals)}")
+          f"not_converged={sum(r.get('converged') is False for r in vals)} "
+          f"meeting_targets={sum(meets(r) for r in vals)} rows={len(vals)}")
 
 
 def main(argv=None):
@@ -253,7 +270,9 @@ def main(argv=None):
   sel = {n: rows[n] for n in SHAPES if n in rows and (args.table_only or n in names)}
   print("\nChamfer: fraction of the bounding-box diagonal; floor: perfect cloud of the same "
         "point count; pose: median error (deg) after alignment modulo the shape's symmetry "
-        "(raw: not modulo), '<10': fraction within 10 deg; conv: end-of-training verdict")
+        "(raw: not modulo), '<10': fraction within 10 deg; conv: end-of-training verdict; "
+        f"met: excess <= {TARGET_EXCESS}, CNN pose <= {TARGET_POSE_DEG:.0f} deg and "
+        f"training <= {TARGET_SECONDS:.0f} s")
   for line in table(sel):
     print(line)
   for group in ("tuning", "held-out"):
