@@ -60,6 +60,9 @@ SHAPES = {
     "shell": ("shell.ply", "held-out", "procedural, hollow shell"),
     "helix": ("helix.ply", "held-out", "procedural, chiral"),
     "near_symmetric": ("near_symmetric.ply", "held-out", "procedural, near-symmetric"),
+    # added 2026-12-05 after the defaults were fixed, each trained and scored once
+    "cow": ("cow.ply", "held-out", "public mesh, quadruped"),
+    "homer": ("homer.ply", "held-out", "public mesh, humanoid"),
 }
 
 
