@@ -171,9 +171,7 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
       particles = None
     elif task.image_set is not None:
       particles = task.image_set.particles
-      diag_images = np.concatenate(task.image_set.images)
-      diag_sigma = np.concatenate([np.full(len(a), s, np.float32) for a, s in
-                                   zip(task.image_set.images, task.image_set.sigmas)])
+      diag_images, diag_sigma = task.folder_images()
     else:
       diag_images = None
     done = os.path.join(workdir, "convergence.json")
