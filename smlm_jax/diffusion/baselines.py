@@ -46,6 +46,7 @@ from smlm_jax.diffusion import normalize
 from smlm_jax.diffusion.simulator import pixel_integrated_gaussian
 
 NUM_PARAMS = 5          # x_px, y_px, photons, background_photons, sigma_px
+_FULL = jax.lax.Precision.HIGHEST   # Fisher products in full float32 (not TF32 on GPU)
 
 
 # --------------------------------------------------------------------- localization
@@ -113,8 +114,8 @@ def localize(frame_photons, sigma_px: float, qe: float, read_noise_e: float,
     theta, lam, ll = carry
     m = jnp.maximum(mu(theta), 1e-6)
     jac = jax.jacfwd(mu)(theta).reshape(-1, NUM_PARAMS)
-    grad = jac.T @ (data.reshape(-1) / m.reshape(-1) - 1.0)
-    fisher = jac.T @ (jac / m.reshape(-1)[:, None])
+    grad = jnp.matmul(jac.T, data.reshape(-1) / m.reshape(-1) - 1.0, precision=_FULL)
+    fisher = jnp.matmul(jac.T, jac / m.reshape(-1)[:, None], precision=_FULL)
     step = jnp.linalg.solve(fisher + lam * jnp.diag(jnp.diag(fisher)) + 1e-9 * jnp.eye(5),
                             grad)
     new = jnp.clip(theta + step, lower, upper)
@@ -127,7 +128,7 @@ def localize(frame_photons, sigma_px: float, qe: float, read_noise_e: float,
   theta, _, _ = jax.lax.fori_loop(0, iterations, body, (theta0, 1e-2, loglik(theta0)))
   m = jnp.maximum(mu(theta), 1e-6)
   jac = jax.jacfwd(mu)(theta).reshape(-1, NUM_PARAMS)
-  fisher = jac.T @ (jac / m.reshape(-1)[:, None])
+  fisher = jnp.matmul(jac.T, jac / m.reshape(-1)[:, None], precision=_FULL)
   se = jnp.sqrt(jnp.abs(jnp.diag(jnp.linalg.inv(fisher))))
   ok = (jnp.all(jnp.isfinite(theta)) & jnp.all(jnp.isfinite(se))
         & (theta[0] >= 0) & (theta[0] <= w) & (theta[1] >= 0) & (theta[1] <= h)

@@ -113,7 +113,8 @@ def _render(pos_nm, amp, sigma_nm, bg_img, pixel_size_nm):
   px = sim_lib.pixel_integrated_gaussian(pos_nm[..., 0], sigma_nm, w, 1.0)
   py = sim_lib.pixel_integrated_gaussian(pos_nm[..., 1], sigma_nm, h, 1.0)
   s = pos_nm.shape[2]
-  spot = jnp.einsum("mtsh,mtsw,mt->thw", py, px, amp / s)
+  spot = jnp.einsum("mtsh,mtsw,mt->thw", py, px, amp / s,
+                    precision=jax.lax.Precision.HIGHEST)   # not TF32 on GPU
   return spot + bg_img[None]
 
 

@@ -176,6 +176,11 @@ class BlurFormer(nn.Module):
 # --------------------------------------------------------------------------------------
 FIT_PARAMS = 7       # x_px, y_px, log amplitude, offset, log sx_px, log sy_px, atanh-ish rho
 INVALID_VAR_PX2 = 1e3  # variance given to a frame whose spot was not found (~3 um sd)
+INVALID_SE_PX = 1e3    # standard error reported where a fit's came out non-finite
+# The fit's normal equations in full float32: at default precision XLA may run float32
+# products on GPU tensor cores at TF32 (10-bit mantissa), too coarse for a Fisher
+# matrix whose entries span several decades.
+_FULL = jax.lax.Precision.HIGHEST
 
 
 def _gaussian_spot(theta, u, v):
@@ -262,6 +267,7 @@ def fit_spot(signal, noise_var, shot_var_per_signal, roi_px: int, iterations: in
   gy = jnp.where(tot > 1e-3, (wgt * v).sum() / jnp.maximum(tot, 1e-3), cy + 0.5)
   amp = jnp.maximum(jnp.max(jnp.where(near, roi, 0.0)), 0.5)
   theta0 = jnp.stack([gx, gy, jnp.log(amp), 0.0, math.log(1.1), math.log(1.1), 0.0])
+  theta0_safe = jnp.stack([cx + 0.5, cy + 0.5, 0.0, 0.0, math.log(1.1), math.log(1.1), 0.0])
   lower = jnp.array([-1.0, -1.0, -3.0, -5.0, math.log(0.4), math.log(0.4), -3.0])
   upper = jnp.array([roi_px + 1.0, roi_px + 1.0, 12.0, 5.0, math.log(6.0), math.log(6.0),
                      3.0])
@@ -275,7 +281,7 @@ def fit_spot(signal, noise_var, shot_var_per_signal, roi_px: int, iterations: in
     m = model(th)
     wts = weights(m)
     jac = jax.jacfwd(model)(th)                        # [P, 7]
-    return m, wts, jac, jac.T @ (jac * wts[:, None])
+    return m, wts, jac, jnp.matmul(jac.T, jac * wts[:, None], precision=_FULL)
 
   def cost(th, wts):
     r = data - model(th)
@@ -284,7 +290,7 @@ def fit_spot(signal, noise_var, shot_var_per_signal, roi_px: int, iterations: in
   def body(_, carry):
     th, lam = carry
     m, wts, jac, fisher = normal_equations(th)
-    grad = jac.T @ (wts * (data - m))
+    grad = jnp.matmul(jac.T, wts * (data - m), precision=_FULL)
     step = spd_solve(fisher + lam * jnp.diag(jnp.diag(fisher))
                      + 1e-6 * jnp.eye(FIT_PARAMS), grad)
     new = jnp.clip(th + step, lower, upper)
@@ -298,6 +304,13 @@ def fit_spot(signal, noise_var, shot_var_per_signal, roi_px: int, iterations: in
   valid = (jnp.all(jnp.isfinite(th)) & jnp.all(jnp.isfinite(se))
            & (th[0] > 0.5) & (th[0] < roi_px - 0.5) & (th[1] > 0.5) & (th[1] < roi_px - 0.5)
            & (se[2] < 0.5) & (se[0] < 2.0) & (se[1] < 2.0))
+  # Outputs stay finite whatever the frame (a rare fit's Fisher matrix is singular:
+  # se = inf, 1 frame in 4096 of a batch-256 step, seen at step 39 of
+  # configs/diffusion.py:gpu); such a frame is not valid, and a non-finite value in it
+  # would still turn the gradient NaN through the masked branch of a later where.
+  th = jnp.where(jnp.isfinite(th), th, theta0_safe)
+  se = jnp.where(jnp.isfinite(se), se, INVALID_SE_PX)
+  chi2 = jnp.where(jnp.isfinite(chi2), chi2, 1e2)
   th = th.at[0].add(x0.astype(jnp.float32)).at[1].add(y0.astype(jnp.float32))
   return {"theta": th, "se": se, "chi2": chi2, "crop": roi, "valid": valid}
 
@@ -427,7 +440,8 @@ class LocFormer(nn.Module):
     valid, se = fit["valid"], fit["se"]
     factor = jnp.exp(jnp.asarray(log_var_factor, jnp.float32))
     factor = jnp.broadcast_to(factor, valid.shape)[..., None]
-    var = jnp.where(valid[..., None], se[..., :2] ** 2 * factor + 1e-5, INVALID_VAR_PX2)
+    se = jnp.where(valid[..., None], se[..., :2], 1.0)   # no inf in the unused branch
+    var = jnp.where(valid[..., None], se ** 2 * factor + 1e-5, INVALID_VAR_PX2)
     grid, cell = self.lnD_grid()
     lnD_px = grid - 2.0 * math.log(self.pixel_size_nm * 1e-3)
     R = self.exposure_s / (6.0 * self.frame_interval_s)

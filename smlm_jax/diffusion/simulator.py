@@ -198,7 +198,8 @@ def expected_photons(positions_nm: jax.Array, emitter: Emitter,
                                  geometry.pixel_size_nm)   # [T, S, W]
   py = pixel_integrated_gaussian(pos[..., 1], sigma, geometry.height_px,
                                  geometry.pixel_size_nm)   # [T, S, H]
-  spot = jnp.einsum("tsh,tsw->thw", py * (emitter.photons / S), px)
+  spot = jnp.einsum("tsh,tsw->thw", py * (emitter.photons / S), px,
+                    precision=jax.lax.Precision.HIGHEST)   # not TF32 on GPU
   return spot + background_image(emitter, geometry)[None]
 
 
