@@ -134,6 +134,18 @@ def test_nan_loss_stops_loudly(tmp_path):
     trainer.train_and_evaluate(cfg, str(tmp_path / "nan"), task=Exploding(cfg))
 
 
+def test_nan_gradient_under_a_finite_loss_stops_loudly(tmp_path):
+  class MaskedInf(SimulatedLine):
+    def loss(self, params, batch_stats, batch, step, key):
+      loss, meas, stats = super().loss(params, batch_stats, batch, step, key)
+      # the inf sits in the discarded branch: the loss stays finite, its gradient not
+      bad = jnp.where(step >= 2, jnp.inf, 1.0) * params["a"] ** 2
+      return jnp.where(step >= 2, loss, loss + 0.0 * bad), meas, stats
+  cfg = toy_config()
+  with pytest.raises(trainer.TrainingError, match="gradient became nan at step 3"):
+    trainer.train_and_evaluate(cfg, str(tmp_path / "nan"), task=MaskedInf(cfg))
+
+
 def test_gradient_accumulation_updates_every_k_steps():
   cfg = toy_config(accumulate_steps=2)
   task = SimulatedLine(cfg)

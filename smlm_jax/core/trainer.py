@@ -504,6 +504,17 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
           raise TrainingError(
               f"loss became {loss} at step {step} (grad_norm {float(meas['grad_norm'])}); "
               "lower --config.learning_rate or check the config")
+        grad_norm = float(meas.get("grad_norm", 0.0))
+        if not math.isfinite(grad_norm):
+          # A finite loss with a non-finite gradient is a numerical fault (an inf or
+          # NaN inside the model or the step's data, even in a masked-out branch of a
+          # where), not a learning rate too high; the update has already spoiled the
+          # parameters, so stop here rather than at the next log.
+          raise TrainingError(
+              f"the gradient became {grad_norm} at step {step} while the loss was finite "
+              f"({loss:.4g}): a non-finite value inside the model or the step's data, "
+              "not the learning rate; check the task's loss for inf/NaN (e.g. in a "
+              "branch a jnp.where discards)")
         rate = steps_done / (time.perf_counter() - t0)
         row = {"step": step, **{k: float(v) for k, v in meas.items()},
                "steps_per_s": rate, "examples_per_s": rate * config.batch_size}
