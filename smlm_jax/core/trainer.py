@@ -499,12 +499,11 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
       last = step == end
       if step % config.log_every_steps == 0 or last:
         meas = jax.device_get(meas)
-        loss = float(meas["loss"])
+        loss, grad_norm = float(meas["loss"]), float(meas["grad_norm"])
         if not math.isfinite(loss):
           raise TrainingError(
-              f"loss became {loss} at step {step} (grad_norm {float(meas['grad_norm'])}); "
+              f"loss became {loss} at step {step} (grad_norm {grad_norm}); "
               "lower --config.learning_rate or check the config")
-        grad_norm = float(meas.get("grad_norm", 0.0))
         if not math.isfinite(grad_norm):
           # A finite loss with a non-finite gradient is a numerical fault (an inf or
           # NaN inside the model or the step's data, even in a masked-out branch of a
