@@ -337,6 +337,12 @@ def test_baselines_from_another_folder_with_the_bad_inputs(tmp_path, monkeypatch
     (["-m", "smlm_jax.train", "--config=configs/holly.py", "--config.loss.typo=1"],
      "no field"),
     (["-m", "smlm_jax.diffusion.simulate", "--config.nope=2"], "no field"),
+    # the typo is the second override: the message names it, with ml_collections'
+    # suggestion, not the first override
+    (["-m", "smlm_jax.train", "--config=configs/holly.py", "--config.batch_size=4",
+      "--config.log_every=20"],
+     "--config.log_every: the config has no field 'log_every'; did you mean "
+     "'log_every_steps'?"),
     (["-m", "smlm_jax.train", "--config.num_train_steps=abc"], "invalid literal")])
 def test_bad_config_override_is_one_line(args, says, tmp_path):
   """A --config.FIELD override that names no field (ml_collections raises

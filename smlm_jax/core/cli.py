@@ -5,6 +5,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import sys
 import tempfile
 
@@ -25,11 +26,19 @@ def fail(message: str, code: int = 2):
 
 
 def _no_such_config_field(e: Exception, argv) -> None:
-  field = str(e).strip("\"'")
+  # ml_collections raises KeyError("'name'") or AttributeError(KeyError("'name'\nDid
+  # you mean \"other\" instead of \"name\"?")): the name is the first line
+  arg = e
+  while isinstance(arg, BaseException) and arg.args:
+    arg = arg.args[0]
+  first, _, rest = str(arg).partition("\n")
+  field = first.strip().strip("\"'")
+  hint = re.search(r'Did you mean "([^"]+)"', rest)
   given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
   named = [a for a in given if field and field in a.split(".")] or given
-  fail(f"{named[0] if named else '--config'}: the config has no field {field!r} "
-       "(python -m smlm_jax.train --config=FILE --print_config lists them)")
+  fail(f"{named[0] if named else '--config'}: the config has no field {field!r}"
+       + (f"; did you mean {hint.group(1)!r}?" if hint else "")
+       + " (python -m smlm_jax.train --config=FILE --print_config lists them)")
 
 
 @contextlib.contextmanager
