@@ -205,6 +205,28 @@ def test_bad_shapes_one_line_errors(tmp_path):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_dense_mesh_simulates_from_a_fixed_subset_of_max_sites(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  v = rng.normal(size=(5000, 3)) * (3.0, 1.0, 0.5) + 7.0
+  path = str(tmp_path / "dense.ply")
+  shapes.write_ply(path, v)
+  full = shapes.load_normalized(path)
+  sub = shapes.load_normalized(path, max_sites=4096)
+  assert full.shape == (5000, 3) and sub.shape == (4096, 3)
+  # a subset of the vertices in the file's units (normalized on all of them), seeded
+  rows = {tuple(r) for r in np.round(full, 5)}
+  assert all(tuple(r) in rows for r in np.round(sub, 5))
+  np.testing.assert_array_equal(sub, shapes.load_normalized(path, max_sites=4096))
+  assert len(np.unique(np.round(sub, 5), axis=0)) == 4096
+  np.testing.assert_array_equal(shapes.load_normalized(path, max_sites=6000), full)
+  cfg = _tiny(tmp_path)
+  cfg.data.obj = path
+  cfg.data.max_sites = 1000
+  assert task_lib.HollyTask(cfg).sites.shape == (1000, 3)
+  assert "5000 vertices" in capsys.readouterr().out
+  assert int(holly_config.get_config().data.max_sites) >= 400   # every panel shape whole
+
+
 # ------------------------------------------------------------------------- alignment
 def test_alignment_recovers_similarity_with_reflection():
   rng = np.random.default_rng(1)

@@ -211,9 +211,15 @@ def normalize(vertices) -> tuple[np.ndarray, np.ndarray, float]:
   return (v - centre) / scale, centre, scale
 
 
-def load_normalized(path: str) -> np.ndarray:
-  """Vertices of a shape file in normalized units (float32 [V, 3])."""
-  return normalize(read_shape(path).vertices)[0].astype(np.float32)
+def load_normalized(path: str, max_sites: int = 0, seed: int = 0) -> np.ndarray:
+  """Vertices of a shape file in normalized units (float32 [V, 3]); with ``max_sites``
+  > 0 and more vertices than that, a seeded uniform subset of ``max_sites`` of them (in
+  file order; normalized on all of them, so the units do not depend on the subset)."""
+  v = normalize(read_shape(path).vertices)[0].astype(np.float32)
+  if max_sites > 0 and len(v) > max_sites:
+    keep = np.sort(np.random.default_rng(seed).choice(len(v), int(max_sites), replace=False))
+    v = v[keep]
+  return v
 
 
 def bbox_diagonal(vertices) -> float:

@@ -143,9 +143,13 @@ class HollyTask(Task):
         raise ValueError("give --config.data.obj=FILE (.obj/.ply to simulate images from) "
                          "or --config.data.images=DIR (FITS/TIFF images)")
       try:
-        self.sites = shapes.load_normalized(data.obj)
+        self.sites = shapes.load_normalized(data.obj, int(data.get("max_sites", 0)))
+        total = len(shapes.read_shape(data.obj).vertices)
       except shapes.ShapeError as e:
         raise ValueError(str(e)) from None
+      if total > len(self.sites):
+        print(f"holly: {data.obj} has {total} vertices; simulating from a fixed random "
+              f"{len(self.sites)} of them (config.data.max_sites; 0 = all)")
       self.size = int(data.size)
     self.fov = float(data.fov)
     self.sim = render.SimParams.from_config(data, self.size)
