@@ -101,12 +101,13 @@ def view_moment(R):
   return float(w[-1]), U[:, -1]
 
 
-def report(task, params, images, sigma, seed: int = 0, batch_size: int = 64,
-           particles: int | None = None) -> dict:
-  """The convergence report (see the module doc) on unit-mass images [B, N, N] at
-  widths sigma [B]; ``particles``: distinct structures among them (default: all)."""
-  th = thresholds(task.config)
-  k = int(task.config.model.hypotheses)
+def refined_fit(task, params, images, sigma, seed: int = 0, batch_size: int = 64):
+  """Per image of unit-mass images [B, N, N] at widths sigma [B], against the cloud:
+  the refined pose (search + Gauss-Newton; the CNN's first hypothesis when refinement
+  is off) R [B, 3, 3] and t [B, 2] (normalized units), the CNN's best hypothesis by
+  render loss [B, 3, 3], every CNN hypothesis [B, K, 3, 3] and the residual [B]
+  (|render at the refined pose - image|^2 / |image|^2). Seeded (the search's grid
+  turn)."""
   refine_on = len(task.config.refine.extra_sigmas_px) > 0
 
   @jax.jit
@@ -124,14 +125,23 @@ def report(task, params, images, sigma, seed: int = 0, batch_size: int = 64,
                                                  task.fov))(R_ref, t_ref, sigma)
     res = jnp.sum((img - image) ** 2, (-2, -1)) / jnp.maximum(
         jnp.sum(image ** 2, (-2, -1)), 1e-30)
-    return R_ref, best, R_cnn, res
+    return R_ref, t_ref, best, R_cnn, res
 
   outs = []
   for i in range(0, len(images), batch_size):
     outs.append(jax.device_get(one(params, jnp.asarray(images[i:i + batch_size]),
                                    jnp.asarray(sigma[i:i + batch_size]),
                                    jax.random.key(seed + i))))
-  R_ref, best, R_cnn, res = (np.concatenate(a) for a in zip(*outs))
+  return tuple(np.concatenate(a) for a in zip(*outs))
+
+
+def report(task, params, images, sigma, seed: int = 0, batch_size: int = 64,
+           particles: int | None = None) -> dict:
+  """The convergence report (see the module doc) on unit-mass images [B, N, N] at
+  widths sigma [B]; ``particles``: distinct structures among them (default: all)."""
+  th = thresholds(task.config)
+  k = int(task.config.model.hypotheses)
+  R_ref, _, best, R_cnn, res = refined_fit(task, params, images, sigma, seed, batch_size)
   cloud_sym = sym_lib.detect(np.asarray(params["points"]))
   agree = sym_lib.angle_modulo_deg(best, R_ref, cloud_sym)
   if k > 1:

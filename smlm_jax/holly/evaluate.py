@@ -24,6 +24,11 @@ Writes to --output (default DIR/eval, or next to --learned):
   views.png      renders of the aligned learned cloud (top row) and of the reference
                  (bottom row) seen along z, y and x (+y up)
   rotation.gif   both rotating about the vertical axis (--gif_frames, default 36)
+  poses.csv      runs on folder images only: each image's refined pose against the
+                 learned cloud (file, sigma_px, quaternion qw..qz of R (object ->
+                 image frame), viewing direction view_x..z = R^T e_z in the cloud's
+                 frame, in-plane shift in px, residual), for picking particles by view
+                 or by how well the cloud explains them
 Last line printed: ``RESULT chamfer=<float> seconds=<train seconds>`` (nan when there
 is no reference / no recorded training time).
 """
@@ -82,6 +87,38 @@ def pose_errors(task, state, num_images: int, seed: int, starts: int = 48):
     R_ref = trainer.batched(lambda c: refined(params, c, seed), images, bs, mesh)
     out["refined"] = symmetry_lib.pose_errors_deg(R_ref, batch["R"], al, sym)
   return out, batch
+
+
+POSES_HEADER = ("file,sigma_px,qw,qx,qy,qz,view_x,view_y,view_z,shift_x_px,shift_y_px,"
+                "residual")
+
+
+def write_poses(task, params, path: str, seed: int = 0) -> np.ndarray:
+  """For a run on folder images: every image's refined pose against the learned cloud
+  (pose search + Gauss-Newton, as training uses) as CSV rows of POSES_HEADER: the
+  rotation R (object -> image frame) as a unit quaternion (w >= 0), the viewing
+  direction in the cloud's frame (R^T e_z: the cloud direction the image looks along),
+  the in-plane shift in px of the training images and the residual |render - image|^2 /
+  |image|^2 (0: explained exactly, 1: no better than nothing; the convergence report's
+  per-image number). Returns the residuals."""
+  import jax
+  from smlm_jax.holly import diagnose, render, rotations
+  imgs, sig = task.folder_images()
+  names = [os.path.basename(str(p)) for group in task.image_set.paths for p in group]
+  R, t, _, _, res = diagnose.refined_fit(task, jax.device_get(params), imgs, sig, seed)
+  q = np.asarray(rotations.quaternion_from_matrix(R))
+  view = R[:, 2, :]
+  px = render.pixels_per_unit(task.size, task.fov)
+  shift = t * px
+  lines = [f"# refined poses of the {len(names)} images against the learned cloud; shifts "
+           f"in px of the {task.size}x{task.size} training images (x: columns, y: rows; "
+           f"1 cloud unit = {px:.4g} px)", POSES_HEADER]
+  for i, name in enumerate(names):
+    lines.append(",".join([name.replace(",", "_"), f"{sig[i]:g}"]
+                          + [f"{v:.6f}" for v in (*q[i], *view[i], *shift[i])]
+                          + [f"{res[i]:.5f}"]))
+  cli.atomic_write_text(path, "\n".join(lines) + "\n")
+  return res
 
 
 def splat_views(points, size: int = 128, sigma_px: float = 1.5, angles=None):
@@ -172,6 +209,11 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
     elif task.image_set is not None:
       particles = task.image_set.particles
       diag_images, diag_sigma = task.folder_images()
+      poses_path = os.path.join(out, "poses.csv")
+      os.makedirs(out, exist_ok=True)
+      res = write_poses(task, state["params"], poses_path, seed)
+      metrics["poses"] = {"file": poses_path, "num_images": int(len(res)),
+                          "residual_median": float(np.median(res))}
     else:
       diag_images = None
     done = os.path.join(workdir, "convergence.json")
@@ -221,6 +263,9 @@ def evaluate(workdir: str | None, reference_path: str | None, learned_path: str 
     print(f"alignment:     scale {al.scale:.4g}, "
           f"{'mirrored' if al.handedness < 0 else 'proper'} rotation")
     print(f"chamfer:       {al.chamfer_rel:.5f} of the diagonal ({al.chamfer:.5g} units)")
+  if "poses" in metrics:
+    print(f"poses:         {metrics['poses']['file']} ({metrics['poses']['num_images']} "
+          f"images, median residual {metrics['poses']['residual_median']:.3f})")
   if errors is not None:
     print(f"symmetry:      {metrics['symmetry']} (pose errors modulo it; 'CNN raw' is not)")
     for key, label in (("pose_error_deg", "pose error (CNN):    "),
