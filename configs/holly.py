@@ -117,6 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.num_points = 350
   config.init_radius = 0.5
+  config.init_shape = "ball"   # initial cloud: uniform in the ball, or "sphere" (surface)
   config.sigma = ml_collections.ConfigDict()
   config.sigma.stages = holly_sigmas(64)
   config.sigma.anneal_fraction = 0.8

@@ -323,6 +323,21 @@ def _tiny(tmp_path, **data):
   return c
 
 
+def test_initial_cloud_ball_or_sphere(tmp_path):
+  cfg = _tiny(tmp_path)
+  radii = {}
+  for how in ("ball", "sphere"):
+    cfg.init_shape = how
+    p = np.asarray(task_lib.HollyTask(cfg).init_variables(jax.random.key(0))["params"]["points"])
+    radii[how] = np.linalg.norm(p, axis=1)
+  r0 = float(cfg.init_radius)
+  assert radii["ball"].max() <= r0 + 1e-6 and radii["ball"].min() < 0.9 * r0
+  np.testing.assert_allclose(radii["sphere"], r0, rtol=1e-5)
+  cfg.init_shape = "cube"
+  with pytest.raises(ValueError, match="init_shape"):
+    task_lib.HollyTask(cfg).init_variables(jax.random.key(0))
+
+
 def test_cnn_margin_keeps_the_cnn_pose_unless_the_search_is_clearly_better(tmp_path):
   cfg = _tiny(tmp_path)
   k = int(cfg.model.hypotheses)

@@ -187,7 +187,13 @@ class HollyTask(Task):
     k_dir, k_rad = jax.random.split(k_pts)
     d = jax.random.normal(k_dir, (m, 3))
     d = d / jnp.linalg.norm(d, axis=1, keepdims=True)
-    r = float(self.config.init_radius) * jax.random.uniform(k_rad, (m, 1)) ** (1 / 3)
+    how = str(self.config.get("init_shape", "ball"))
+    if how == "ball":        # uniform in the ball of init_radius
+      r = float(self.config.init_radius) * jax.random.uniform(k_rad, (m, 1)) ** (1 / 3)
+    elif how == "sphere":    # uniform on its surface (a closed hollow start)
+      r = jnp.full((m, 1), float(self.config.init_radius))
+    else:
+      raise ValueError(f"config.init_shape={how!r}: use ball or sphere")
     return {"params": {"net": net, "points": d * r}}
 
   def make_optimizer(self):
