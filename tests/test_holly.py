@@ -442,6 +442,19 @@ def test_folder_images_holly_layout_and_plain(tmp_path):
   with pytest.raises(ValueError, match="image_sigma"):
     images_lib.load_folder(str(plain))
   assert images_lib.load_folder(str(plain), default_sigma=1.5).count == 4
+  # a stray file of another width is skipped, not the folder's majority (it sorts first)
+  odd = tmp_path / "odd"
+  odd.mkdir()
+  tifffile.imwrite(odd / "a_big.tif", rng.random((64, 64)).astype(np.float32))
+  for i in range(3):
+    tifffile.imwrite(odd / f"b{i}.tif", rng.random((32, 32)).astype(np.float32))
+  tifffile.imwrite(odd / "c_neg.tif", -rng.random((32, 32)).astype(np.float32))
+  msgs = []
+  s = images_lib.load_folder(str(odd), default_sigma=1.0,
+                             log=lambda *a, **k: msgs.append(a[0]))
+  assert s.size == 32 and s.count == 3 and s.paths == [["b0.tif", "b1.tif", "b2.tif"]]
+  assert any("a_big.tif" in m and "most are 32 px" in m for m in msgs)
+  assert any("c_neg.tif" in m and "no positive pixel" in m for m in msgs)
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="no usable") as e:
     images_lib.load_folder(str(tmp_path / "empty"), default_sigma=1.0, log=lambda *a, **k: 0)

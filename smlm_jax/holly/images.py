@@ -105,7 +105,8 @@ def read_images(path: str) -> np.ndarray:
   data = np.maximum(data, 0.0)
   sums = data.sum(axis=(1, 2))
   if np.any(sums <= 0):
-    raise tiff_io.MovieError(f"{path}: an image sums to zero", "empty_image")
+    raise tiff_io.MovieError(f"{path}: an image has no positive pixel (all zero or "
+                             "negative; negative values count as 0)", "empty_image")
   return (data / sums[:, None, None]).astype(np.float32)
 
 
@@ -132,17 +133,25 @@ def load_folder(folder: str, default_sigma: float | None = None, log=print) -> I
       raise ValueError(f"{folder} has no sigma sub-folders (e.g. {folder}/2.0/); give "
                        "the images' render sigma with --config.data.image_sigma=PX")
     groups = [(float(default_sigma), folder)]
-  sigmas, images, paths, size = [], [], [], None
+  read = []                                   # (sigma, file, images [n, N, N])
   for sigma, path in groups:
-    arrays, names = [], []
     for f, result, err in tiff_io.scan_files([path], read_images, desc=f"sigma {sigma:g}",
                                              log=log, suffixes=IMAGE_SUFFIXES):
-      if err is not None:
+      if err is None:
+        read.append((sigma, f, result))
+  # the width most images have (a stray file of another size does not decide)
+  counts = {}
+  for _, _, r in read:
+    counts[r.shape[-1]] = counts.get(r.shape[-1], 0) + len(r)
+  size = max(counts, key=lambda w: counts[w]) if counts else None
+  sigmas, images, paths = [], [], []
+  for sigma, _ in groups:
+    arrays, names = [], []
+    for sg, f, result in read:
+      if sg != sigma:
         continue
-      if size is None:
-        size = result.shape[-1]
       if result.shape[-1] != size:
-        log(f"error: {f}: image is {result.shape[-1]} px wide, the others {size} px; "
+        log(f"error: {f}: image is {result.shape[-1]} px wide, most are {size} px; "
             "skipped", file=sys.stderr)
         continue
       arrays.append(result)
