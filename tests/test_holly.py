@@ -245,6 +245,24 @@ def test_alignment_recovers_similarity_with_reflection():
   assert np.all(align_lib.pose_errors_deg(R_pred, R_true, al) < 0.1)
 
 
+def test_alignment_on_a_dense_reference_searches_a_subset_scores_every_point():
+  from smlm_jax.holly import procedural
+  rng = np.random.default_rng(2)
+  ref = procedural.asymmetric(3000, 0)
+  Q = np.asarray(rotations.random_rotation(jax.random.key(7)), np.float64)
+  idx = rng.choice(3000, 300, replace=False)
+  learned = 0.5 * ref[idx] @ Q.T + [0.3, 0.0, -0.2]
+  fast = align_lib.align(learned, ref, num_starts=8, screen=256, max_reference=400)
+  slow = align_lib.align(learned, ref, num_starts=8, screen=256, max_reference=0)
+  # the known similarity is found (to the sampling of a 300-point cloud), and the
+  # Chamfer is that of the whole reference, as the full search's
+  assert align_lib.angle_deg(fast.Q[None], Q.T[None])[0] < 2.0
+  assert fast.handedness == 1 and fast.scale == pytest.approx(2.0, rel=0.02)
+  assert np.abs(fast.apply(learned) - ref[idx]).max() < 0.05
+  assert fast.chamfer == pytest.approx(align_lib.chamfer(fast.apply(learned), ref), rel=1e-9)
+  assert fast.chamfer == pytest.approx(slow.chamfer, rel=0.01)
+
+
 def test_alignment_screen_finds_the_narrow_basin_of_a_helix():
   # a helix's screw-shifted copies attract ICP from most starts: from the 24 octahedral
   # rotations alone the jittered subset of its own sites stays misaligned; the Chamfer

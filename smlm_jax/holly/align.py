@@ -144,12 +144,30 @@ def screen_chamfer(src, dst, s0: float, Qs, tree_src=None, tree_dst=None,
 
 
 def align(learned, reference, num_starts: int = 24, iters: int = 40,
-          reflection: bool = True, screen: int = 2048, keep: int = 16) -> Alignment:
+          reflection: bool = True, screen: int = 2048, keep: int = 16,
+          max_reference: int = 4096) -> Alignment:
   """Best similarity (+ optional reflection) alignment of ``learned`` onto ``reference``
   (ICP from ``num_starts`` rotations and the ``keep`` best of ``screen`` screened ones
-  per handedness; ``screen=0``: no screen)."""
+  per handedness; ``screen=0``: no screen). A reference of more than ``max_reference``
+  points (0: no limit) is searched on a seeded subset of that many, then the best
+  alignment is refined by ICP on every point and scored on every point (a 40k-point
+  reference: ~10x faster; the Chamfer is always that of the whole reference)."""
+  full = np.asarray(reference, np.float64)
+  if max_reference and len(full) > max_reference:
+    sub = full[np.sort(np.random.default_rng(0).choice(len(full), int(max_reference),
+                                                       replace=False))]
+    a = align(learned, sub, num_starts, iters, reflection, screen, keep, 0)
+    src = np.asarray(learned, np.float64)
+    tree = cKDTree(full)
+    diag = float(np.linalg.norm(full.max(0) - full.min(0)))
+    cd0 = chamfer(a.apply(src), full, tree_b=tree)
+    s, Q, t = icp(src, full, a.scale, a.Q, a.t, a.handedness, iters, tree)
+    cd = chamfer(s * src @ Q.T + t, full, tree_b=tree)
+    if not cd < cd0:                  # keep the subset's alignment if ICP did not help
+      s, Q, t, cd = a.scale, a.Q, a.t, cd0
+    return Alignment(s, Q, t, cd, cd / diag, a.handedness)
   src = np.asarray(learned, np.float64)
-  dst = np.asarray(reference, np.float64)
+  dst = full
   tree_dst = cKDTree(dst)
   tree_src = cKDTree(src)
   diag = float(np.linalg.norm(dst.max(0) - dst.min(0)))
