@@ -604,7 +604,7 @@ def test_predict_round_trip_and_bad_input(tiny_run, tmp_path, capsys):
                      plots=True)
   err = capsys.readouterr().err
   assert code == 1
-  assert err.count("error:") == 2 and "single 2D frame" in err
+  assert err.count("error:") == 2 and "single 2D frame" in err and "line-scan" in err
   classes = tiff_io.read_image(os.path.join(out, "cell_classes.tif"))
   assert classes.data.shape == movie.shape and classes.data.max() <= 3
   assert classes.pixel_size_nm == pytest.approx(200.0)

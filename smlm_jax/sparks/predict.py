@@ -83,7 +83,8 @@ def read_movie(path: str, camera_offset_adu: float | None = None) -> tiff_io.Ima
   data = image.data
   if data.ndim == 2:
     raise tiff_io.MovieError(f"{path}: a single 2D frame {data.shape}; expected a movie "
-                             "[T, H, W]", "single_frame")
+                             "[T, H, W] (line-scan x-t images are not supported: the "
+                             "network was trained on 2D frames over time)", "single_frame")
   if data.ndim != 3:
     raise tiff_io.MovieError(f"{path}: {data.ndim}D data of shape {data.shape} (axes "
                              f"{image.axes}); expected one channel, frames x height x width",
