@@ -181,6 +181,45 @@ def test_obj_ply_round_trip_and_binary_ply(tmp_path):
   assert np.max(np.linalg.norm(n, axis=1)) == pytest.approx(1.0)
 
 
+def test_stl_binary_and_ascii_and_off_read_as_the_same_mesh(tmp_path):
+  import struct
+  # a unit cube: 8 corners, 12 triangles
+  v = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 2.5)], np.float64)
+  quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+  tris = np.array([t for a, b, c, d in quads for t in ((a, b, c), (a, c, d))])
+  binary = tmp_path / "cube.stl"
+  with open(binary, "wb") as f:
+    f.write(b"binary header".ljust(80, b" ") + struct.pack("<I", len(tris)))
+    for t in tris:
+      f.write(struct.pack("<3f", 0, 0, 0) + v[t].astype("<f4").tobytes() + b"\0\0")
+  ascii_ = tmp_path / "cube_ascii.stl"
+  ascii_.write_text("solid cube\n" + "".join(
+      "facet normal 0 0 0\n outer loop\n"
+      + "".join(f"  vertex {x:g} {y:g} {z:g}\n" for x, y, z in v[t])
+      + " endloop\nendfacet\n" for t in tris) + "endsolid cube\n")
+  off = tmp_path / "cube.off"
+  off.write_text("OFF\n# a comment\n8 6 0\n" + "".join(f"{x:g} {y:g} {z:g}\n" for x, y, z in v)
+                 + "".join(f"4 {a} {b} {c} {d}\n" for a, b, c, d in quads))
+  for path in (binary, ascii_, off):
+    sh = shapes.read_shape(str(path))
+    assert sh.vertices.shape == (8, 3), path
+    assert {tuple(r) for r in sh.vertices} == {tuple(r) for r in v}
+    # every face's corners are the cube's: 12 triangles (OFF's quads fan-split: 6 x 4)
+    corners = {frozenset(map(tuple, v[t])) for t in tris}
+    got = {frozenset(map(tuple, sh.vertices[f])) for f in sh.faces}
+    assert got == corners if sh.faces.shape[1] == 3 else len(sh.faces) == 6
+  assert len(shapes.load_normalized(str(binary))) == 8
+  # truncated / foreign files: one-line errors
+  (tmp_path / "short.stl").write_bytes(binary.read_bytes()[:-7])
+  (tmp_path / "short.off").write_text("OFF\n8 6 0\n0 0 0\n")
+  (tmp_path / "color.off").write_text("COFF\n1 0 0\n0 0 0 1 1 1 1\n")
+  for name, words in (("short.stl", "not an STL"), ("short.off", "corrupt"),
+                      ("color.off", "COFF")):
+    with pytest.raises(shapes.ShapeError, match=words) as e:
+      shapes.read_shape(str(tmp_path / name))
+    assert "\n" not in str(e.value)
+
+
 def test_real_shapes_vertex_counts():
   if not os.path.isdir(SHARED):
     pytest.skip("../shared/real-data not found")

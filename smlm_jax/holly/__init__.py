@@ -1,6 +1,6 @@
 """HOLLy in JAX: 3D structure as a point cloud learned from 2D (SMLM) projections.
 
-Modules: ``shapes`` (.obj/.ply in and out, normalized units), ``rotations`` (uniform
+Modules: ``shapes`` (.obj/.ply/.stl/.off in, .obj/.ply out, normalized units), ``rotations`` (uniform
 SO(3) sampling, quaternions, the 6D representation), ``render`` (differentiable
 Gaussian-splat renderer and the image simulators), ``models`` (the pose CNN),
 ``images`` (FITS/TIFF folders), ``align`` (similarity alignment incl. reflection,

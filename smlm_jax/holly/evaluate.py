@@ -289,7 +289,7 @@ def _define_flags():
   """Flags exist only when run as a command (importing this module defines none)."""
   flags.DEFINE_string("workdir", None, "Training run folder (its latest checkpoint).")
   flags.DEFINE_string("learned", None, "Or: a learned cloud .ply/.obj to score.")
-  flags.DEFINE_string("reference", None, "Reference shape (.obj/.ply).")
+  flags.DEFINE_string("reference", None, "Reference shape (.obj/.ply/.stl/.off).")
   flags.DEFINE_string("output", None, "Output folder (default WORKDIR/eval).")
   flags.DEFINE_integer("num_images", 256, "Simulated images for the pose error (0: skip).")
   flags.DEFINE_integer("seed", 777, "Seed of those images (differs from validation).")

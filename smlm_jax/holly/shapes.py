@@ -1,10 +1,12 @@
-"""Point clouds in and out: Wavefront .obj and Stanford .ply, normalized units.
+"""Point clouds in and out: Wavefront .obj, Stanford .ply, .stl and .off; normalized units.
 
 Reading: ``read_shape(path) -> Shape(vertices [V, 3] float64, faces [F, k] int | None)``
 for ``.obj`` (``v x y z`` lines; ``f`` lines with ``i``, ``i/t``, ``i/t/n`` or ``i//n``
 indices, 1-based or negative/relative) and ``.ply`` (ASCII, binary little- and
 big-endian; the ``vertex`` element's ``x y z`` properties and the ``face`` element's
-index list). Anything unusable raises :class:`ShapeError` with a one-line message.
+index list), ``.stl`` (binary or ASCII; the distinct triangle corners are the vertices)
+and ``.off`` (plain OFF). Anything unusable raises :class:`ShapeError` with a one-line
+message.
 
 Normalized units (the units of every learned cloud and of the renderer): a shape is
 centred on the midpoint of its axis-aligned bounding box and scaled so that its
@@ -38,19 +40,24 @@ class Shape:
 
 
 def read_shape(path: str) -> Shape:
-  """Vertices (and faces) of a .obj or .ply file; ShapeError when unusable."""
+  """Vertices (and faces) of a .obj, .ply, .stl or .off file; ShapeError when unusable."""
   if not os.path.exists(path):
     raise ShapeError(f"{path}: no such file")
   if os.path.isdir(path):
-    raise ShapeError(f"{path}: is a folder, not a .obj/.ply file")
+    raise ShapeError(f"{path}: is a folder, not a .obj/.ply/.stl/.off file")
   ext = os.path.splitext(path)[1].lower()
   try:
     if ext == ".obj":
       shape = _read_obj(path)
     elif ext == ".ply":
       shape = _read_ply(path)
+    elif ext == ".stl":
+      shape = _read_stl(path)
+    elif ext == ".off":
+      shape = _read_off(path)
     else:
-      raise ShapeError(f"{path}: unknown shape format {ext!r} (use .obj or .ply)")
+      raise ShapeError(f"{path}: unknown shape format {ext!r} (use .obj, .ply, .stl or "
+                       ".off)")
   except ShapeError:
     raise
   except (ValueError, IndexError, UnicodeDecodeError, struct.error) as e:
@@ -91,6 +98,57 @@ def _read_obj(path: str) -> Shape:
         if len(idx) >= 3:
           faces.append(idx)
   v = np.asarray(verts, np.float64).reshape(-1, 3)
+  return Shape(v, _face_array(faces))
+
+
+def _read_stl(path: str) -> Shape:
+  """STL, binary or ASCII: triangles whose corners repeat; the distinct corners are the
+  vertices (exact duplicates merged, in order of first appearance)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  n = int.from_bytes(data[80:84], "little") if len(data) >= 84 else -1
+  if n >= 0 and len(data) == 84 + 50 * n:                    # binary: size matches
+    rec = np.dtype([("normal", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
+    corners = np.frombuffer(data, rec, count=n, offset=84)["v"].reshape(-1, 3)
+  elif data.lstrip()[:5].lower() == b"solid":
+    rows = [line.split()[1:4] for line in data.decode("ascii").splitlines()
+            if line.strip().lower().startswith("vertex")]
+    if any(len(r) != 3 for r in rows):
+      raise ShapeError(f"{path}: STL vertex line needs 3 coordinates")
+    corners = np.asarray(rows, np.float64).reshape(-1, 3)
+    if len(corners) % 3:
+      raise ShapeError(f"{path}: STL has {len(corners)} corners, not whole triangles")
+  else:
+    raise ShapeError(f"{path}: not an STL file (binary size does not match its "
+                     "triangle count, and no ASCII 'solid')")
+  v, first, inverse = np.unique(np.asarray(corners, np.float64), axis=0,
+                                return_index=True, return_inverse=True)
+  order = np.argsort(first)                  # vertices in order of first appearance
+  rank = np.empty_like(order)
+  rank[order] = np.arange(len(order))
+  faces = rank[np.asarray(inverse).reshape(-1)].reshape(-1, 3)
+  return Shape(v[order], faces if len(faces) else None)
+
+
+def _read_off(path: str) -> Shape:
+  """OFF (Princeton shape benchmark): 'OFF', 'V F E', V vertex lines, F faces 'k i..'."""
+  with open(path, encoding="utf-8", errors="strict") as f:
+    tokens = [t for line in f for t in line.split("#")[0].split()]
+  if not tokens or not tokens[0].upper().endswith("OFF"):
+    raise ShapeError(f"{path}: not an OFF file (no 'OFF' magic)")
+  head = tokens[0][:-3] if len(tokens[0]) > 3 else ""
+  pos = 1
+  if head:                                    # 'COFF', 'NOFF', ... : extra columns
+    raise ShapeError(f"{path}: OFF variant {tokens[0]!r} not supported (plain OFF only)")
+  nv, nf = int(tokens[pos]), int(tokens[pos + 1])
+  pos += 3
+  v = np.asarray(tokens[pos:pos + 3 * nv], np.float64).reshape(nv, 3)
+  pos += 3 * nv
+  faces = []
+  for _ in range(nf):
+    k = int(tokens[pos])
+    faces.append([int(t) for t in tokens[pos + 1:pos + 1 + k]])
+    pos += 1 + k
   return Shape(v, _face_array(faces))
 
 

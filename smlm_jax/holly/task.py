@@ -140,7 +140,7 @@ class HollyTask(Task):
       self.size = self.image_set.size
     else:
       if not data.get("obj", ""):
-        raise ValueError("give --config.data.obj=FILE (.obj/.ply to simulate images from) "
+        raise ValueError("give --config.data.obj=FILE (.obj/.ply/.stl/.off to simulate images from) "
                          "or --config.data.images=DIR (FITS/TIFF images)")
       try:
         self.sites = shapes.load_normalized(data.obj, int(data.get("max_sites", 0)))
