@@ -136,12 +136,10 @@ def _read_off(path: str) -> Shape:
     tokens = [t for line in f for t in line.split("#")[0].split()]
   if not tokens or not tokens[0].upper().endswith("OFF"):
     raise ShapeError(f"{path}: not an OFF file (no 'OFF' magic)")
-  head = tokens[0][:-3] if len(tokens[0]) > 3 else ""
-  pos = 1
-  if head:                                    # 'COFF', 'NOFF', ... : extra columns
+  if tokens[0].upper() != "OFF":               # 'COFF', 'NOFF', ...: extra columns
     raise ShapeError(f"{path}: OFF variant {tokens[0]!r} not supported (plain OFF only)")
-  nv, nf = int(tokens[pos]), int(tokens[pos + 1])
-  pos += 3
+  nv, nf = int(tokens[1]), int(tokens[2])
+  pos = 4
   v = np.asarray(tokens[pos:pos + 3 * nv], np.float64).reshape(nv, 3)
   pos += 3 * nv
   faces = []

@@ -140,8 +140,8 @@ class HollyTask(Task):
       self.size = self.image_set.size
     else:
       if not data.get("obj", ""):
-        raise ValueError("give --config.data.obj=FILE (.obj/.ply/.stl/.off to simulate images from) "
-                         "or --config.data.images=DIR (FITS/TIFF images)")
+        raise ValueError("give --config.data.obj=FILE (.obj/.ply/.stl/.off to simulate "
+                         "images from) or --config.data.images=DIR (FITS/TIFF images)")
       try:
         self.sites = shapes.load_normalized(data.obj, int(data.get("max_sites", 0)))
         total = len(shapes.read_shape(data.obj).vertices)
