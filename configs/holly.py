@@ -155,6 +155,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.restarts = ml_collections.ConfigDict()
   config.restarts.num = 3
   config.restarts.fraction = 0.4
+  # optionally also vary one config field between the starts (one value per start),
+  # e.g. vary="search.sigma_coarse_px", values=(1.5, 1.5, 0.75); the run continues with
+  # the chosen start's value. Off ("") by default (README: the finer search blur).
+  config.restarts.vary = ""
+  config.restarts.values = ()
 
   config.convergence = ml_collections.ConfigDict()   # end-of-training report (diagnose.py)
   # 0.1 (was 0.2, set on suzanne): learned shapes <= 0.065 (teapot), failures 0.142

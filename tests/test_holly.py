@@ -439,6 +439,34 @@ def test_restarts_continue_the_start_with_the_lowest_residual(tmp_path):
   assert json.load(open(os.path.join(workdir, trainer.RESTARTS_FILE))) == rec
 
 
+def test_restarts_can_vary_a_field_and_continue_with_the_chosen_value(tmp_path):
+  from smlm_jax.core import trainer
+  cfg = _tiny(tmp_path)
+  cfg.num_train_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 4, 4, 2
+  cfg.restarts.num, cfg.restarts.fraction = 2, 0.5
+  cfg.restarts.vary, cfg.restarts.values = "search.sigma_coarse_px", (3.0, 0.5)
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(cfg, workdir)
+  rec = json.load(open(os.path.join(workdir, trainer.RESTARTS_FILE)))
+  assert [r["value"] for r in rec["starts"]] == [3.0, 0.5]
+  for r in rec["starts"]:             # each start trained with its own value
+    sub = json.load(open(os.path.join(r["folder"], "config.json")))
+    assert sub["search"]["sigma_coarse_px"] == r["value"] and sub["seed"] == r["seed"]
+  chosen = min(rec["starts"], key=lambda r: r["score"])
+  assert rec["vary"] == "search.sigma_coarse_px" and rec["chosen_value"] == chosen["value"]
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["search"]["sigma_coarse_px"] == chosen["value"]
+  assert saved["seed"] == chosen["seed"]
+  trainer.train_and_evaluate(cfg, workdir)          # a rerun resumes the same start
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["search"]["sigma_coarse_px"] == chosen["value"]
+  for vary, values, words in (("search.sigma_coarse_px", (1.0,), "one value per start"),
+                              ("search.nope", (1.0, 2.0), "no such field")):
+    cfg.restarts.vary, cfg.restarts.values = vary, values
+    with pytest.raises(ValueError, match=words):
+      trainer.train_and_evaluate(cfg, str(tmp_path / vary))
+
+
 def test_train_two_steps_writes_shapes_and_evaluate_scores(tmp_path):
   from smlm_jax.core import trainer
   from smlm_jax.holly import evaluate

@@ -15,7 +15,10 @@ Sections of :func:`train_and_evaluate` (big_vision style):
   restarts    optional (``config.restarts.num`` > 1, tasks with a ``restart_score``):
               several starts (seeds seed, seed+1, ...) train the first
               ``restarts.fraction`` of the steps in WORKDIR/restarts/seed_<s>; the one
-              with the lowest label-free score continues in WORKDIR (restarts.json)
+              with the lowest label-free score continues in WORKDIR (restarts.json);
+              ``restarts.vary`` (a dotted field) with ``restarts.values`` (one per
+              start) also varies that field between the starts, and the run continues
+              with the chosen start's value
 
 Several processes (``jax.distributed``, see :mod:`smlm_jax.core.distributed`): the
 mesh spans every process's devices; each process simulates (or, for host-fed tasks,
@@ -360,7 +363,10 @@ def _restarts(config, workdir, task):
   path = os.path.join(workdir, RESTARTS_FILE)
   if os.path.exists(path):                         # chosen earlier: resume that start
     with open(path) as f:
-      config.seed = int(json.load(f)["chosen_seed"])
+      rec = json.load(f)
+    config.seed = int(rec["chosen_seed"])
+    if rec.get("vary"):
+      _set_field(config, rec["vary"], rec["chosen_value"])
     return
   num = int(r.get("num", 1)) if r is not None else 1
   if num <= 1 or os.path.isdir(checkpoint_dir(workdir)):
@@ -369,13 +375,24 @@ def _restarts(config, workdir, task):
   if not 1 <= stop < int(config.num_train_steps):
     raise ValueError(f"config.restarts.fraction={r.fraction} gives {stop} of "
                      f"{config.num_train_steps} steps; use a fraction in (0, 1)")
+  vary = str(r.get("vary", "") or "")
+  values = list(r.get("values", ()) or ())
+  if vary and len(values) != num:
+    raise ValueError(f"config.restarts.vary={vary!r} needs one value per start: "
+                     f"restarts.values has {len(values)}, restarts.num is {num}")
+  if vary:
+    _get_field(config, vary)                       # the field must exist
   base, rows = int(config.seed), []
   for k in range(num):
     sub_cfg = ml_collections.ConfigDict(config.to_dict())
     sub_cfg.seed, sub_cfg.restarts.num = base + k, 1
+    label = ""
+    if vary:
+      _set_field(sub_cfg, vary, values[k])
+      label = f", {vary}={values[k]}"
     sub = os.path.join(workdir, "restarts", f"seed_{base + k}")
     if jax.process_index() == 0:
-      print(f"restart {k + 1} of {num}: seed {base + k}, steps 1-{stop} in {sub}",
+      print(f"restart {k + 1} of {num}: seed {base + k}{label}, steps 1-{stop} in {sub}",
             flush=True)
     t0 = time.time()
     sub_task = None if task is None else type(task)(sub_cfg)
@@ -384,13 +401,15 @@ def _restarts(config, workdir, task):
       raise ValueError(f"config.restarts.num={num}: task {config.get('task')!r} cannot "
                        "rank starts (no restart_score); set config.restarts.num=1")
     rows.append({"seed": base + k, "score": float(out["restart_score"]),
-                 "seconds": round(time.time() - t0, 2), "folder": sub})
+                 "seconds": round(time.time() - t0, 2), "folder": sub,
+                 **({"value": values[k]} if vary else {})})
   best = min(rows, key=lambda row: row["score"])
   if jax.process_index() == 0:
     shutil.copytree(os.path.join(checkpoint_dir(best["folder"]), str(stop)),
                     os.path.join(checkpoint_dir(workdir), str(stop)))
     record = {"chosen_seed": best["seed"], "steps": stop, "starts": rows,
-              "seconds": round(sum(row["seconds"] for row in rows), 2)}
+              "seconds": round(sum(row["seconds"] for row in rows), 2),
+              **({"vary": vary, "chosen_value": best["value"]} if vary else {})}
     cli.atomic_write_text(path, json.dumps(record, indent=1))
     for row in rows:
       print(f"  seed {row['seed']}: score {row['score']:.4g}"
@@ -398,6 +417,28 @@ def _restarts(config, workdir, task):
   if jax.process_count() > 1:
     distributed.barrier("restarts_chosen")
   config.seed = best["seed"]
+  if vary:
+    _set_field(config, vary, best["value"])
+
+
+def _get_field(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      raise ValueError(f"config.restarts.vary={dotted!r}: the config has no such field")
+    node = node[part]
+  return node
+
+
+def _set_field(config, dotted: str, value):
+  """Sets a dotted config field (which must exist) to ``value``, cast to the field's
+  type for numbers."""
+  *parents, leaf = dotted.split(".")
+  node = _get_field(config, ".".join(parents)) if parents else config
+  old = _get_field(config, dotted)
+  if isinstance(old, (int, float)) and not isinstance(old, bool):
+    value = type(old)(value)
+  node[leaf] = value
 
 
 @contextlib.contextmanager
