@@ -271,11 +271,18 @@ def load_normalized(path: str, max_sites: int = 0, seed: int = 0) -> np.ndarray:
   """Vertices of a shape file in normalized units (float32 [V, 3]); with ``max_sites``
   > 0 and more vertices than that, a seeded uniform subset of ``max_sites`` of them (in
   file order; normalized on all of them, so the units do not depend on the subset)."""
-  v = normalize(read_shape(path).vertices)[0].astype(np.float32)
-  if max_sites > 0 and len(v) > max_sites:
-    keep = np.sort(np.random.default_rng(seed).choice(len(v), int(max_sites), replace=False))
-    v = v[keep]
-  return v
+  return subsample(normalize(read_shape(path).vertices)[0].astype(np.float32),
+                   max_sites, seed)
+
+
+def subsample(points, max_sites: int = 0, seed: int = 0) -> np.ndarray:
+  """``points`` [V, 3], or a seeded uniform subset of ``max_sites`` of them (in their
+  order) when there are more and ``max_sites`` > 0."""
+  if max_sites > 0 and len(points) > max_sites:
+    keep = np.sort(np.random.default_rng(seed).choice(len(points), int(max_sites),
+                                                      replace=False))
+    points = points[keep]
+  return points
 
 
 def bbox_diagonal(vertices) -> float:

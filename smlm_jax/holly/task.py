@@ -143,10 +143,11 @@ class HollyTask(Task):
         raise ValueError("give --config.data.obj=FILE (.obj/.ply/.stl/.off to simulate "
                          "images from) or --config.data.images=DIR (FITS/TIFF images)")
       try:
-        self.sites = shapes.load_normalized(data.obj, int(data.get("max_sites", 0)))
-        total = len(shapes.read_shape(data.obj).vertices)
+        every = shapes.load_normalized(data.obj)
       except shapes.ShapeError as e:
         raise ValueError(str(e)) from None
+      total = len(every)
+      self.sites = shapes.subsample(every, int(data.get("max_sites", 0)))
       if total > len(self.sites):
         print(f"holly: {data.obj} has {total} vertices; simulating from a fixed random "
               f"{len(self.sites)} of them (config.data.max_sites; 0 = all)")
