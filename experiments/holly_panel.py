@@ -149,7 +149,8 @@ def run_shape(name: str, args) -> dict:
   if os.path.exists(rpath):     # best of several starts: which one continued
     rec = json.load(open(rpath))
     row["search"] += (f"; start seed {rec['chosen_seed']} of "
-                      f"{','.join(str(r['seed']) for r in rec['starts'])} at step {rec['steps']}")
+                      f"{','.join(str(r['seed']) for r in rec['starts'])} at step {rec['steps']}"
+                      + (f" ({rec['vary']}={rec['chosen_value']})" if rec.get("vary") else ""))
   tiny = args.tiny
   m = evaluate.evaluate(workdir, obj, num_images=8 if tiny else args.num_images,
                         seed=777, starts=2 if tiny else 48, gif_frames=24, pictures=not tiny)

@@ -414,13 +414,20 @@ def test_cnn_margin_keeps_the_cnn_pose_unless_the_search_is_clearly_better(tmp_p
 def test_restarts_continue_the_start_with_the_lowest_residual(tmp_path):
   from smlm_jax.core import trainer
   cfg = _tiny(tmp_path)
-  cfg.num_train_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 4, 4, 2
+  cfg.num_train_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 4, 1, 2
   cfg.restarts.num, cfg.restarts.fraction = 2, 0.5
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(cfg, workdir)
   rec = json.load(open(os.path.join(workdir, trainer.RESTARTS_FILE)))
   scores = {r["seed"]: r["score"] for r in rec["starts"]}
   assert sorted(scores) == [0, 1] and rec["steps"] == 2
+
+  def eval_steps(folder):
+    rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    return [r["step"] for r in rows if any(k.startswith("eval/") for k in r)]
+  # a start is evaluated at its last step only; the continuation every eval_every_steps
+  assert all(eval_steps(r["folder"]) == [2] for r in rec["starts"])
+  assert eval_steps(workdir) == [3, 4]
   assert scores[0] != scores[1] and all(0 < v < 2 for v in scores.values())
   assert rec["chosen_seed"] == min(scores, key=scores.get)
   # the run continued from the chosen start's step-2 checkpoint, with its seed

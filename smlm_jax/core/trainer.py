@@ -386,6 +386,9 @@ def _restarts(config, workdir, task):
   for k in range(num):
     sub_cfg = ml_collections.ConfigDict(config.to_dict())
     sub_cfg.seed, sub_cfg.restarts.num = base + k, 1
+    # a start is evaluated once, at its last step (the evaluator does not touch the
+    # training state: same trajectory, ~10 s less per skipped evaluation)
+    sub_cfg.eval_every_steps = stop
     label = ""
     if vary:
       _set_field(sub_cfg, vary, values[k])
