@@ -446,7 +446,7 @@ def test_restarts_continue_the_start_with_the_lowest_residual(tmp_path):
   assert json.load(open(os.path.join(workdir, trainer.RESTARTS_FILE))) == rec
 
 
-def test_restarts_can_vary_a_field_and_continue_with_the_chosen_value(tmp_path):
+def test_restarts_can_vary_a_field_and_continue_with_the_chosen_value(tmp_path, capsys):
   from smlm_jax.core import trainer
   cfg = _tiny(tmp_path)
   cfg.num_train_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 4, 4, 2
@@ -467,6 +467,11 @@ def test_restarts_can_vary_a_field_and_continue_with_the_chosen_value(tmp_path):
   trainer.train_and_evaluate(cfg, workdir)          # a rerun resumes the same start
   saved = json.load(open(os.path.join(workdir, "config.json")))
   assert saved["search"]["sigma_coarse_px"] == chosen["value"]
+  # a field the user set that the starts vary is named, not silently replaced
+  capsys.readouterr()
+  cfg.search.sigma_coarse_px = 2.0
+  trainer.train_and_evaluate(cfg, str(tmp_path / "own"))
+  assert "config.search.sigma_coarse_px=2.0 is replaced per start" in capsys.readouterr().out
   for vary, values, words in (("search.sigma_coarse_px", (1.0,), "one value per start"),
                               ("search.nope", (1.0, 2.0), "no such field")):
     cfg.restarts.vary, cfg.restarts.values = vary, values

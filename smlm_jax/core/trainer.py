@@ -379,9 +379,18 @@ def _restarts(config, workdir, task):
   values = list(r.get("values", ()) or ())
   if vary and len(values) != num:
     raise ValueError(f"config.restarts.vary={vary!r} needs one value per start: "
-                     f"restarts.values has {len(values)}, restarts.num is {num}")
+                     f"restarts.values has {len(values)}, restarts.num is {num}; give "
+                     f"--config.restarts.values={num} values, or --config.restarts.vary='' "
+                     "(every start with the same config)")
   if vary:
-    _get_field(config, vary)                       # the field must exist
+    own = _get_field(config, vary)                 # the field must exist
+    probe = ml_collections.ConfigDict(config.to_dict())
+    _set_field(probe, vary, values[0])
+    if _get_field(probe, vary) != own and jax.process_index() == 0:
+      # the user's own value of the field would otherwise be overridden silently
+      print(f"note: config.{vary}={own!r} is replaced per start by restarts.values "
+            f"{tuple(values)}; --config.restarts.vary='' trains every start with it",
+            flush=True)
   base, rows = int(config.seed), []
   for k in range(num):
     sub_cfg = ml_collections.ConfigDict(config.to_dict())
