@@ -155,8 +155,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 4 starts, the fourth from a hollow cloud (init_shape sphere; was 3 ball starts), by
   # a rule fixed before the panel runs (README, 2026-12-06): a ball-started cloud of a
   # cut-open shell collapses in every seed (step-1200 score 0.070-0.077, Chamfer 0.038),
-  # a hollow one learns it (0.0024; Chamfer 0.0059, CNN 5.4 deg); on the other shapes
-  # the lowest score picks whichever start explains the images best. ~+220 s.
+  # a hollow one learns it (0.0024; Chamfer 0.0059, CNN 5.4 deg). The hollow start won
+  # on 7 of 13 panel shapes, none worse beyond the rule's margins; 12 of 13 meet every
+  # target (was 11). Training ~1090-1180 s alone on 2 cores (was ~860-950).
   config.restarts = ml_collections.ConfigDict()
   config.restarts.num = 4
   config.restarts.fraction = 0.4
