@@ -384,9 +384,7 @@ def _restarts(config, workdir, task):
                      "(every start with the same config)")
   if vary:
     own = _get_field(config, vary)                 # the field must exist
-    probe = ml_collections.ConfigDict(config.to_dict())
-    _set_field(probe, vary, values[0])
-    if _get_field(probe, vary) != own and jax.process_index() == 0:
+    if _as_type_of(own, values[0]) != own and jax.process_index() == 0:
       # the user's own value of the field would otherwise be overridden silently
       print(f"note: config.{vary}={own!r} is replaced per start by restarts.values "
             f"{tuple(values)}; --config.restarts.vary='' trains every start with it",
@@ -447,10 +445,14 @@ def _set_field(config, dotted: str, value):
   type for numbers."""
   *parents, leaf = dotted.split(".")
   node = _get_field(config, ".".join(parents)) if parents else config
-  old = _get_field(config, dotted)
+  node[leaf] = _as_type_of(_get_field(config, dotted), value)
+
+
+def _as_type_of(old, value):
+  """``value`` cast to the type of a config field's value ``old`` for numbers."""
   if isinstance(old, (int, float)) and not isinstance(old, bool):
-    value = type(old)(value)
-  node[leaf] = value
+    return type(old)(value)
+  return value
 
 
 @contextlib.contextmanager
