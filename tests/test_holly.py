@@ -473,10 +473,36 @@ def test_restarts_can_vary_a_field_and_continue_with_the_chosen_value(tmp_path, 
   trainer.train_and_evaluate(cfg, str(tmp_path / "own"))
   assert "config.search.sigma_coarse_px=2.0 is replaced per start" in capsys.readouterr().out
   for vary, values, words in (("search.sigma_coarse_px", (1.0,), "one value per start"),
-                              ("search.nope", (1.0, 2.0), "no such field")):
+                              ("search.nope", (1.0, 2.0), "no such field"),
+                              ("init_shape,search.sigma_coarse_px", ("ball,1", "ball"),
+                               "needs 2 values"),
+                              ("init_shape,search.sigma_coarse_px", ("ball,1", "ball,x"),
+                               "sigma_coarse_px expected a number")):
     cfg.restarts.vary, cfg.restarts.values = vary, values
     with pytest.raises(ValueError, match=words):
       trainer.train_and_evaluate(cfg, str(tmp_path / vary))
+
+
+def test_restarts_can_vary_two_fields_per_start(tmp_path):
+  from smlm_jax.core import trainer
+  cfg = _tiny(tmp_path)
+  cfg.num_train_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 2, 2, 1
+  cfg.restarts.num, cfg.restarts.fraction = 2, 0.5
+  cfg.restarts.vary = "init_shape, search.sigma_coarse_px"
+  cfg.restarts.values = ("ball,2.5", "sphere, 0.5")
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(cfg, workdir)
+  rec = json.load(open(os.path.join(workdir, trainer.RESTARTS_FILE)))
+  for r, shape, sigma in zip(rec["starts"], ("ball", "sphere"), (2.5, 0.5)):
+    sub = json.load(open(os.path.join(r["folder"], "config.json")))
+    assert (sub["init_shape"], sub["search"]["sigma_coarse_px"]) == (shape, sigma)
+  chosen = min(rec["starts"], key=lambda r: r["score"])
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  want = {"ball,2.5": ("ball", 2.5), "sphere, 0.5": ("sphere", 0.5)}[chosen["value"]]
+  assert (saved["init_shape"], saved["search"]["sigma_coarse_px"]) == want
+  trainer.train_and_evaluate(cfg, workdir)           # a rerun resumes with both values
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert (saved["init_shape"], saved["search"]["sigma_coarse_px"]) == want
 
 
 def test_train_two_steps_writes_shapes_and_evaluate_scores(tmp_path):

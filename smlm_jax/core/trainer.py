@@ -16,9 +16,10 @@ Sections of :func:`train_and_evaluate` (big_vision style):
               several starts (seeds seed, seed+1, ...) train the first
               ``restarts.fraction`` of the steps in WORKDIR/restarts/seed_<s>; the one
               with the lowest label-free score continues in WORKDIR (restarts.json);
-              ``restarts.vary`` (a dotted field) with ``restarts.values`` (one per
-              start) also varies that field between the starts, and the run continues
-              with the chosen start's value
+              ``restarts.vary`` (a dotted field, or several separated by commas)
+              with ``restarts.values`` (one per start; "v1,v2" for several fields)
+              also varies those fields between the starts, and the run continues
+              with the chosen start's values
 
 Several processes (``jax.distributed``, see :mod:`smlm_jax.core.distributed`): the
 mesh spans every process's devices; each process simulates (or, for host-fed tasks,
@@ -366,7 +367,7 @@ def _restarts(config, workdir, task):
       rec = json.load(f)
     config.seed = int(rec["chosen_seed"])
     if rec.get("vary"):
-      _set_field(config, rec["vary"], rec["chosen_value"])
+      _set_varied(config, rec["vary"], rec["chosen_value"])
     return
   num = int(r.get("num", 1)) if r is not None else 1
   if num <= 1 or os.path.isdir(checkpoint_dir(workdir)):
@@ -383,12 +384,15 @@ def _restarts(config, workdir, task):
                      f"--config.restarts.values={num} values, or --config.restarts.vary='' "
                      "(every start with the same config)")
   if vary:
-    own = _get_field(config, vary)                 # the field must exist
-    if _as_type_of(own, values[0]) != own and jax.process_index() == 0:
-      # the user's own value of the field would otherwise be overridden silently
-      print(f"note: config.{vary}={own!r} is replaced per start by restarts.values "
-            f"{tuple(values)}; --config.restarts.vary='' trains every start with it",
-            flush=True)
+    for k in range(num):                           # the fields must exist, values parse
+      _varied_items(config, vary, values[k])
+    for dotted, first in _varied_items(config, vary, values[0]):
+      own = _get_field(config, dotted)
+      if first != own and jax.process_index() == 0:
+        # the user's own value of the field would otherwise be overridden silently
+        print(f"note: config.{dotted}={own!r} is replaced per start by restarts.values "
+              f"{tuple(values)}; --config.restarts.vary='' trains every start with it",
+              flush=True)
   base, rows = int(config.seed), []
   for k in range(num):
     sub_cfg = ml_collections.ConfigDict(config.to_dict())
@@ -398,8 +402,8 @@ def _restarts(config, workdir, task):
     sub_cfg.eval_every_steps = stop
     label = ""
     if vary:
-      _set_field(sub_cfg, vary, values[k])
-      label = f", {vary}={values[k]}"
+      _set_varied(sub_cfg, vary, values[k])
+      label = ", " + ", ".join(f"{f}={v}" for f, v in _varied_items(config, vary, values[k]))
     sub = os.path.join(workdir, "restarts", f"seed_{base + k}")
     if jax.process_index() == 0:
       print(f"restart {k + 1} of {num}: seed {base + k}{label}, steps 1-{stop} in {sub}",
@@ -428,7 +432,34 @@ def _restarts(config, workdir, task):
     distributed.barrier("restarts_chosen")
   config.seed = best["seed"]
   if vary:
-    _set_field(config, vary, best["value"])
+    _set_varied(config, vary, best["value"])
+
+
+def _varied_items(config, vary: str, value) -> list:
+  """[(dotted field, value cast to the field's type)] for one start. ``vary`` is one
+  dotted field, or several separated by commas; then ``value`` holds one value per
+  field: a sequence, or a text with commas ("ball,0.75")."""
+  fields = [f.strip() for f in vary.split(",")]
+  if len(fields) == 1:
+    parts = [value]
+  else:
+    parts = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+  if len(parts) != len(fields):
+    raise ValueError(f"config.restarts.vary={vary!r} varies {len(fields)} fields, so each "
+                     f"of restarts.values needs {len(fields)} values; got {value!r}")
+  items = []
+  for dotted, v in zip(fields, parts):
+    old = _get_field(config, dotted)
+    try:
+      items.append((dotted, _as_type_of(old, v)))
+    except ValueError as e:
+      raise ValueError(f"config.restarts.values: {dotted} {e}") from None
+  return items
+
+
+def _set_varied(config, vary: str, value):
+  for dotted, v in _varied_items(config, vary, value):
+    _set_field(config, dotted, v)
 
 
 def _get_field(config, dotted: str):
@@ -449,9 +480,20 @@ def _set_field(config, dotted: str, value):
 
 
 def _as_type_of(old, value):
-  """``value`` cast to the type of a config field's value ``old`` for numbers."""
-  if isinstance(old, (int, float)) and not isinstance(old, bool):
-    return type(old)(value)
+  """``value`` cast to the type of a config field's value ``old`` for numbers and
+  booleans (text such as "0.75" or "false" included)."""
+  if isinstance(old, bool):
+    if isinstance(value, str):
+      if value.strip().lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"expected true or false, got {value!r}")
+      return value.strip().lower() in ("true", "1")
+    return bool(value)
+  if isinstance(old, (int, float)):
+    try:
+      return type(old)(value)
+    except (TypeError, ValueError):
+      raise ValueError(f"expected {'an integer' if isinstance(old, int) else 'a number'}, "
+                       f"got {value!r}") from None
   return value
 
 
