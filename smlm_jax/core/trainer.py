@@ -383,10 +383,10 @@ def _restarts(config, workdir, task):
                      f"restarts.values has {len(values)}, restarts.num is {num}; give "
                      f"--config.restarts.values={num} values, or --config.restarts.vary='' "
                      "(every start with the same config)")
+  # per start, [(field, value cast to its type)]: the fields must exist, values parse
+  plans = [_varied_items(config, vary, v) for v in values] if vary else [[]] * num
   if vary:
-    for k in range(num):                           # the fields must exist, values parse
-      _varied_items(config, vary, values[k])
-    for dotted, first in _varied_items(config, vary, values[0]):
+    for dotted, first in plans[0]:
       own = _get_field(config, dotted)
       if first != own and jax.process_index() == 0:
         # the user's own value of the field would otherwise be overridden silently
@@ -400,10 +400,9 @@ def _restarts(config, workdir, task):
     # a start is evaluated once, at its last step (the evaluator does not touch the
     # training state: same trajectory, ~10 s less per skipped evaluation)
     sub_cfg.eval_every_steps = stop
-    label = ""
-    if vary:
-      _set_varied(sub_cfg, vary, values[k])
-      label = ", " + ", ".join(f"{f}={v}" for f, v in _varied_items(config, vary, values[k]))
+    for dotted, v in plans[k]:
+      _set_field(sub_cfg, dotted, v)
+    label = "".join(f", {dotted}={v}" for dotted, v in plans[k])
     sub = os.path.join(workdir, "restarts", f"seed_{base + k}")
     if jax.process_index() == 0:
       print(f"restart {k + 1} of {num}: seed {base + k}{label}, steps 1-{stop} in {sub}",
@@ -473,7 +472,7 @@ def _get_field(config, dotted: str):
 
 def _set_field(config, dotted: str, value):
   """Sets a dotted config field (which must exist) to ``value``, cast to the field's
-  type for numbers."""
+  type for numbers and booleans (:func:`_as_type_of`)."""
   *parents, leaf = dotted.split(".")
   node = _get_field(config, ".".join(parents)) if parents else config
   node[leaf] = _as_type_of(_get_field(config, dotted), value)
