@@ -352,6 +352,10 @@ def get_events_config() -> ml_collections.ConfigDict:
   # event_snr, the CSV's peak_over_noise) >= min_snr: off; the default tuning grid does
   # not search it (not yet validated on out-of-simulator movies).
   ev.min_snr = (0.0, 0.0, 0.0)
+  # Let the filter's tuning (tune below) also try a floor on the peak over the noise
+  # (SNR_FLOORS; per class an amplitude OR an SNR floor). Off: see the README's sparks
+  # section (the rule and the measurement that decided it).
+  ev.tune_snr_floor = False
   # Spark / puff regions touching a wave become part of it (extraction step 1b).
   ev.absorb_into_waves = False
   ev.iomin_threshold = 0.5

@@ -5,6 +5,7 @@
       [--finetune_steps=200 (0: zero-shot only)] [--num_test=512] [--real=DIR] \
       [--include_unusable] [--threshold_rule=frame_max|threshold] \
       [--finetune_threshold_on=inner_crop|train_crops] [--tta=choose|on|off]
+      [--temporal=choose|on|off]
       [--variant=tiny (a quick check)]
 
 1. Trains the default config (configs/events.py; with ``--calibration`` the simulator
@@ -40,7 +41,10 @@
    ``--tta=choose`` (default): per fold the maps are either the network's ('raw') or
    their mean over the 8 rotations / reflections ('tta', dihedral test-time
    averaging), chosen together with the threshold on the same validation crops
-   (max F0.1; ties keep raw); ``on`` / ``off`` fix the view.
+   (max F0.1; ties keep raw); ``on`` / ``off`` fix the view. ``--temporal=choose``
+   (default) adds the same two maps averaged over each frame and its two neighbours
+   ('raw_t1', 'tta_t1': a division persists over frames, a spurious maximum need
+   not), chosen the same way (ties: not averaged).
    Every rule and threshold source is also scored on the same predictions and
    printed as diagnostics (study.json ``all_rules``); the reported one is fixed by
    the flags before scoring.
@@ -87,18 +91,32 @@ def load_model(workdir, mesh):
   return config, {"params": params, "batch_stats": stats}, fn
 
 
-VIEWS = ("raw", "tta")
+VIEWS = ("raw", "tta", "raw_t1", "tta_t1")
+TEMPORAL_HALF_WIDTH = 1          # the '_t1' views: each map averaged with its neighbours
+
+
+def views_for(tta: str, temporal: str):
+  """The candidate views of --tta / --temporal ('choose' keeps both), in tie order."""
+  return tuple(v for v in VIEWS
+               if (tta == "choose" or (v.startswith("tta") == (tta == "on")))
+               and (temporal == "choose" or (v.endswith("_t1") == (temporal == "on"))))
 
 
 def predict_views(model_config, state, fn, views, crops_windows, mesh):
   """{view: {event id: [probability maps]}}: 'raw' with ``fn``, 'tta' with the
-  dihedral-averaged predictor of the same model (``model_config``) and parameters."""
+  dihedral-averaged predictor of the same model (``model_config``) and parameters;
+  'raw_t1' / 'tta_t1' those maps averaged over each frame and its neighbours in the
+  crop (metrics.temporal_mean)."""
   out = {}
-  for v in views:
+  for v in ("raw", "tta"):
+    if not any(x.split("_")[0] == v for x in views):
+      continue
     f = fn if v == "raw" else task_lib.make_predict_fn(task_lib.build_model(model_config),
                                                       mesh, tta=True)
     out[v] = {e: list(predict_windows(f, state, w, mesh)) for e, w in crops_windows.items()}
-  return out
+    out[v + "_t1"] = {e: list(metrics.temporal_mean(m, TEMPORAL_HALF_WIDTH))
+                      for e, m in out[v].items()}
+  return {v: out[v] for v in views}
 
 
 def predict_windows(fn, state, windows, mesh, batch_size=8):
@@ -283,7 +301,7 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
   # Zero-shot: the simulation model; per held-out crop the threshold of max F0.1 on
   # the OTHER crops (validation data for a model that never saw real crops). Every
   # rule is scored (the same predictions); --threshold_rule is the one reported.
-  views = VIEWS if f.tta == "choose" else (("tta",) if f.tta == "on" else ("raw",))
+  views = views_for(f.tta, f.temporal)
   windows = {e: per_crop[e][0] for e in ids}
   zero = predict_views(base.model, sim_state, sim_fn, VIEWS, windows, mesh)
   others = {e: [x for x in ids if x != e] for e in ids}
@@ -430,6 +448,10 @@ if __name__ == "__main__":
                     "averaging (the 8 rotations / reflections): 'choose' picks raw or "
                     "averaged maps per fold with the threshold, on that fold's validation "
                     "crops (ties: raw); 'on' / 'off' fix it.")
+  flags.DEFINE_enum("temporal", "choose", ["choose", "on", "off"], "Maps averaged over "
+                    "each frame and its two neighbours ('_t1' views): 'choose' lets each "
+                    "fold pick with the view and threshold on its validation crops (ties: "
+                    "not averaged); 'on' / 'off' fix it.")
   flags.DEFINE_enum("finetune_threshold_on", "inner_crop", ["inner_crop", "train_crops"],
                     "Fine-tuned threshold: max F0.1 on one more crop held out of the "
                     "fine-tune (the next one), or on the fold's training crops (biased "

@@ -240,6 +240,52 @@ def test_predict_max_per_frame_keeps_the_most_probable(tmp_path, monkeypatch):
     assert all(int(r["y_px"]) == 45 for r in rows) == (per_frame == 1)
 
 
+def test_temporal_mean_puts_a_persistent_site_above_a_one_frame_blip(tmp_path, monkeypatch):
+  """metrics.temporal_mean (the study's '_t1' views, predict --temporal): a site at 0.5
+  in every frame beats a 0.9 blip that jumps to another place each frame, which wins
+  every frame's raw maximum; streamed (generator in, generator out) it equals the
+  windowed mean, with fewer frames at the ends."""
+  import csv
+  import types
+  from configs import events
+  from smlm_jax.core import tiff_io
+  from smlm_jax.events import metrics
+  from smlm_jax.events import predict
+  blips = [(5, 5), (5, 50), (50, 5), (50, 50), (30, 5)]
+
+  def maps(n):
+    for t in range(n):
+      p = np.zeros((64, 64), np.float32)
+      p[30, 30] = 0.5
+      p[blips[t]] = 0.9
+      yield p
+  raw = list(maps(5))
+  assert all(np.unravel_index(np.argmax(p), p.shape) != (30, 30) for p in raw)
+  avg = list(metrics.temporal_mean(maps(5), 1))
+  assert len(avg) == 5
+  assert all(np.unravel_index(np.argmax(p), p.shape) == (30, 30) for p in avg)
+  np.testing.assert_allclose(avg[0], (raw[0] + raw[1]) / 2)
+  np.testing.assert_allclose(avg[2], (raw[1] + raw[2] + raw[3]) / 3)
+  np.testing.assert_allclose(avg[4], (raw[3] + raw[4]) / 2)
+  assert [np.array_equal(a, b) for a, b in zip(metrics.temporal_mean(raw, 0), raw)] == [True] * 5
+  with pytest.raises(ValueError):
+    list(metrics.temporal_mean(raw, -1))
+  # predict --temporal=1 --max_per_frame=1: every frame's one detection at the site.
+  cfg = events.get_config("tiny")
+  monkeypatch.setattr(predict, "Predictor", lambda *a: types.SimpleNamespace(
+      config=cfg, n=int(cfg.data.num_frames), probabilities=lambda frames: maps(len(frames))))
+  movie = str(tmp_path / "m.tif")
+  tiff_io.write_image(movie, (100 + np.random.default_rng(0).poisson(5, (5, 64, 64))).astype(
+      np.uint16), "TYX")
+  for temporal, at_site in ((0, 0), (1, 5)):
+    out = str(tmp_path / f"d{temporal}.csv")
+    assert predict.run(str(tmp_path), [movie], out, threshold=0.2, probability_tiffs=False,
+                       max_per_frame=1, temporal=temporal) == 0
+    with open(out) as f:
+      rows = list(csv.DictReader(l for l in f if not l.startswith("#")))
+    assert sum((int(r["y_px"]), int(r["x_px"])) == (30, 30) for r in rows) == at_site
+
+
 def test_branches_start_on_the_previous_tubule():
   import jax
   from configs import events

@@ -477,7 +477,8 @@ def test_snr_floor_is_chosen_when_false_events_sit_in_noisy_regions():
   rec = scorer.add(probs, movie, labels, true_inst, true_cls)
   assert min(rec.snr[1:3]) > 2 * max(rec.snr[3:])
   assert ev_lib.choose_filter(scorer.records)["min_snr"] == (0.0, 0.0, 0.0)   # default grid
-  chosen = ev_lib.choose_filter(scorer.records, floors=ev_lib.FLOOR_GRID + ev_lib.SNR_FLOORS)
+  assert ev_lib.filter_floors(False) == ev_lib.FLOOR_GRID      # config.events.tune_snr_floor
+  chosen = ev_lib.choose_filter(scorer.records, floors=ev_lib.filter_floors(True))
   assert chosen["min_snr"][2] > 0 and chosen["min_amplitude_dff"][2] == 0.0
   assert (chosen["tp"]["puff"], chosen["fp"]["puff"], chosen["fn"]["puff"]) == (2, 0, 0)
   assert chosen["unfiltered_f1"]["puff"] == pytest.approx(2 / 3)

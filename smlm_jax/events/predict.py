@@ -2,7 +2,7 @@
 
   python -m smlm_jax.events.predict --workdir=runs/events_real --input=movies/ \
       --output=detections.csv [--threshold=0.8] [--radius_px=8] [--channel=0] \
-      [--max_per_frame=1] [--tta] [--no_probability_tiffs]
+      [--max_per_frame=1] [--tta] [--temporal=1] [--no_probability_tiffs]
 
 Inputs: TIFF / OME-TIFF movies [T, H, W] (or [T, C, H, W] with --channel) of at least
 the run's window of n frames (``data.num_frames``, 3 by default) and at least
@@ -18,7 +18,10 @@ probabilities (ImageJ TIFF with the movie's pixel size and frame interval). The 
 detection: local maxima of the probability >= the threshold, none within
 ``--radius_px`` of a higher one (non-maximum suppression); with ``--max_per_frame=k``
 only the k most probable of each frame (k = 1: the per-frame-maximum rule of
-``experiments/events_study.py``, whose thresholds on real crops are floors):
+``experiments/events_study.py``, whose thresholds on real crops are floors); with
+``--temporal=K`` each frame's map is first averaged with the maps of the K frames
+before and after it (fewer at the ends; a division persists over frames, a spurious
+maximum need not), and the probability TIFF holds the averaged maps:
 
   file, frame, y_px, x_px, score, flag
 
@@ -130,7 +133,8 @@ def write_probabilities(path: str, probs, shape, pixel_size_nm, frame_interval_s
 
 
 def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
-        batch_size=None, probability_tiffs=True, max_per_frame=0, tta=False) -> int:
+        batch_size=None, probability_tiffs=True, max_per_frame=0, tta=False,
+        temporal=0) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   from smlm_jax.events import metrics as metrics_lib
   from smlm_jax.events import task as task_lib
@@ -148,6 +152,9 @@ def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
   train_px = float(cfg.sim.pixel_size_nm)
   if tta:
     source += "; maps averaged over the 8 rotations / reflections (--tta)"
+  if temporal:
+    source += (f"; each map averaged with {temporal} frame(s) before and after it "
+               "(--temporal)")
   if max_per_frame:
     source += f"; at most {max_per_frame} detection(s) per frame (--max_per_frame)"
   print(f"model from {workdir}: {predictor.n}-frame windows; {source}; NMS radius "
@@ -171,7 +178,7 @@ def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
         found.extend((t, y, x, s) for y, x, s in peaks)
         yield p
 
-    maps = tracked(predictor.probabilities(frames))
+    maps = tracked(metrics_lib.temporal_mean(predictor.probabilities(frames), temporal))
     if prob_path:
       write_probabilities(prob_path, maps, frames.shape, info.pixel_size_nm,
                           info.frame_interval_s)
@@ -212,6 +219,8 @@ def _define_flags():
                        "each frame (0: all above the threshold).")
   flags.DEFINE_bool("tta", False, "Average the probability maps over the 8 rotations / "
                     "reflections of the frames (8x the compute).")
+  flags.DEFINE_integer("temporal", 0, "Average each frame's map with the maps of this "
+                       "many frames before and after it (0: off).")
 
 
 def main(argv):
@@ -225,8 +234,10 @@ def main(argv):
     cli.fail("--channel must be >= 0")
   if f.max_per_frame < 0:
     cli.fail("--max_per_frame must be >= 0 (0: no limit)")
+  if f.temporal < 0:
+    cli.fail("--temporal must be >= 0 (0: off)")
   cli.run_or_fail(run, f.workdir, inputs, f.output, f.threshold, f.radius_px, f.channel,
-                  f.batch_size, f.probability_tiffs, f.max_per_frame, f.tta)
+                  f.batch_size, f.probability_tiffs, f.max_per_frame, f.tta, f.temporal)
 
 
 if __name__ == "__main__":

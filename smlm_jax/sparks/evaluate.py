@@ -75,10 +75,13 @@ def evaluate_simulated(workdir: str, num_movies: int, seed: int, output: str | N
   return metrics
 
 
-def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print) -> dict:
+def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print,
+             snr_floor: bool | None = None) -> dict:
   """Chooses the run's confidence filter on ``num_movies`` simulated validation movies
   (``seed``, default the run's ``eval_seed``; never the test seed) and writes it to
-  WORKDIR/events_filter.json (what training writes after its last validation)."""
+  WORKDIR/events_filter.json (what training writes after its last validation).
+  ``snr_floor``: also try floors on the peak over the noise (None: the run's
+  ``config.events.tune_snr_floor``)."""
   from smlm_jax.core import trainer
   from smlm_jax.sparks import events as events_lib
   mesh = trainer.make_mesh()
@@ -90,7 +93,10 @@ def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print) 
         f"the run's eval_seed {int(config.eval_seed)})")
   data = task.simulate_set(num_movies, seed, mesh)
   probs = task.predict(state, data["x"], mesh)
-  chosen = events_lib.tune_simulated(probs, data, events_lib.spec_from_config(config))
+  if snr_floor is None:
+    snr_floor = bool(config.events.get("tune_snr_floor", False))
+  chosen = events_lib.tune_simulated(probs, data, events_lib.spec_from_config(config),
+                                     snr_floor=snr_floor)
   record = events_lib.save_filter(workdir, chosen, int(state["step"]), seed, num_movies)
   log(f"confidence filter chosen on {num_movies} movies of seed {seed} (step "
       f"{record['step']}): mean probability >= {chosen['min_probability']}, volume >= "
@@ -210,6 +216,9 @@ def _define_flags():
   flags.DEFINE_bool("tune", False, "Instead of scoring: choose the run's confidence filter "
                     "on --num_movies simulated validation movies (--seed, default the "
                     "run's eval_seed) and write WORKDIR/events_filter.json.")
+  flags.DEFINE_enum("snr_floor", "run", ["run", "on", "off"], "With --tune: also try "
+                    "floors on the event's peak over the movie's noise (run: the run's "
+                    "config.events.tune_snr_floor).")
 
 
 def main(argv):
@@ -234,7 +243,8 @@ def main(argv):
         f.workdir, "eval_annotated" if f.movie else "eval"), "output", folder=True)
   try:
     if f.tune:
-      tune_run(f.workdir, f.num_movies, None if f["seed"].using_default_value else f.seed)
+      tune_run(f.workdir, f.num_movies, None if f["seed"].using_default_value else f.seed,
+               snr_floor={"run": None, "on": True, "off": False}[f.snr_floor])
     elif f.movie:
       evaluate_annotated(f.workdir, f.movie, f.labels, f.instances, f.pixel_size_nm,
                          f.frame_interval_s, f.camera_offset_adu, f.output)

@@ -244,7 +244,8 @@ class SparksTask(Task):
     scorer = events_lib.simulated_scorer(probs, data, events_lib.spec_from_config(self.config))
     if not tune:
       return scorer.metrics()
-    chosen = events_lib.choose_filter(scorer.records)
+    chosen = events_lib.choose_filter(scorer.records, floors=events_lib.filter_floors(
+        bool(self.config.events.get("tune_snr_floor", False))))
     metrics = scorer.metrics(chosen)
     metrics["filter"] = chosen
     return metrics

@@ -85,9 +85,16 @@ def choose_filter(records, classes=EVENT_CLASSES, floors=FLOOR_GRID) -> dict:
   return out
 
 
-def tune_simulated(probs, data, spec: EventSpec) -> dict:
+def filter_floors(snr_floor: bool = False) -> tuple:
+  """The (amplitude, SNR) floor pairs :func:`choose_filter` tries: FLOOR_GRID, plus
+  SNR_FLOORS with ``snr_floor`` (``config.events.tune_snr_floor``)."""
+  return FLOOR_GRID + (SNR_FLOORS if snr_floor else ())
+
+
+def tune_simulated(probs, data, spec: EventSpec, snr_floor: bool = False) -> dict:
   """:func:`choose_filter` on a simulated set (``SparksTask.simulate_set``)."""
-  return choose_filter(simulated_scorer(probs, data, spec).records)
+  return choose_filter(simulated_scorer(probs, data, spec).records,
+                       floors=filter_floors(snr_floor))
 
 
 def save_filter(workdir: str, chosen: dict, step: int, seed: int, num_movies: int) -> dict:
