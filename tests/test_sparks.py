@@ -489,6 +489,12 @@ def test_snr_floor_is_chosen_when_false_events_sit_in_noisy_regions():
   _, inst, cls_of, events, _ = ev_lib.extract_events(probs, movie, floor)
   assert sorted(e.x_px < 48 for e in events) == [True, True]
   assert scorer.metrics(dict(chosen))["puff"]["fp"] == 0
+  # A fixed minimum (config.events.min_snr_fixed) holds whatever the grid prefers: so
+  # high that the true puffs go too, it is kept and F1 falls to 0.
+  top = float(np.nanmax(rec.snr))
+  fixed = ev_lib.choose_filter(scorer.records, min_snr_fixed=(0.0, 0.0, top + 1.0))
+  assert fixed["min_snr"] == (0.0, 0.0, top + 1.0) and fixed["tp"]["puff"] == 0
+  assert fixed["unfiltered_f1"]["puff"] == pytest.approx(2 / 3)
 
 
 def test_spark_pieces_touching_a_wave_become_the_wave():

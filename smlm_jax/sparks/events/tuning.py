@@ -50,11 +50,13 @@ def filter_counts(records, cls: int, min_probability: float, min_volume: float,
   return tp, fp, fn
 
 
-def choose_filter(records, classes=EVENT_CLASSES, floors=FLOOR_GRID) -> dict:
+def choose_filter(records, classes=EVENT_CLASSES, floors=FLOOR_GRID,
+                  min_snr_fixed=(0.0, 0.0, 0.0)) -> dict:
   """Per class, the (min_probability, min_volume_um2_ms, min_amplitude_dff, min_snr) of
   the grids with the highest event F1 over the movies' records (:attr:`Scorer.records`;
   ``floors``: the (amplitude, SNR) floor pairs to try, in order; ties: the weakest
-  filter, the earlier floor). Returns
+  filter, the earlier floor; ``min_snr_fixed``: per class a floor on the peak over the
+  noise that every candidate keeps, ``config.events.min_snr_fixed``). Returns
   {'min_probability': (spark, wave, puff), 'min_volume_um2_ms': (...),
   'min_amplitude_dff': (...), 'min_snr': (...), 'f1' / 'precision' / 'recall' / 'tp' /
   'fp' / 'fn': {name: ...}, 'unfiltered_f1'}."""
@@ -63,14 +65,13 @@ def choose_filter(records, classes=EVENT_CLASSES, floors=FLOOR_GRID) -> dict:
   stats = {k: {} for k in ("f1", "precision", "recall", "tp", "fp", "fn", "unfiltered_f1")}
   for c in classes:
     best = None
+    stats["unfiltered_f1"][NAMES[c]] = _f1(filter_counts(records, c, 0.0, 0.0))
     for a, s in floors:
+      s = max(float(s), float(min_snr_fixed[c - 1]))
       for v in VOLUME_GRID_UM2_MS:
         for p in PROBABILITY_GRID:
           tp, fp, fn = filter_counts(records, c, p, v, a, s)
-          f1 = prf(tp, fp, fn)[2]
-          f1 = -1.0 if math.isnan(f1) else f1
-          if best is None:
-            stats["unfiltered_f1"][NAMES[c]] = f1
+          f1 = _f1((tp, fp, fn))
           if best is None or f1 > best[0] + 1e-12:
             best = (f1, (p, v, a, s), tp, fp, fn)
     f1, chosen, tp, fp, fn = best
@@ -85,16 +86,22 @@ def choose_filter(records, classes=EVENT_CLASSES, floors=FLOOR_GRID) -> dict:
   return out
 
 
+def _f1(counts) -> float:
+  f1 = prf(*counts)[2]
+  return -1.0 if math.isnan(f1) else f1
+
+
 def filter_floors(snr_floor: bool = False) -> tuple:
   """The (amplitude, SNR) floor pairs :func:`choose_filter` tries: FLOOR_GRID, plus
   SNR_FLOORS with ``snr_floor`` (``config.events.tune_snr_floor``)."""
   return FLOOR_GRID + (SNR_FLOORS if snr_floor else ())
 
 
-def tune_simulated(probs, data, spec: EventSpec, snr_floor: bool = False) -> dict:
+def tune_simulated(probs, data, spec: EventSpec, snr_floor: bool = False,
+                   min_snr_fixed=(0.0, 0.0, 0.0)) -> dict:
   """:func:`choose_filter` on a simulated set (``SparksTask.simulate_set``)."""
   return choose_filter(simulated_scorer(probs, data, spec).records,
-                       floors=filter_floors(snr_floor))
+                       floors=filter_floors(snr_floor), min_snr_fixed=min_snr_fixed)
 
 
 def save_filter(workdir: str, chosen: dict, step: int, seed: int, num_movies: int) -> dict:
