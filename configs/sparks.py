@@ -355,7 +355,7 @@ def get_events_config() -> ml_collections.ConfigDict:
   # (chosen with the probability / volume / amplitude floors under it). Sparks >= 5
   # noise SDs (the field's detection criteria are in units of the noise, e.g. 3.8 SD
   # in Cheng et al. 1999): chosen 2026-12-06 on the independent simulator (validation:
-  # spark F1 0.577 -> 0.743, 55 of 68 false sparks were faint) with our own
+  # spark F1 0.577 -> 0.743, 62 of 68 false sparks were faint) with our own
   # default-prior validation set unchanged (0.815 -> 0.810); README, sparks section.
   ev.min_snr_fixed = (5.0, 0.0, 0.0)
   # Let the filter's tuning (tune below) also try a floor on the peak over the noise
