@@ -93,11 +93,8 @@ def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print,
         f"the run's eval_seed {int(config.eval_seed)})")
   data = task.simulate_set(num_movies, seed, mesh)
   probs = task.predict(state, data["x"], mesh)
-  if snr_floor is None:
-    snr_floor = bool(config.events.get("tune_snr_floor", False))
-  chosen = events_lib.tune_simulated(
-      probs, data, events_lib.spec_from_config(config), snr_floor=snr_floor,
-      min_snr_fixed=tuple(config.events.get("min_snr_fixed", (0.0, 0.0, 0.0))))
+  chosen = events_lib.tune_simulated(probs, data, events_lib.spec_from_config(config),
+                                     **events_lib.choice_options(config.events, snr_floor))
   record = events_lib.save_filter(workdir, chosen, int(state["step"]), seed, num_movies)
   log(f"confidence filter chosen on {num_movies} movies of seed {seed} (step "
       f"{record['step']}): mean probability >= {chosen['min_probability']}, volume >= "

@@ -244,10 +244,8 @@ class SparksTask(Task):
     scorer = events_lib.simulated_scorer(probs, data, events_lib.spec_from_config(self.config))
     if not tune:
       return scorer.metrics()
-    ev = self.config.events
-    chosen = events_lib.choose_filter(
-        scorer.records, floors=events_lib.filter_floors(bool(ev.get("tune_snr_floor", False))),
-        min_snr_fixed=tuple(ev.get("min_snr_fixed", (0.0, 0.0, 0.0))))
+    chosen = events_lib.choose_filter(scorer.records,
+                                      **events_lib.choice_options(self.config.events))
     metrics = scorer.metrics(chosen)
     metrics["filter"] = chosen
     return metrics

@@ -37,5 +37,6 @@ from smlm_jax.sparks.events.scoring import (AMPLITUDE_BINS, MovieRecord, Scorer,
                                             simulated_scorer, summary_table)
 from smlm_jax.sparks.events.tuning import (AMPLITUDE_GRID_DFF, FILTER_FILE, FLOOR_GRID,
                                            PROBABILITY_GRID, SNR_FLOORS, VOLUME_GRID_UM2_MS,
-                                           choose_filter, filter_counts, filter_floors, load_filter,
-                                           save_filter, tune_simulated, use_run_filter)
+                                           choice_options, choose_filter, filter_counts,
+                                           filter_floors, load_filter, save_filter,
+                                           tune_simulated, use_run_filter)

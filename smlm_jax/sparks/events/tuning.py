@@ -97,11 +97,20 @@ def filter_floors(snr_floor: bool = False) -> tuple:
   return FLOOR_GRID + (SNR_FLOORS if snr_floor else ())
 
 
-def tune_simulated(probs, data, spec: EventSpec, snr_floor: bool = False,
-                   min_snr_fixed=(0.0, 0.0, 0.0)) -> dict:
-  """:func:`choose_filter` on a simulated set (``SparksTask.simulate_set``)."""
-  return choose_filter(simulated_scorer(probs, data, spec).records,
-                       floors=filter_floors(snr_floor), min_snr_fixed=min_snr_fixed)
+def choice_options(events_config, snr_floor: bool | None = None) -> dict:
+  """The keyword arguments of :func:`choose_filter` that a run's ``config.events``
+  sets: the floors to try (``tune_snr_floor``, or ``snr_floor`` when given) and
+  ``min_snr_fixed`` (configs without the keys: the grid as before, no fixed floor)."""
+  if snr_floor is None:
+    snr_floor = bool(events_config.get("tune_snr_floor", False))
+  return {"floors": filter_floors(snr_floor),
+          "min_snr_fixed": tuple(events_config.get("min_snr_fixed", (0.0, 0.0, 0.0)))}
+
+
+def tune_simulated(probs, data, spec: EventSpec, **options) -> dict:
+  """:func:`choose_filter` on a simulated set (``SparksTask.simulate_set``); ``options``
+  as :func:`choice_options` returns them."""
+  return choose_filter(simulated_scorer(probs, data, spec).records, **options)
 
 
 def save_filter(workdir: str, chosen: dict, step: int, seed: int, num_movies: int) -> dict:
