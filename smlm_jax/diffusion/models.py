@@ -350,7 +350,9 @@ def track_log_likelihood(pos_px, var_px2, lnD_px2_per_s, frame_interval_s: float
       piv, z = a, d[:, :, n]
     else:
       off = 2.0 * R * ddt - var[:, :, n]
-      piv, z = a - off * off / piv, d[:, :, n] - off * z / piv
+      # Exact arithmetic keeps the pivot above 2 D dt (1 - 2R) > 0; the floor guards
+      # float32 cancellation next to a lost frame (its huge variance is in a and off).
+      piv, z = jnp.maximum(a - off * off / piv, 1e-6), d[:, :, n] - off * z / piv
     logdet = logdet + jnp.log(piv)
     quad = quad + z * z / piv
   return -0.5 * jnp.sum(logdet + quad, axis=-1)
@@ -438,10 +440,16 @@ class LocFormer(nn.Module):
     whose fit is not valid get INVALID_VAR_PX2 (marginalized out).
     """
     valid, se = fit["valid"], fit["se"]
-    factor = jnp.exp(jnp.asarray(log_var_factor, jnp.float32))
+    # The learned factor is bounded: no frame is less informative than a lost one
+    # (var <= INVALID_VAR_PX2). Unbounded, a frame's factor reached exp(20) at step 743
+    # of the default CPU run (var ~ 1e8 px^2) and float32 cancellation in the LDL
+    # recursion turned the likelihood NaN. The clip keeps exp finite, so the minimum's
+    # unused branch cannot send inf * 0 = NaN into the gradient.
+    factor = jnp.exp(jnp.clip(jnp.asarray(log_var_factor, jnp.float32), -15.0, 15.0))
     factor = jnp.broadcast_to(factor, valid.shape)[..., None]
     se = jnp.where(valid[..., None], se[..., :2], 1.0)   # no inf in the unused branch
-    var = jnp.where(valid[..., None], se ** 2 * factor + 1e-5, INVALID_VAR_PX2)
+    var = jnp.where(valid[..., None],
+                    jnp.minimum(se ** 2 * factor + 1e-5, INVALID_VAR_PX2), INVALID_VAR_PX2)
     grid, cell = self.lnD_grid()
     lnD_px = grid - 2.0 * math.log(self.pixel_size_nm * 1e-3)
     R = self.exposure_s / (6.0 * self.frame_interval_s)
