@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -467,10 +468,19 @@ def test_restarts_can_vary_a_field_and_continue_with_the_chosen_value(tmp_path, 
   trainer.train_and_evaluate(cfg, workdir)          # a rerun resumes the same start
   saved = json.load(open(os.path.join(workdir, "config.json")))
   assert saved["search"]["sigma_coarse_px"] == chosen["value"]
-  # a field the user set that the starts vary is named, not silently replaced
+  # a field the user set that the starts vary is named, not silently replaced (said
+  # before the first start trains: a stand-in for training stops the run there)
   capsys.readouterr()
   cfg.search.sigma_coarse_px = 2.0
-  trainer.train_and_evaluate(cfg, str(tmp_path / "own"))
+
+  class _FirstStart(Exception):
+    pass
+
+  def first_start(*args, **kwargs):
+    raise _FirstStart
+
+  with mock.patch.object(trainer, "_train", first_start), pytest.raises(_FirstStart):
+    trainer.train_and_evaluate(cfg, str(tmp_path / "own"))
   assert "config.search.sigma_coarse_px=2.0 is replaced per start" in capsys.readouterr().out
   for vary, values, words in (("search.sigma_coarse_px", (1.0,), "one value per start"),
                               ("search.nope", (1.0, 2.0), "no such field"),

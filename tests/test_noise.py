@@ -100,9 +100,17 @@ def test_normals_are_standard_and_independent_of_the_counts(lam):
 
 
 def test_camera_output_is_always_finite():
-  """Millions of draws over means 0-60 (both samplers, the residual normal at its clip
-  limits): every ADU value is finite, for both camera models."""
-  lam = jnp.tile(jnp.linspace(0.0, 60.0, 1000), 2000)
+  """The residual uniform of the Poisson inversion stays inside (0, 1) at its extremes
+  (u = 1.0 is reachable: (2**24 - 1 + 0.5) * 2**-24 rounds to 1 in float32; a clip at
+  1 - 2**-25 rounds to 1.0 too, where the read-noise normal is infinite), for every mean
+  of the inversion range; and 400,000 draws over means 0-60 (both samplers) give
+  finite ADU for both camera models."""
+  lam = jnp.linspace(0.0, noise._INVERSION_MAX_LAM - 1e-3, 3000)
+  for u in (0.5 * 2.0 ** -24, 1.0 - 2.0 ** -24, 1.0):
+    _, v = noise._poisson_inversion(jnp.full_like(lam, u), lam)
+    z = np.asarray(jax.scipy.special.ndtri(v))
+    assert np.all(np.isfinite(z)) and np.all((np.asarray(v) > 0) & (np.asarray(v) < 1)), u
+  lam = jnp.tile(jnp.linspace(0.0, 60.0, 1000), 200)
   for cam in (noise.Camera(), noise.Camera(model="emccd", em_gain=100.0, read_noise_e=30.0)):
     adu = np.asarray(jax.jit(lambda k: noise.apply_camera(k, lam, cam))(jax.random.key(2)))
     assert np.all(np.isfinite(adu)), cam.model
