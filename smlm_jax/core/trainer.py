@@ -164,11 +164,20 @@ def make_update_fn(task: Task, tx, schedule):
 
     (loss, (meas, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"])
+    grad_norm = optax.tree.norm(grads)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new_state = {"step": step + 1, "params": params, "batch_stats": stats, "opt": opt}
-    measurements = {"loss": loss, **meas, "grad_norm": optax.tree.norm(grads),
-                    "learning_rate": schedule(step)}
+    # A step whose loss or gradient is not finite leaves parameters, optimizer state
+    # and batch statistics as they were (the data still move on): one bad draw must
+    # not spoil a run. The loop counts such steps and stops when they persist.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {"step": step + 1, "params": keep(params, state["params"]),
+                 "batch_stats": keep(stats, state["batch_stats"]),
+                 "opt": keep(opt, state["opt"])}
+    measurements = {"loss": loss, **meas, "grad_norm": grad_norm,
+                    "learning_rate": schedule(step),
+                    "skipped": 1.0 - finite.astype(jnp.float32)}
     return new_state, measurements
 
   return update
@@ -582,6 +591,9 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
       int(stop_step), int(config.num_train_steps))
   sync = cpu_step_sync(mesh)
   t0, steps_done = time.perf_counter(), 0
+  # non-finite steps (their updates skipped): in all, and in a row up to the last step
+  skips = streak = jnp.zeros((), jnp.float32)
+  skipped, last_log = 0, start           # as of the last log
   bar = (cli.progress(total=config.num_train_steps, desc="train", unit="step") if is_main
          else contextlib.nullcontext(_NoBar()))
   with bar as bar:
@@ -589,6 +601,7 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
     for step in range(start + 1, end + 1):
       host = put_host_batch(task.host_batch(step - 1), mesh)
       state, meas = train_step(state, host)
+      skips, streak = skips + meas["skipped"], (streak + 1.0) * meas["skipped"]
       if sync:
         jax.block_until_ready(state)
       steps_done += 1
@@ -596,22 +609,32 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
       if step % config.log_every_steps == 0 or last:
         meas = jax.device_get(meas)
         loss, grad_norm = float(meas["loss"]), float(meas["grad_norm"])
-        if not math.isfinite(loss):
-          raise TrainingError(
-              f"loss became {loss} at step {step} (grad_norm {grad_norm}); "
-              "lower --config.learning_rate or check the config")
-        if not math.isfinite(grad_norm):
+        total, in_row = (int(round(float(v))) for v in jax.device_get((skips, streak)))
+        new_skips, window = total - skipped, step - last_log
+        skipped, last_log = total, step
+        if in_row >= MAX_SKIPPED_IN_A_ROW or total > max(
+            MAX_SKIPPED_STEPS, MAX_SKIPPED_FRACTION * steps_done):
+          if not math.isfinite(loss) or math.isfinite(grad_norm):
+            raise TrainingError(
+                f"loss became {loss} at step {step} (grad_norm {grad_norm}; {in_row} "
+                f"steps in a row and {total} of the last {steps_done} not finite, their "
+                "updates skipped); lower --config.learning_rate or check the config")
           # A finite loss with a non-finite gradient is a numerical fault (an inf or
           # NaN inside the model or the step's data, even in a masked-out branch of a
-          # where), not a learning rate too high; the update has already spoiled the
-          # parameters, so stop here rather than at the next log.
+          # where), not a learning rate too high.
           raise TrainingError(
               f"the gradient became {grad_norm} at step {step} while the loss was finite "
-              f"({loss:.4g}): a non-finite value inside the model or the step's data, "
-              "not the learning rate; check the task's loss for inf/NaN (e.g. in a "
-              "branch a jnp.where discards)")
+              f"({loss:.4g}; {in_row} steps in a row not finite): a "
+              "non-finite value inside the model or the step's data, not the learning "
+              "rate; check the task's loss for inf/NaN (e.g. in a branch a jnp.where "
+              "discards)")
+        if new_skips and is_main:
+          logging.warning("steps %d-%d: %d step(s) with a non-finite loss or gradient; "
+                          "their updates were skipped (%d so far)", step - window + 1,
+                          step, new_skips, total)
         rate = steps_done / (time.perf_counter() - t0)
-        row = {"step": step, **{k: float(v) for k, v in meas.items()},
+        row = {"step": step, **{k: float(v) for k, v in meas.items() if k != "skipped"},
+               "skipped_steps": total,
                "steps_per_s": rate, "examples_per_s": rate * config.batch_size}
         if writer:
           writer.write(row)
@@ -629,6 +652,14 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
   if not final and evaluator is not None:   # resumed a finished run: evaluate once
     final = evaluator(state)
   return final, state
+
+
+# Steps with a non-finite loss or gradient leave the state as it was. A run stops (at
+# a log step) when the last MAX_SKIPPED_IN_A_ROW steps were such, or more than
+# max(MAX_SKIPPED_STEPS, MAX_SKIPPED_FRACTION x steps) of this session's steps.
+MAX_SKIPPED_IN_A_ROW = 3
+MAX_SKIPPED_STEPS = 10
+MAX_SKIPPED_FRACTION = 0.01
 
 
 class _NoBar:
