@@ -194,13 +194,18 @@ def test_spot_fit_stays_finite_on_a_broken_frame_and_runs_in_full_precision():
       p is not None and all(q == jax.lax.Precision.HIGHEST for q in p) for p in precisions)
 
 
-def test_locformer_gradient_is_finite_with_a_non_finite_fit_in_the_batch():
+def _tiny_model_and_fit(seed):
+  """The tiny config's locformer and its spot fits of two simulated movies."""
   cfg = diffusion.get_config("tiny")
   sim = sim_lib.simulator_from_config(cfg.sim)
   model = models.build_model(cfg.model, **models.physics_context(sim))
-  frames, _ = sim.batch(jax.random.key(0), 2)
+  frames, _ = sim.batch(jax.random.key(seed), 2)
   x, _, _ = normalize.model_input(frames, sim.camera)
-  fit, _, _ = model.spot_features(x)
+  return model, model.spot_features(x)[0]
+
+
+def test_locformer_gradient_is_finite_with_a_non_finite_fit_in_the_batch():
+  model, fit = _tiny_model_and_fit(0)
   fit = dict(fit, se=fit["se"].at[0, 3].set(jnp.inf), valid=fit["valid"].at[0, 3].set(False))
   g = jax.grad(lambda f: model.track_posterior(fit, f)[1].sum())(
       jnp.zeros(fit["valid"].shape))
@@ -213,12 +218,7 @@ def test_track_posterior_stays_finite_when_a_frame_factor_runs_away():
   lost one): at step 743 of the default CPU run one frame's log factor reached 20
   (var ~ 1e8 px^2), float32 cancellation in the LDL recursion gave a negative pivot and
   the loss NaN. With the bound, a runaway factor acts like a lost frame."""
-  cfg = diffusion.get_config("tiny")
-  sim = sim_lib.simulator_from_config(cfg.sim)
-  model = models.build_model(cfg.model, **models.physics_context(sim))
-  frames, _ = sim.batch(jax.random.key(1), 2)
-  x, _, _ = normalize.model_input(frames, sim.camera)
-  fit, _, _ = model.spot_features(x)
+  model, fit = _tiny_model_and_fit(1)
   fit = dict(fit, valid=jnp.ones_like(fit["valid"]))
   g = jnp.zeros(fit["valid"].shape).at[:, 5].set(20.0).at[:, 6].set(100.0)
   ll, m0, v0 = model.track_posterior(fit, g)
