@@ -168,6 +168,17 @@ def test_one_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path):
   assert final["error"] != ok["error"]          # the skipped step did change the path
 
 
+def test_frequent_non_finite_steps_stop_the_run(tmp_path):
+  """Every other step bad (never 3 in a row): the run stops once more than 10 were."""
+  class EveryOther(SimulatedLine):
+    def loss(self, params, batch_stats, batch, step, key):
+      loss, meas, stats = super().loss(params, batch_stats, batch, step, key)
+      return jnp.where(step % 2 == 0, jnp.nan, loss), meas, stats
+  cfg = toy_config(num_train_steps=40, log_every_steps=2)
+  with pytest.raises(trainer.TrainingError, match="11 of the last 22 steps had a non-fin"):
+    trainer.train_and_evaluate(cfg, str(tmp_path / "run"), task=EveryOther(cfg))
+
+
 def test_gradient_accumulation_updates_every_k_steps():
   cfg = toy_config(accumulate_steps=2)
   task = SimulatedLine(cfg)

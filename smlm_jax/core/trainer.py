@@ -614,7 +614,13 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
         skipped, last_log = total, step
         if in_row >= MAX_SKIPPED_IN_A_ROW or total > max(
             MAX_SKIPPED_STEPS, MAX_SKIPPED_FRACTION * steps_done):
-          if not math.isfinite(loss) or math.isfinite(grad_norm):
+          if math.isfinite(loss) and math.isfinite(grad_norm):
+            raise TrainingError(
+                f"{total} of the last {steps_done} steps had a non-finite loss or "
+                f"gradient (their updates skipped; at most max({MAX_SKIPPED_STEPS}, "
+                f"{MAX_SKIPPED_FRACTION:.0%}) are allowed), the last at or before step "
+                f"{step}; lower --config.learning_rate or check the config")
+          if not math.isfinite(loss):
             raise TrainingError(
                 f"loss became {loss} at step {step} (grad_norm {grad_norm}; {in_row} "
                 f"steps in a row and {total} of the last {steps_done} not finite, their "
