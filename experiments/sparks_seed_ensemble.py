@@ -60,14 +60,8 @@ def main(argv):
   scorers = {name: events_lib.Scorer(spec) for name, _, spec in rows}
   for k, (name, mpath, lpath, ipath, m) in enumerate(items):
     image = predict_lib.read_movie(mpath, offset)
-    shape = image.data.shape
-    lab = evaluate_lib._read_volume(lpath, shape, "labels")
-    inst = evaluate_lib._read_volume(ipath, shape, "instances") if ipath else None
-    inst, cls_of = events_lib.annotated_instances(lab, inst)
-    true_amp = np.full(len(cls_of), np.nan)
-    for j, a in sparks_study.event_amplitudes(m).items():
-      if 0 < int(j) < len(true_amp):
-        true_amp[int(j)] = float(a)
+    lab, inst, cls_of, true_amp = evaluate_lib.annotated_truth(
+        lpath, ipath, image.data.shape, sparks_study.event_amplitudes(m))
     probs = []
     for s in segs:
       p, x, _ = s.probabilities(image.data, desc=f"{name} ({k + 1}/{len(items)})")

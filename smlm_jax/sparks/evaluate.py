@@ -122,11 +122,9 @@ def evaluate_annotated(workdir, movies, labels, instances=(), pixel_size_nm=None
   scorer = None
   for i, (mpath, lpath) in enumerate(zip(movies, labels)):
     image = predict_lib.read_movie(mpath, float(seg.camera.offset_adu))
-    lab = _read_volume(lpath, image.data.shape, "labels")
-    if lab.min() < 0 or lab.max() > 4:
-      raise tiff_io.MovieError(f"{lpath}: label values must be 0-4 (0 background, 1 spark, "
-                               f"2 wave, 3 puff, 4 ignore), found {lab.min()}-{lab.max()}",
-                               "bad_labels")
+    lab, inst, cls_of, true_amp = annotated_truth(
+        lpath, instances[i] if i < len(instances) else None, image.data.shape,
+        amplitudes[i] if i < len(amplitudes) else None)
     px_nm, dt_s, missing = tiff_io.resolve_geometry(
         image, pixel_size_nm, frame_interval_s, cfg.sim.pixel_size_um * 1000,
         cfg.sim.frame_interval_ms / 1000)
@@ -136,15 +134,6 @@ def evaluate_annotated(workdir, movies, labels, instances=(), pixel_size_nm=None
     if scorer is None:
       scorer = events_lib.Scorer(spec)
     scorer.spec = spec
-    inst = (_read_volume(instances[i], image.data.shape, "instances")
-            if i < len(instances) else None)
-    inst, cls_of = events_lib.annotated_instances(lab, inst)
-    true_amp = None
-    if i < len(amplitudes) and amplitudes[i]:
-      true_amp = np.full(len(cls_of), np.nan)
-      for j, a in amplitudes[i].items():
-        if 0 < int(j) < len(true_amp):
-          true_amp[int(j)] = float(a)
     probs, x, _ = seg.probabilities(image.data, desc=os.path.basename(mpath))
     scorer.add(probs, x[..., 0], lab, inst, cls_of, true_amp)
   metrics = scorer.metrics()
@@ -152,6 +141,26 @@ def evaluate_annotated(workdir, movies, labels, instances=(), pixel_size_nm=None
   _write(metrics, output or os.path.join(workdir, "eval_annotated"),
          f"{len(movies)} annotated movie(s), step {metrics['step']}", log)
   return metrics
+
+
+def annotated_truth(labels_path, instances_path, shape, amplitudes=None):
+  """(labels, instances, class of each instance, true peak dF/F0 per instance or None)
+  of one annotated movie of ``shape``; ``amplitudes``: {instance id: peak dF/F0}."""
+  from smlm_jax.sparks import events as events_lib
+  lab = _read_volume(labels_path, shape, "labels")
+  if lab.min() < 0 or lab.max() > 4:
+    raise tiff_io.MovieError(f"{labels_path}: label values must be 0-4 (0 background, "
+                             f"1 spark, 2 wave, 3 puff, 4 ignore), found "
+                             f"{lab.min()}-{lab.max()}", "bad_labels")
+  inst = _read_volume(instances_path, shape, "instances") if instances_path else None
+  inst, cls_of = events_lib.annotated_instances(lab, inst)
+  true_amp = None
+  if amplitudes:
+    true_amp = np.full(len(cls_of), np.nan)
+    for j, a in amplitudes.items():
+      if 0 < int(j) < len(true_amp):
+        true_amp[int(j)] = float(a)
+  return lab, inst, cls_of, true_amp
 
 
 def _read_volume(path, shape, what):
