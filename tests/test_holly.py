@@ -412,16 +412,24 @@ def test_cnn_margin_keeps_the_cnn_pose_unless_the_search_is_clearly_better(tmp_p
   assert wins[0.0] >= 4 and wins[1e6] == 0, wins       # an untrained CNN loses unless
 
 
-def test_restarts_continue_the_start_with_the_lowest_residual(tmp_path):
+def test_restarts_continue_the_lowest_residual_start_with_its_own_fields(tmp_path):
+  """Two starts that differ in seed, init_shape and search blur (one run: the three
+  restart tests of before shared nothing but ~130 s of compilation each)."""
   from smlm_jax.core import trainer
   cfg = _tiny(tmp_path)
   cfg.num_train_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 4, 1, 2
   cfg.restarts.num, cfg.restarts.fraction = 2, 0.5
+  cfg.restarts.vary = "init_shape, search.sigma_coarse_px"
+  cfg.restarts.values = ("ball,2.5", "sphere, 0.5")
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(cfg, workdir)
   rec = json.load(open(os.path.join(workdir, trainer.RESTARTS_FILE)))
   scores = {r["seed"]: r["score"] for r in rec["starts"]}
   assert sorted(scores) == [0, 1] and rec["steps"] == 2
+  for r, shape, sigma in zip(rec["starts"], ("ball", "sphere"), (2.5, 0.5)):
+    sub = json.load(open(os.path.join(r["folder"], "config.json")))   # its own fields
+    assert (sub["init_shape"], sub["search"]["sigma_coarse_px"]) == (shape, sigma)
+    assert sub["seed"] == r["seed"]
 
   def eval_steps(folder):
     rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
@@ -431,6 +439,12 @@ def test_restarts_continue_the_start_with_the_lowest_residual(tmp_path):
   assert eval_steps(workdir) == [3, 4]
   assert scores[0] != scores[1] and all(0 < v < 2 for v in scores.values())
   assert rec["chosen_seed"] == min(scores, key=scores.get)
+  chosen = min(rec["starts"], key=lambda r: r["score"])
+  assert rec["vary"] == cfg.restarts.vary and rec["chosen_value"] == chosen["value"]
+  want = {"ball,2.5": ("ball", 2.5), "sphere, 0.5": ("sphere", 0.5)}[chosen["value"]]
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert (saved["init_shape"], saved["search"]["sigma_coarse_px"]) == want
+  assert saved["seed"] == chosen["seed"]
   # the run continued from the chosen start's step-2 checkpoint, with its seed
   _, _, state = trainer.load_run(workdir, step=2)
   for seed in (0, 1):
@@ -440,37 +454,30 @@ def test_restarts_continue_the_start_with_the_lowest_residual(tmp_path):
     assert same == (seed == rec["chosen_seed"]), seed
   config, _, final = trainer.load_run(workdir)
   assert int(final["step"]) == 4 and int(config.seed) == rec["chosen_seed"]
-  # the clock includes both starts; a rerun resumes (no new starts)
+  # the clock includes both starts; a rerun resumes (no new starts) with both values
   secs = json.load(open(os.path.join(workdir, "train_seconds.json")))
   assert secs["4"] > rec["seconds"] > 0
   trainer.train_and_evaluate(cfg, workdir)
   assert json.load(open(os.path.join(workdir, trainer.RESTARTS_FILE))) == rec
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert (saved["init_shape"], saved["search"]["sigma_coarse_px"]) == want
 
 
-def test_restarts_can_vary_a_field_and_continue_with_the_chosen_value(tmp_path, capsys):
+def test_restarts_vary_one_field_or_say_why_not(tmp_path, capsys):
   from smlm_jax.core import trainer
   cfg = _tiny(tmp_path)
+  # one field: each value is cast to the field's type (text too)
+  assert trainer._varied_items(cfg, "search.sigma_coarse_px", "0.75") == [
+      ("search.sigma_coarse_px", 0.75)]
+  probe = holly_config.get_config("tiny")
+  trainer._set_varied(probe, "search.sigma_coarse_px", 3)
+  assert probe.search.sigma_coarse_px == 3.0 and isinstance(probe.search.sigma_coarse_px,
+                                                            float)
   cfg.num_train_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 4, 4, 2
   cfg.restarts.num, cfg.restarts.fraction = 2, 0.5
   cfg.restarts.vary, cfg.restarts.values = "search.sigma_coarse_px", (3.0, 0.5)
-  workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(cfg, workdir)
-  rec = json.load(open(os.path.join(workdir, trainer.RESTARTS_FILE)))
-  assert [r["value"] for r in rec["starts"]] == [3.0, 0.5]
-  for r in rec["starts"]:             # each start trained with its own value
-    sub = json.load(open(os.path.join(r["folder"], "config.json")))
-    assert sub["search"]["sigma_coarse_px"] == r["value"] and sub["seed"] == r["seed"]
-  chosen = min(rec["starts"], key=lambda r: r["score"])
-  assert rec["vary"] == "search.sigma_coarse_px" and rec["chosen_value"] == chosen["value"]
-  saved = json.load(open(os.path.join(workdir, "config.json")))
-  assert saved["search"]["sigma_coarse_px"] == chosen["value"]
-  assert saved["seed"] == chosen["seed"]
-  trainer.train_and_evaluate(cfg, workdir)          # a rerun resumes the same start
-  saved = json.load(open(os.path.join(workdir, "config.json")))
-  assert saved["search"]["sigma_coarse_px"] == chosen["value"]
   # a field the user set that the starts vary is named, not silently replaced (said
   # before the first start trains: a stand-in for training stops the run there)
-  capsys.readouterr()
   cfg.search.sigma_coarse_px = 2.0
 
   class _FirstStart(Exception):
@@ -479,6 +486,7 @@ def test_restarts_can_vary_a_field_and_continue_with_the_chosen_value(tmp_path, 
   def first_start(*args, **kwargs):
     raise _FirstStart
 
+  capsys.readouterr()
   with mock.patch.object(trainer, "_train", first_start), pytest.raises(_FirstStart):
     trainer.train_and_evaluate(cfg, str(tmp_path / "own"))
   assert "config.search.sigma_coarse_px=2.0 is replaced per start" in capsys.readouterr().out
@@ -491,28 +499,6 @@ def test_restarts_can_vary_a_field_and_continue_with_the_chosen_value(tmp_path, 
     cfg.restarts.vary, cfg.restarts.values = vary, values
     with pytest.raises(ValueError, match=words):
       trainer.train_and_evaluate(cfg, str(tmp_path / vary))
-
-
-def test_restarts_can_vary_two_fields_per_start(tmp_path):
-  from smlm_jax.core import trainer
-  cfg = _tiny(tmp_path)
-  cfg.num_train_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 2, 2, 1
-  cfg.restarts.num, cfg.restarts.fraction = 2, 0.5
-  cfg.restarts.vary = "init_shape, search.sigma_coarse_px"
-  cfg.restarts.values = ("ball,2.5", "sphere, 0.5")
-  workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(cfg, workdir)
-  rec = json.load(open(os.path.join(workdir, trainer.RESTARTS_FILE)))
-  for r, shape, sigma in zip(rec["starts"], ("ball", "sphere"), (2.5, 0.5)):
-    sub = json.load(open(os.path.join(r["folder"], "config.json")))
-    assert (sub["init_shape"], sub["search"]["sigma_coarse_px"]) == (shape, sigma)
-  chosen = min(rec["starts"], key=lambda r: r["score"])
-  saved = json.load(open(os.path.join(workdir, "config.json")))
-  want = {"ball,2.5": ("ball", 2.5), "sphere, 0.5": ("sphere", 0.5)}[chosen["value"]]
-  assert (saved["init_shape"], saved["search"]["sigma_coarse_px"]) == want
-  trainer.train_and_evaluate(cfg, workdir)           # a rerun resumes with both values
-  saved = json.load(open(os.path.join(workdir, "config.json")))
-  assert (saved["init_shape"], saved["search"]["sigma_coarse_px"]) == want
 
 
 def test_train_two_steps_writes_shapes_and_evaluate_scores(tmp_path):
