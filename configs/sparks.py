@@ -364,6 +364,9 @@ def get_events_config() -> ml_collections.ConfigDict:
   ev.tune_snr_floor = False
   # Spark / puff regions touching a wave become part of it (extraction step 1b).
   ev.absorb_into_waves = False
+  # Puffs lying (>= this fraction of their voxels) where a wave passed earlier are its
+  # decay and are dropped (extraction step 4b; 0 = off).
+  ev.wave_tail_fraction = 0.0
   ev.iomin_threshold = 0.5
   # Choose min_probability / min_volume_um2_ms per class at each validation (grids in
   # smlm_jax.sparks.events: the F1-optimal pair on the config.eval_seed movies) and save

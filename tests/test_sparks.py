@@ -521,6 +521,32 @@ def test_spark_pieces_touching_a_wave_become_the_wave():
     assert sum(c == sim.WAVE for c in cls_of) == 1
 
 
+def test_puffs_in_a_wave_tail_are_dropped_and_others_kept():
+  """Step 4b (wave_tail_fraction): a puff where the wave passed earlier is its decay and
+  is dropped; a puff at the same pixels BEFORE the wave, or beside it, stays; off, all
+  three stay. A wave below its minimum size does not count."""
+  T, H, W = 80, 16, 64
+  classes = np.zeros((T, H, W), np.uint8)
+  classes[20:40, :, 4:36] = sim.WAVE                # 20.5 um^2, 136 ms: a wave
+  classes[50:70, 5:11, 10:16] = sim.PUFF            # after it, where it was: a tail
+  classes[2:16, 5:11, 20:26] = sim.PUFF             # before it, same pixels: kept
+  classes[50:70, 5:11, 48:54] = sim.PUFF            # beside it: kept
+  probs = np.eye(4, dtype=np.float32)[classes]
+  movie = np.ones((T, H, W), np.float32)
+  for frac, puffs in ((0.0, 3), (0.5, 2), (1.0, 2)):
+    spec = ev_lib.EventSpec(wave_tail_fraction=frac)
+    _, inst, cls_of, _, _ = ev_lib.extract_events(probs, movie, spec)
+    assert sum(c == sim.PUFF for c in cls_of) == puffs, frac
+    if frac:
+      assert np.all(inst[50:70, 5:11, 10:16] == 0)
+      assert np.all(inst[2:16, 5:11, 20:26] > 0) and np.all(inst[50:70, 5:11, 48:54] > 0)
+  small = classes.copy()
+  small[20:40, :, 10:36] = 0                        # 6 x 16 px: below the wave minimum
+  _, _, cls_of, _, _ = ev_lib.extract_events(np.eye(4, dtype=np.float32)[small], movie,
+                                             ev_lib.EventSpec(wave_tail_fraction=0.5))
+  assert sum(c == sim.PUFF for c in cls_of) == 3
+
+
 # ----------------------------------------------------------------------------- training + CLI
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

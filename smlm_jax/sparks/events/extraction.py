@@ -16,6 +16,9 @@ following Dotti et al. 2024 (Cell Calcium 121:102893) and its reference code:
    the intensity term).
 4. Components shorter than ``min_duration_ms`` or with a projected (y, x) area below
    ``min_area_um2`` are dropped (per class).
+   4b. With ``wave_tail_fraction`` f > 0: a puff with at least a fraction f of its
+   voxels at pixels a wave occupied in an earlier frame is dropped (the slow decay
+   of a bright wave, not a new release: local release is refractory after a wave).
 5. Confidence (when the probabilities are given): components whose mean probability
    of their own class is below ``min_probability``, whose volume is below
    ``min_volume_um2_ms`` or whose estimated peak dF/F0 is below ``min_amplitude_dff``
@@ -117,6 +120,20 @@ def _component_passes(cls, mask, spec) -> bool:
   return frames >= spec.min_frames(cls) and area >= spec.min_pixels(cls)
 
 
+def wave_passed(classes, spec: EventSpec):
+  """Boolean [T, H, W]: pixels that a wave (a component passing the wave's minimum
+  duration and area) occupied in an earlier frame (step 4b's test of a wave tail)."""
+  comp, n = ndimage.label(np.asarray(classes) == WAVE, structure=_STRUCT26)
+  wave = np.zeros(comp.shape, bool)
+  for i, sl in enumerate(ndimage.find_objects(comp), start=1):
+    if sl is not None and _component_passes(WAVE, comp[sl] == i, spec):
+      wave[sl] |= comp[sl] == i
+  seen = np.logical_or.accumulate(wave, axis=0)
+  out = np.zeros_like(seen)
+  out[1:] = seen[:-1]
+  return out
+
+
 def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
   """(instances [T, H, W] int32, class of each id [N + 1]) from a class volume.
 
@@ -128,6 +145,7 @@ def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
   classes = np.asarray(classes)
   inst = np.zeros(classes.shape, np.int32)
   cls_of = [0]
+  tail = wave_passed(classes, spec) if spec.wave_tail_fraction > 0 else None
   for c in EVENT_CLASSES:
     mask = classes == c
     comp, n = ndimage.label(mask, structure=_STRUCT26)
@@ -156,6 +174,8 @@ def instances_from_classes(classes, spec: EventSpec, dff=None, probs=None):
           continue
         if not _component_passes(c, m, spec):
           continue
+        if c == PUFF and tail is not None and tail[sl][m].mean() >= spec.wave_tail_fraction:
+          continue                                   # step 4b: a wave's decay
         cls_of.append(c)
         region = inst[sl]
         region[m] = len(cls_of) - 1

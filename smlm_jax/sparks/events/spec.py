@@ -30,6 +30,10 @@ class EventSpec:
   # Step 1b: spark / puff components that touch a wave become part of it (a wave's
   # front breaking into pieces the network calls sparks). Off for runs without it.
   absorb_into_waves: bool = False
+  # Step 4b: a puff component with at least this fraction of its voxels at pixels a
+  # wave occupied in an earlier frame is the wave's decay, not a new release, and is
+  # dropped (0 = off, the default; predictions only).
+  wave_tail_fraction: float = 0.0
   # First / last frames of a movie read as background (step 1): the training labels
   # make them ignore (sim.labels.ignore_frames), so the network's output there is
   # untrained: a retrained default put 120 of its 132 false sparks on 8 movies of the
@@ -61,6 +65,7 @@ def spec_from_config(config, pixel_size_um: float | None = None,
       min_amplitude_dff=tuple(float(v) for v in e.get("min_amplitude_dff", (0.0,) * 3)),
       min_snr=tuple(float(v) for v in e.get("min_snr", (0.0,) * 3)),
       absorb_into_waves=bool(e.get("absorb_into_waves", False)),
+      wave_tail_fraction=float(e.get("wave_tail_fraction", 0.0)),
       edge_frames=int(config.sim.labels.ignore_frames))
 
 
