@@ -5,7 +5,7 @@
       [--finetune_steps=200 (0: zero-shot only)] [--num_test=512] [--real=DIR] \
       [--include_unusable] [--threshold_rule=frame_max|threshold] \
       [--finetune_threshold_on=inner_crop|train_crops] [--tta=choose|on|off]
-      [--temporal=choose|on|off]
+      [--temporal=choose|on|off] [--finetune_seeds=1]
       [--variant=tiny (a quick check)]
 
 1. Trains the default config (configs/events.py; with ``--calibration`` the simulator
@@ -45,6 +45,8 @@
    (default) adds the same two maps averaged over each frame and its two neighbours
    ('raw_t1', 'tta_t1': a division persists over frames, a spurious maximum need
    not), chosen the same way (ties: not averaged).
+   ``--finetune_seeds=K`` trains K fine-tunes per fold (seeds config.seed + k) and
+   averages their probability maps (an ensemble; K = 1: one fine-tune, as before).
    Every rule and threshold source is also scored on the same predictions and
    printed as diagnostics (study.json ``all_rules``); the reported one is fixed by
    the flags before scoring.
@@ -321,13 +323,24 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
       # The fold's threshold-validation crop (inner_crop): the next crop, held out of
       # the fine-tune too, so the threshold is chosen on a crop the model never saw.
       val = ids[(i + 1) % len(ids)]
-      fold = os.path.join(workdir, f"fold_{e}")
-      cfg = finetune_config(variant, sim_dir, db_path, [e] + ([val] if inner else []),
-                            f.finetune_steps, f.finetune_lr, f.calibration)
-      trainer.train_and_evaluate(cfg, fold)
-      fold_config, state, fn = load_model(fold, mesh)
+      all_probs = None
+      for k in range(f.finetune_seeds):
+        # Member k of the fold's ensemble: the same fine-tune with seed + k (data
+        # order, augmentation, simulated examples); k = 0 is the single fine-tune.
+        fold = os.path.join(workdir, f"fold_{e}" + (f"_seed{k}" if k else ""))
+        cfg = finetune_config(variant, sim_dir, db_path, [e] + ([val] if inner else []),
+                              f.finetune_steps, f.finetune_lr, f.calibration)
+        cfg.seed = int(cfg.seed) + k
+        trainer.train_and_evaluate(cfg, fold)
+        fold_config, state, fn = load_model(fold, mesh)
+        member = predict_views(fold_config.model, state, fn, VIEWS, windows, mesh)
+        all_probs = member if all_probs is None else {
+            v: {x: [a + b for a, b in zip(all_probs[v][x], member[v][x])] for x in ids}
+            for v in VIEWS}
+      if f.finetune_seeds > 1:     # the members' mean (temporal_mean is linear)
+        all_probs = {v: {x: [m / f.finetune_seeds for m in all_probs[v][x]] for x in ids}
+                     for v in VIEWS}
       trained = [x for x in ids if x != e and not (inner and x == val)]
-      all_probs = predict_views(fold_config.model, state, fn, VIEWS, windows, mesh)
       probs = {v: all_probs[v] for v in views}
       for r in RULES:
         # train_crops: the crops the fold trained on (optimistic: the old choice).
@@ -397,6 +410,8 @@ def main(argv):
   cli.quiet_logs()
   if not os.path.isdir(f.real):
     cli.fail(f"--real={f.real} not found (the shared iSIM crops)")
+  if f.finetune_seeds < 1:
+    cli.fail(f"--finetune_seeds={f.finetune_seeds}: must be >= 1")
   if f.calibration and not os.path.isfile(f.calibration):
     cli.fail(f"--calibration={f.calibration}: no such file")
   os.makedirs(f.workdir, exist_ok=True)
@@ -441,6 +456,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("finetune_steps", 200, "Fine-tuning steps per real fold (0: "
                        "zero-shot only).")
   flags.DEFINE_float("finetune_lr", 5e-4, "Fine-tuning peak learning rate.")
+  flags.DEFINE_integer("finetune_seeds", 1, "Fine-tunes per fold (seeds config.seed + k, "
+                       "WORKDIR/fold_<id>[_seed<k>]); their probability maps are averaged.")
   flags.DEFINE_enum("threshold_rule", "frame_max", list(RULES), "frame_max: one "
                     "candidate per frame, its most probable pixel, above a floor; "
                     "threshold: every local maximum above the threshold.")
