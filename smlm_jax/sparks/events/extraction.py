@@ -120,15 +120,21 @@ def _component_passes(cls, mask, spec) -> bool:
   return frames >= spec.min_frames(cls) and area >= spec.min_pixels(cls)
 
 
-def wave_passed(classes, spec: EventSpec):
-  """Boolean [T, H, W]: pixels that a wave (a component passing the wave's minimum
-  duration and area) occupied in an earlier frame (step 4b's test of a wave tail)."""
-  comp, n = ndimage.label(np.asarray(classes) == WAVE, structure=_STRUCT26)
+def passing_waves(classes, spec: EventSpec):
+  """Boolean [T, H, W]: the voxels of wave components that pass the wave's minimum
+  duration and area (a few stray wave voxels are no wave)."""
+  comp, _ = ndimage.label(np.asarray(classes) == WAVE, structure=_STRUCT26)
   wave = np.zeros(comp.shape, bool)
   for i, sl in enumerate(ndimage.find_objects(comp), start=1):
     if sl is not None and _component_passes(WAVE, comp[sl] == i, spec):
       wave[sl] |= comp[sl] == i
-  seen = np.logical_or.accumulate(wave, axis=0)
+  return wave
+
+
+def wave_passed(classes, spec: EventSpec):
+  """Boolean [T, H, W]: pixels that a passing wave occupied in an earlier frame
+  (step 4b's test of a wave tail)."""
+  seen = np.logical_or.accumulate(passing_waves(classes, spec), axis=0)
   out = np.zeros_like(seen)
   out[1:] = seen[:-1]
   return out
@@ -219,14 +225,7 @@ def absorb_into_waves(classes, spec: EventSpec):
   touches a wave (26-neighbourhood) becomes wave (step 1b). Only wave components that
   pass the wave's minimum duration and area count: a few stray wave voxels in a spark
   must not turn the spark into a (then discarded) wave."""
-  comp_w, n_w = ndimage.label(classes == WAVE, structure=_STRUCT26)
-  if n_w == 0:
-    return classes
-  wave = np.zeros(classes.shape, bool)
-  for i, sl in enumerate(ndimage.find_objects(comp_w), start=1):
-    m = comp_w[sl] == i
-    if _component_passes(WAVE, m, spec):
-      wave[sl] |= m
+  wave = passing_waves(classes, spec)
   if not wave.any():
     return classes
   local = (classes == SPARK) | (classes == PUFF)
