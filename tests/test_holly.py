@@ -396,6 +396,45 @@ def test_initial_cloud_ball_or_sphere(tmp_path):
     task_lib.HollyTask(cfg).init_variables(jax.random.key(0))
 
 
+def test_one_view_runs_write_the_cloud_flat_along_the_viewing_axis(tmp_path):
+  """A final report with every image seen along one axis: shape.ply is the cloud
+  squeezed onto its plane normal to that axis (in-plane coordinates kept), the cloud
+  as trained is shape_with_depth.ply; spread views or "keep" write the cloud as is."""
+  cfg = _tiny(tmp_path)
+  rng = np.random.default_rng(3)
+  pts = rng.normal(size=(50, 3)).astype(np.float32)
+  axis = np.array([0.0, 0.6, 0.8])
+  state = {"params": {"points": pts}, "step": 7}
+
+  def export(view_eig, how="flatten"):
+    cfg.convergence.one_view_depth = how
+    task = task_lib.HollyTask(cfg)
+    rep = {"view_eig_max": view_eig, "view_axis": axis.tolist(), "converged": True,
+           "residual": 0.01, "agreement": 1.0, "hypothesis_spread_deg": 0.0,
+           "thresholds": {"max_residual": 0.1, "min_agreement": 0.3, "agree_deg": 10.0,
+                          "max_view_eig": 0.6}}
+    task._convergence = (7, rep)
+    work = tmp_path / f"{how}_{view_eig}"
+    work.mkdir()
+    task.export(state, str(work), 7)
+    return (shapes.read_shape(str(work / "shape.ply")).vertices,
+            (work / "shape_with_depth.ply"))
+
+  flat, raw_path = export(0.99)
+  depth = pts @ axis
+  np.testing.assert_allclose(flat @ axis, depth.mean(), atol=1e-5)
+  u = np.array([1.0, 0.0, 0.0])                 # a direction in the plane
+  np.testing.assert_allclose(flat @ u, pts @ u, atol=1e-5)
+  np.testing.assert_allclose(shapes.read_shape(str(raw_path)).vertices, pts, atol=1e-5)
+  for view_eig, how in ((0.5, "flatten"), (0.99, "keep")):
+    kept, raw_path = export(view_eig, how)
+    np.testing.assert_allclose(kept, pts, atol=1e-5)
+    assert not raw_path.exists()
+  cfg.convergence.one_view_depth = "squash"
+  with pytest.raises(ValueError, match="one_view_depth"):
+    task_lib.HollyTask(cfg)
+
+
 def test_cnn_margin_keeps_the_cnn_pose_unless_the_search_is_clearly_better(tmp_path):
   cfg = _tiny(tmp_path)
   k = int(cfg.model.hypotheses)

@@ -67,6 +67,26 @@ AXIAL_ORDER = 5
 ONE_VIEW = 0.95     # view_eig_max above this: (nearly) every image seen along one axis
 
 
+def undetermined_depth_axis(rep: dict):
+  """The object-frame viewing axis [3] of a report whose images were all explained
+  from one viewing direction (``view_eig_max`` > ONE_VIEW): the images do not
+  determine the cloud's depth along it. None otherwise."""
+  if rep.get("view_eig_max", 0.0) > ONE_VIEW and "view_axis" in rep:
+    a = np.asarray(rep["view_axis"], np.float64)
+    return a / np.linalg.norm(a)
+  return None
+
+
+def flatten_along(points, axis):
+  """[N, 3] -> [N, 3]: each point's coordinate along the unit ``axis`` replaced by the
+  cloud's mean one (the cloud squeezed onto its plane normal to the axis through its
+  centroid; in-plane coordinates untouched)."""
+  x = np.asarray(points, np.float64)
+  a = np.asarray(axis, np.float64) / np.linalg.norm(axis)
+  depth = x @ a
+  return (x - np.outer(depth - depth.mean(), a)).astype(np.asarray(points).dtype)
+
+
 def axial_order(symmetry) -> int:
   """The highest rotation order n found about one axis (C_n labels of the detector; 1
   when none): >= AXIAL_ORDER means the cloud is nearly axially symmetric."""
@@ -177,7 +197,9 @@ def message(rep: dict) -> str:
   if rep.get("view_eig_max", 0.0) > ONE_VIEW:
     body += ("; every image is explained from one viewing direction: the images may be "
              "in-plane turns of a single view (as the ten CEP152 renders are), and then "
-             "the cloud's depth along that direction is not determined by them")
+             "the cloud's depth along that direction is not determined by them (with "
+             "config.convergence.one_view_depth='flatten', the default, shape.ply is the "
+             "cloud flattened along it; the cloud as trained is shape_with_depth.ply)")
   axial = ""
   if rep.get("axial_order", 1) >= AXIAL_ORDER:
     axial = ("; the learned cloud is nearly axially symmetric (C%d or more about one axis): "

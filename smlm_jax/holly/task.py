@@ -162,6 +162,9 @@ class HollyTask(Task):
                                 predict_sigma=bool(m.predict_sigma))
     if int(config.num_points) < 1:
       raise ValueError("config.num_points must be >= 1")
+    if config.convergence.get("one_view_depth", "flatten") not in ("flatten", "keep"):
+      raise ValueError(f"config.convergence.one_view_depth="
+                       f"{config.convergence.one_view_depth!r}: use flatten or keep")
     if float(config.loss.get("moments_weight", 0.0)) > 0:
       self.moment_target()           # eagerly: the loss uses it while being traced
 
@@ -533,8 +536,26 @@ class HollyTask(Task):
     comment = (f"learned point cloud, step {step}: renderer units (1 unit = {px:.4g} px of "
                f"the {self.size}x{self.size} training images; the image spans "
                f"[-{self.fov:g}, {self.fov:g}])")
-    shapes.write_ply(os.path.join(workdir, "shape.ply"), pts, comment=comment)
-    shapes.write_obj(os.path.join(workdir, "shape.obj"), pts, comment=comment)
+    final = self._convergence is not None and self._convergence[0] == int(step)
+    axis = (diagnose.undetermined_depth_axis(self._convergence[1])
+            if final and self.config.convergence.get("one_view_depth", "flatten") == "flatten"
+            else None)
+    if axis is not None:
+      # Every image was explained from one viewing direction: the images do not
+      # determine the depth along it, so the cloud written is flat along it (what the
+      # images determine); the cloud as trained, with its arbitrary depth, beside it.
+      shapes.write_ply(os.path.join(workdir, "shape_with_depth.ply"), pts, comment=comment)
+      shapes.write_obj(os.path.join(workdir, "shape_with_depth.obj"), pts, comment=comment)
+      flat = diagnose.flatten_along(pts, axis)
+      note = comment + "; flattened along the one viewing axis (depth not determined)"
+      shapes.write_ply(os.path.join(workdir, "shape.ply"), flat, comment=note)
+      shapes.write_obj(os.path.join(workdir, "shape.obj"), flat, comment=note)
+    else:
+      shapes.write_ply(os.path.join(workdir, "shape.ply"), pts, comment=comment)
+      shapes.write_obj(os.path.join(workdir, "shape.obj"), pts, comment=comment)
+      for stale in ("shape_with_depth.ply", "shape_with_depth.obj"):
+        if os.path.exists(os.path.join(workdir, stale)):
+          os.remove(os.path.join(workdir, stale))
     d = os.path.join(workdir, "shapes")
     shapes.write_ply(os.path.join(d, f"shape_{step:06d}.ply"), pts, comment=comment)
     shapes.write_obj(os.path.join(d, f"shape_{step:06d}.obj"), pts, comment=comment)
