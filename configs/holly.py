@@ -186,8 +186,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.convergence.view_min_images = 32
   # When every image is explained from one viewing direction (view_eig_max > 0.95,
   # diagnose.ONE_VIEW: e.g. the ten CEP152 renders, in-plane turns of one projection)
-  # the depth along it is not determined: "flatten" writes shape.ply flat along that
-  # axis (the cloud as trained goes to shape_with_depth.ply); "keep" writes it as trained.
+  # the depth along it is not determined: "flatten" writes a converged run's shape.ply
+  # flat along that axis (the cloud as trained goes to shape_with_depth.ply); "keep"
+  # writes it as trained.
   config.convergence.one_view_depth = "flatten"
 
   # 3000 (was 1500): chosen on the tuning shapes (bunny CNN pose median 11.7 -> 6.7 deg,

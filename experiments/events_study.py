@@ -104,18 +104,20 @@ def views_for(tta: str, temporal: str):
                and (temporal == "choose" or (v.endswith("_t1") == (temporal == "on"))))
 
 
-def predict_views(model_config, state, fn, views, crops_windows, mesh):
+def predict_views(model_config, state, fn, views, crops_windows, mesh, edge_px=0.0):
   """{view: {event id: [probability maps]}}: 'raw' with ``fn``, 'tta' with the
   dihedral-averaged predictor of the same model (``model_config``) and parameters;
   'raw_t1' / 'tta_t1' those maps averaged over each frame and its neighbours in the
-  crop (metrics.temporal_mean)."""
+  crop (metrics.temporal_mean). ``edge_px`` > 0: the band that close to the frame's
+  border is cleared first (metrics.clear_edge)."""
   out = {}
   for v in ("raw", "tta"):
     if not any(x.split("_")[0] == v for x in views):
       continue
     f = fn if v == "raw" else task_lib.make_predict_fn(task_lib.build_model(model_config),
                                                       mesh, tta=True)
-    out[v] = {e: list(predict_windows(f, state, w, mesh)) for e, w in crops_windows.items()}
+    out[v] = {e: [metrics.clear_edge(m, edge_px) for m in predict_windows(f, state, w, mesh)]
+              for e, w in crops_windows.items()}
     out[v + "_t1"] = {e: list(metrics.temporal_mean(m, TEMPORAL_HALF_WIDTH))
                       for e, m in out[v].items()}
   return {v: out[v] for v in views}
@@ -289,6 +291,11 @@ def choose_and_score(probs, sites, held_out, validation, radius, beta, rule):
           **score_crop(probs[view][held_out], sites[held_out], thr, radius, rule)}
 
 
+def edge_px(f, config) -> float:
+  """--edge_px, or (negative) the simulator's sim.margin_px."""
+  return float(config.sim.margin_px) if f.edge_px < 0 else float(f.edge_px)
+
+
 def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
   db_path, crops = load_real(workdir, f.real, f.include_unusable, log)
   base = events.get_config(variant)
@@ -305,7 +312,8 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
   # rule is scored (the same predictions); --threshold_rule is the one reported.
   views = views_for(f.tta, f.temporal)
   windows = {e: per_crop[e][0] for e in ids}
-  zero = predict_views(base.model, sim_state, sim_fn, VIEWS, windows, mesh)
+  edge = edge_px(f, base)
+  zero = predict_views(base.model, sim_state, sim_fn, VIEWS, windows, mesh, edge)
   others = {e: [x for x in ids if x != e] for e in ids}
   zero_by = {r: [choose_and_score({v: zero[v] for v in views}, sites, e, others[e], radius,
                                   beta, r) for e in ids] for r in RULES}
@@ -333,7 +341,7 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
         cfg.seed = int(cfg.seed) + k
         trainer.train_and_evaluate(cfg, fold)
         fold_config, state, fn = load_model(fold, mesh)
-        member = predict_views(fold_config.model, state, fn, VIEWS, windows, mesh)
+        member = predict_views(fold_config.model, state, fn, VIEWS, windows, mesh, edge)
         all_probs = member if all_probs is None else {
             v: {x: [a + b for a, b in zip(all_probs[v][x], member[v][x])] for x in ids}
             for v in VIEWS}
@@ -469,6 +477,9 @@ if __name__ == "__main__":
                     "each frame and its two neighbours ('_t1' views): 'choose' lets each "
                     "fold pick with the view and threshold on its validation crops (ties: "
                     "not averaged); 'on' / 'off' fix it.")
+  flags.DEFINE_float("edge_px", 0.0, "Detections are not taken within this distance "
+                     "(px) of a frame's border (the maps are cleared there; negative: "
+                     "the simulator's sim.margin_px, where it never places a site; 0: off).")
   flags.DEFINE_enum("finetune_threshold_on", "inner_crop", ["inner_crop", "train_crops"],
                     "Fine-tuned threshold: max F0.1 on one more crop held out of the "
                     "fine-tune (the next one), or on the fold's training crops (biased "

@@ -238,6 +238,19 @@ def test_predict_max_per_frame_keeps_the_most_probable(tmp_path, monkeypatch):
       rows = list(csv.DictReader(l for l in f if not l.startswith("#")))
     assert len(rows) == 4 * per_frame
     assert all(int(r["y_px"]) == 45 for r in rows) == (per_frame == 1)
+  # --edge_px: the peak 5 px from the border is not detected at 6 px (nor at the
+  # run's sim.margin_px, 6), but is at 5 px (pixel centres at integers)
+  for edge, per_frame in ((6.0, 1), (-1.0, 1), (5.0, 2)):
+    out = str(tmp_path / "e.csv")
+    assert predict.run(str(tmp_path), [movie], out, threshold=0.5,
+                       probability_tiffs=False, edge_px=edge) == 0
+    with open(out) as f:
+      rows = list(csv.DictReader(l for l in f if not l.startswith("#")))
+    assert len(rows) == 4 * per_frame, (edge, rows)
+  from smlm_jax.events import metrics
+  band = metrics.clear_edge(np.ones((20, 30)), 2.5) == 0
+  assert band[:3].all() and band[-3:].all() and band[:, :3].all() and band[:, -3:].all()
+  assert not band[3:-3, 3:-3].any()
 
 
 def test_temporal_mean_puts_a_persistent_site_above_a_one_frame_blip(tmp_path, monkeypatch):

@@ -397,24 +397,25 @@ def test_initial_cloud_ball_or_sphere(tmp_path):
 
 
 def test_one_view_runs_write_the_cloud_flat_along_the_viewing_axis(tmp_path):
-  """A final report with every image seen along one axis: shape.ply is the cloud
-  squeezed onto its plane normal to that axis (in-plane coordinates kept), the cloud
-  as trained is shape_with_depth.ply; spread views or "keep" write the cloud as is."""
+  """A converged final report with every image seen along one axis: shape.ply is the
+  cloud squeezed onto its plane normal to that axis (in-plane coordinates kept), the
+  cloud as trained is shape_with_depth.ply; spread views, "keep" or a run that did not
+  converge write the cloud as is."""
   cfg = _tiny(tmp_path)
   rng = np.random.default_rng(3)
   pts = rng.normal(size=(50, 3)).astype(np.float32)
   axis = np.array([0.0, 0.6, 0.8])
   state = {"params": {"points": pts}, "step": 7}
 
-  def export(view_eig, how="flatten"):
+  def export(view_eig, how="flatten", converged=True):
     cfg.convergence.one_view_depth = how
     task = task_lib.HollyTask(cfg)
-    rep = {"view_eig_max": view_eig, "view_axis": axis.tolist(), "converged": True,
+    rep = {"view_eig_max": view_eig, "view_axis": axis.tolist(), "converged": converged,
            "residual": 0.01, "agreement": 1.0, "hypothesis_spread_deg": 0.0,
            "thresholds": {"max_residual": 0.1, "min_agreement": 0.3, "agree_deg": 10.0,
                           "max_view_eig": 0.6}}
     task._convergence = (7, rep)
-    work = tmp_path / f"{how}_{view_eig}"
+    work = tmp_path / f"{how}_{view_eig}_{converged}"
     work.mkdir()
     task.export(state, str(work), 7)
     return (shapes.read_shape(str(work / "shape.ply")).vertices,
@@ -426,8 +427,9 @@ def test_one_view_runs_write_the_cloud_flat_along_the_viewing_axis(tmp_path):
   u = np.array([1.0, 0.0, 0.0])                 # a direction in the plane
   np.testing.assert_allclose(flat @ u, pts @ u, atol=1e-5)
   np.testing.assert_allclose(shapes.read_shape(str(raw_path)).vertices, pts, atol=1e-5)
-  for view_eig, how in ((0.5, "flatten"), (0.99, "keep")):
-    kept, raw_path = export(view_eig, how)
+  for view_eig, how, converged in ((0.5, "flatten", True), (0.99, "keep", True),
+                                   (0.99, "flatten", False)):
+    kept, raw_path = export(view_eig, how, converged)
     np.testing.assert_allclose(kept, pts, atol=1e-5)
     assert not raw_path.exists()
   cfg.convergence.one_view_depth = "squash"

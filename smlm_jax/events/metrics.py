@@ -47,6 +47,22 @@ def disk_masks(shape, sites, radius_px: float):
                   bool).reshape(len(sites), *shape)
 
 
+def clear_edge(prob: np.ndarray, edge_px: float) -> np.ndarray:
+  """A copy of the map [H, W] with the band of pixels closer than ``edge_px`` to the
+  border (pixel centres at integers: indices < ceil(edge_px) from either end) set to 0.
+  The simulator never places a division site there (``sim.margin_px``), so the
+  network's output in that band was never trained on a positive: detections are not
+  taken there. ``edge_px`` <= 0: the map unchanged."""
+  e = int(np.ceil(edge_px)) if edge_px > 0 else 0
+  prob = np.array(prob, copy=True)
+  if e:
+    prob[:e] = 0
+    prob[-e:] = 0
+    prob[:, :e] = 0
+    prob[:, -e:] = 0
+  return prob
+
+
 def crop_summary(prob: np.ndarray, sites, radius_px: float):
   """(max probability near each site [k], max probability away from all sites)."""
   masks = disk_masks(prob.shape, sites, radius_px)

@@ -2,7 +2,7 @@
 
   python -m smlm_jax.events.predict --workdir=runs/events_real --input=movies/ \
       --output=detections.csv [--threshold=0.8] [--radius_px=8] [--channel=0] \
-      [--max_per_frame=1] [--tta] [--temporal=1] [--no_probability_tiffs]
+      [--max_per_frame=1] [--tta] [--temporal=1] [--edge_px=6] [--no_probability_tiffs]
 
 Inputs: TIFF / OME-TIFF movies [T, H, W] (or [T, C, H, W] with --channel) of at least
 the run's window of n frames (``data.num_frames``, 3 by default) and at least
@@ -21,7 +21,9 @@ only the k most probable of each frame (k = 1: the per-frame-maximum rule of
 ``experiments/events_study.py``, whose thresholds on real crops are floors); with
 ``--temporal=K`` each frame's map is first averaged with the maps of the K frames
 before and after it (fewer at the ends; a division persists over frames, a spurious
-maximum need not), and the probability TIFF holds the averaged maps:
+maximum need not), and the probability TIFF holds the averaged maps; with
+``--edge_px=E`` (negative: the run's ``sim.margin_px``) nothing is detected within E px
+of the frame border (training never places an event there; the maps are 0 there):
 
   file, frame, y_px, x_px, score, flag
 
@@ -134,7 +136,7 @@ def write_probabilities(path: str, probs, shape, pixel_size_nm, frame_interval_s
 
 def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
         batch_size=None, probability_tiffs=True, max_per_frame=0, tta=False,
-        temporal=0) -> int:
+        temporal=0, edge_px=0.0) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   from smlm_jax.events import metrics as metrics_lib
   from smlm_jax.events import task as task_lib
@@ -157,6 +159,10 @@ def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
                "(--temporal)")
   if max_per_frame:
     source += f"; at most {max_per_frame} detection(s) per frame (--max_per_frame)"
+  edge = float(cfg.sim.margin_px) if edge_px < 0 else float(edge_px)
+  if edge > 0:
+    source += (f"; nothing detected within {edge:g} px of the frame border (--edge_px; "
+               "the maps are 0 there)")
   print(f"model from {workdir}: {predictor.n}-frame windows; {source}; NMS radius "
         f"{radius:g} px", file=sys.stderr)
   rows, notes, used = [], [], set()
@@ -178,7 +184,8 @@ def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
         found.extend((t, y, x, s) for y, x, s in peaks)
         yield p
 
-    maps = tracked(metrics_lib.temporal_mean(predictor.probabilities(frames), temporal))
+    maps = tracked(metrics_lib.temporal_mean(
+        (metrics_lib.clear_edge(p, edge) for p in predictor.probabilities(frames)), temporal))
     if prob_path:
       write_probabilities(prob_path, maps, frames.shape, info.pixel_size_nm,
                           info.frame_interval_s)
@@ -221,6 +228,9 @@ def _define_flags():
                     "reflections of the frames (8x the compute).")
   flags.DEFINE_integer("temporal", 0, "Average each frame's map with the maps of this "
                        "many frames before and after it (0: off).")
+  flags.DEFINE_float("edge_px", 0.0, "Take no detection within this distance (px) of the "
+                     "frame border, where training never placed an event (the maps are "
+                     "set to 0 there; negative: the run's sim.margin_px; 0: off).")
 
 
 def main(argv):
@@ -237,7 +247,8 @@ def main(argv):
   if f.temporal < 0:
     cli.fail("--temporal must be >= 0 (0: off)")
   cli.run_or_fail(run, f.workdir, inputs, f.output, f.threshold, f.radius_px, f.channel,
-                  f.batch_size, f.probability_tiffs, f.max_per_frame, f.tta, f.temporal)
+                  f.batch_size, f.probability_tiffs, f.max_per_frame, f.tta, f.temporal,
+                  f.edge_px)
 
 
 if __name__ == "__main__":

@@ -68,10 +68,12 @@ ONE_VIEW = 0.95     # view_eig_max above this: (nearly) every image seen along o
 
 
 def undetermined_depth_axis(rep: dict):
-  """The object-frame viewing axis [3] of a report whose images were all explained
-  from one viewing direction (``view_eig_max`` > ONE_VIEW): the images do not
-  determine the cloud's depth along it. None otherwise."""
-  if rep.get("view_eig_max", 0.0) > ONE_VIEW and "view_axis" in rep:
+  """The object-frame viewing axis [3] of a converged run's report whose images were
+  all explained from one viewing direction (``view_eig_max`` > ONE_VIEW): the images
+  do not determine the cloud's depth along it. None otherwise (a run that did not
+  converge keeps its cloud as trained: its poses, not its depth, are in doubt)."""
+  if (rep.get("converged", False) and rep.get("view_eig_max", 0.0) > ONE_VIEW
+      and "view_axis" in rep):
     a = np.asarray(rep["view_axis"], np.float64)
     return a / np.linalg.norm(a)
   return None
@@ -198,8 +200,9 @@ def message(rep: dict) -> str:
     body += ("; every image is explained from one viewing direction: the images may be "
              "in-plane turns of a single view (as the ten CEP152 renders are), and then "
              "the cloud's depth along that direction is not determined by them (with "
-             "config.convergence.one_view_depth='flatten', the default, shape.ply is the "
-             "cloud flattened along it; the cloud as trained is shape_with_depth.ply)")
+             "config.convergence.one_view_depth='flatten', the default, a converged run's "
+             "shape.ply is the cloud flattened along it; the cloud as trained is "
+             "shape_with_depth.ply)")
   axial = ""
   if rep.get("axial_order", 1) >= AXIAL_ORDER:
     axial = ("; the learned cloud is nearly axially symmetric (C%d or more about one axis): "
