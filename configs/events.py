@@ -85,6 +85,7 @@ def get_sim_config() -> ml_collections.ConfigDict:
   sim.column_gain_rel_std = 0.0      # vertical fixed-pattern stripes (relative rms per
                                      # pixel column; the iSIM crops: fitted by calibrate)
   sim.branch_prob = 0.0              # tubules starting on the previous one (junctions)
+  sim.ring_prob = 0.0                # tubules bent into C shapes / closed rings (donuts)
   return sim
 
 

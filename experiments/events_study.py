@@ -477,9 +477,10 @@ if __name__ == "__main__":
                     "each frame and its two neighbours ('_t1' views): 'choose' lets each "
                     "fold pick with the view and threshold on its validation crops (ties: "
                     "not averaged); 'on' / 'off' fix it.")
-  flags.DEFINE_float("edge_px", 0.0, "Detections are not taken within this distance "
-                     "(px) of a frame's border (the maps are cleared there; negative: "
-                     "the simulator's sim.margin_px, where it never places a site; 0: off).")
+  flags.DEFINE_float("edge_px", -1.0, "Detections are not taken within this distance "
+                     "(px) of a frame's border (the maps are cleared there; negative, the "
+                     "default: the simulator's sim.margin_px, where it never places a "
+                     "site; 0: off).")
   flags.DEFINE_enum("finetune_threshold_on", "inner_crop", ["inner_crop", "train_crops"],
                     "Fine-tuned threshold: max F0.1 on one more crop held out of the "
                     "fine-tune (the next one), or on the fold's training crops (biased "

@@ -233,7 +233,7 @@ def test_predict_max_per_frame_keeps_the_most_probable(tmp_path, monkeypatch):
   for k, per_frame in ((0, 2), (1, 1)):
     out = str(tmp_path / f"d{k}.csv")
     assert predict.run(str(tmp_path), [movie], out, threshold=0.5,
-                       probability_tiffs=False, max_per_frame=k) == 0
+                       probability_tiffs=False, max_per_frame=k, edge_px=0) == 0
     with open(out) as f:
       rows = list(csv.DictReader(l for l in f if not l.startswith("#")))
     assert len(rows) == 4 * per_frame
@@ -293,7 +293,7 @@ def test_temporal_mean_puts_a_persistent_site_above_a_one_frame_blip(tmp_path, m
   for temporal, at_site in ((0, 0), (1, 5)):
     out = str(tmp_path / f"d{temporal}.csv")
     assert predict.run(str(tmp_path), [movie], out, threshold=0.2, probability_tiffs=False,
-                       max_per_frame=1, temporal=temporal) == 0
+                       max_per_frame=1, temporal=temporal, edge_px=0) == 0
     with open(out) as f:
       rows = list(csv.DictReader(l for l in f if not l.startswith("#")))
     assert sum((int(r["y_px"]), int(r["x_px"])) == (30, 30) for r in rows) == at_site
@@ -318,6 +318,34 @@ def test_branches_start_on_the_previous_tubule():
   off = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "num_tubules": (3, 3)})
   on = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "num_tubules": (3, 3),
                                       "branch_prob": 1.0})
+  key = jax.random.key(4)
+  a, ta, _ = sim_lib.scene(key, off, 2)
+  b, tb, _ = sim_lib.scene(key, on, 2)
+  np.testing.assert_array_equal(np.asarray(ta["label"]), np.asarray(tb["label"]))
+  assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 1.0
+
+
+def test_rings_are_arcs_of_their_own_length_and_leave_tubule_0():
+  import jax
+  from configs import events
+  from smlm_jax.events import simulate as sim_lib
+  k = 64
+  curve = jax.random.uniform(jax.random.key(0), (3, k, 2), maxval=60.0)
+  length = np.array([30.0, 25.0, 40.0], np.float32)
+  out = np.asarray(sim_lib._ring_curves(jax.random.key(1), length, k, 1.0, curve))
+  np.testing.assert_array_equal(out[0], np.asarray(curve[0]))     # tubule 0 never changes
+  for i in (1, 2):
+    r = np.linalg.norm(out[i], axis=-1)                           # about the origin
+    np.testing.assert_allclose(r, r[0], rtol=1e-4)
+    arc_len = np.linalg.norm(np.diff(out[i], axis=0), axis=-1).sum()
+    assert arc_len == pytest.approx(length[i], rel=1e-3)
+    assert 1.2 * np.pi * r[0] <= arc_len <= 2.0 * np.pi * r[0] + 1e-3
+  same = np.asarray(sim_lib._ring_curves(jax.random.key(1), length, k, 0.0, curve))
+  np.testing.assert_array_equal(same, np.asarray(curve))
+  cfg = events.get_config("tiny").sim.to_dict()
+  off = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "num_tubules": (3, 3)})
+  on = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "num_tubules": (3, 3),
+                                      "ring_prob": 1.0})
   key = jax.random.key(4)
   a, ta, _ = sim_lib.scene(key, off, 2)
   b, tb, _ = sim_lib.scene(key, on, 2)

@@ -22,8 +22,9 @@ only the k most probable of each frame (k = 1: the per-frame-maximum rule of
 ``--temporal=K`` each frame's map is first averaged with the maps of the K frames
 before and after it (fewer at the ends; a division persists over frames, a spurious
 maximum need not), and the probability TIFF holds the averaged maps; with
-``--edge_px=E`` (negative: the run's ``sim.margin_px``) nothing is detected within E px
-of the frame border (training never places an event there; the maps are 0 there):
+``--edge_px=E`` nothing is detected within E px of the frame border (training never
+places an event there; the maps are 0 there; default -1: the run's ``sim.margin_px``,
+6 px; 0: off):
 
   file, frame, y_px, x_px, score, flag
 
@@ -136,7 +137,7 @@ def write_probabilities(path: str, probs, shape, pixel_size_nm, frame_interval_s
 
 def run(workdir, inputs, output, threshold=None, radius_px=None, channel=0,
         batch_size=None, probability_tiffs=True, max_per_frame=0, tta=False,
-        temporal=0, edge_px=0.0) -> int:
+        temporal=0, edge_px=-1.0) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   from smlm_jax.events import metrics as metrics_lib
   from smlm_jax.events import task as task_lib
@@ -228,9 +229,10 @@ def _define_flags():
                     "reflections of the frames (8x the compute).")
   flags.DEFINE_integer("temporal", 0, "Average each frame's map with the maps of this "
                        "many frames before and after it (0: off).")
-  flags.DEFINE_float("edge_px", 0.0, "Take no detection within this distance (px) of the "
+  flags.DEFINE_float("edge_px", -1.0, "Take no detection within this distance (px) of the "
                      "frame border, where training never placed an event (the maps are "
-                     "set to 0 there; negative: the run's sim.margin_px; 0: off).")
+                     "set to 0 there; negative, the default: the run's sim.margin_px, 6 px "
+                     "by default; 0: off).")
 
 
 def main(argv):

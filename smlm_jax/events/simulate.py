@@ -50,6 +50,10 @@ Scene (lengths in px of ``pixel_size_nm``; defaults in ``configs/events.py``):
   network, a hard negative for the detector (real crops show many; the detector's
   false detections sat on junctions and thick necks). Drawn from ``fold_in(key, 25)``
   and skipped at a Python 0, like the stripes.
+* Rings (``ring_prob``; default 0 = none): each tubule after the first is, with this
+  probability, a circular arc of its own length through 1.2-2 pi (C shapes to closed
+  donuts, common in the shared crops); drawn from ``fold_in(key, 26)``, skipped at a
+  Python 0.
 
 Defaults are set to match the shared iSIM crops (56 nm pixels, COS-7 mitochondria
 ~10-15 px wide, tubule peaks ~130 and background ~5 photo-electrons at ~2.5 ADU/e-,
@@ -100,6 +104,7 @@ class SimParams:
   read_noise_e: float = 1.5
   column_gain_rel_std: float = 0.0
   branch_prob: float = 0.0
+  ring_prob: float = 0.0
 
   @classmethod
   def from_config(cls, sim) -> "SimParams":
@@ -166,6 +171,29 @@ def _has_branches(p: SimParams) -> bool:
   return not (isinstance(v, (int, float)) and v == 0)
 
 
+def _has_rings(p: SimParams) -> bool:
+  v = p.ring_prob
+  return not (isinstance(v, (int, float)) and v == 0)
+
+
+def _ring_curves(key, length, k_pts, ring_prob, curve):
+  """Curves [m, K, 2] where each tubule i >= 1, with probability ``ring_prob``, is a
+  circular arc of its own length through an angle U(1.2, 2) pi about its centre (C
+  shapes to closed rings: the 'donut' mitochondria of stressed cells, which the shared
+  iSIM crops show and the straight-ish tubules lack; a hard negative: a ring has no
+  neck and its ends are not a division). Tubule 0 (the one that may divide) never
+  changes. ``length`` [m] px; other tubules keep ``curve``."""
+  m = curve.shape[0]
+  k_on, k_arc, k_phase = jax.random.split(key, 3)
+  on = jax.random.bernoulli(k_on, ring_prob, (m,)) & (jnp.arange(m) > 0)
+  arc = jax.random.uniform(k_arc, (m,), minval=1.2, maxval=2.0) * math.pi
+  phase = jax.random.uniform(k_phase, (m,), maxval=2 * math.pi)
+  radius = length / arc
+  ang = phase[:, None] + arc[:, None] * jnp.linspace(0.0, 1.0, k_pts)[None, :]
+  ring = radius[:, None, None] * jnp.stack([jnp.sin(ang), jnp.cos(ang)], -1)
+  return jnp.where(on[:, None, None], ring, curve)
+
+
 def _attach_branches(key, curve, branch_prob):
   """Curves [m, K, 2] where each tubule i >= 1, with probability ``branch_prob``, is
   moved so that its first point lies on tubule i - 1 (at 10-90% of its samples): a
@@ -215,6 +243,8 @@ def scene(key, p: SimParams, num_frames: int, has_event=None):
   p2 = 0.5 * length[:, None] * u
   p1 = bend[:, None] * normal
   curve = jax.vmap(_bezier, (0, 0, 0, None))(p0, p1, p2, t)          # [m, K, 2]
+  if _has_rings(p):
+    curve = _ring_curves(jax.random.fold_in(key, 26), length, k_pts, p.ring_prob, curve)
   seg = jnp.linalg.norm(jnp.diff(curve, axis=1), axis=-1)
   arc = jnp.concatenate([jnp.zeros((m, 1)), jnp.cumsum(seg, axis=1)], axis=1)
   ds = jnp.concatenate([seg[:, :1] / 2, (seg[:, 1:] + seg[:, :-1]) / 2, seg[:, -1:] / 2], 1)
