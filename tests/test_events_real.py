@@ -299,9 +299,22 @@ def test_temporal_mean_puts_a_persistent_site_above_a_one_frame_blip(tmp_path, m
     assert sum((int(r["y_px"]), int(r["x_px"])) == (30, 30) for r in rows) == at_site
 
 
-def test_branches_start_on_the_previous_tubule():
+def _same_truth_other_picture(field):
+  """In the simulator, ``field`` at 1 (against 0) keeps the truth (the division site)
+  and changes the picture."""
   import jax
   from configs import events
+  from smlm_jax.events import simulate as sim_lib
+  cfg = {**events.get_config("tiny").sim.to_dict(), "size_px": 32, "num_tubules": (3, 3)}
+  key = jax.random.key(4)
+  a, ta, _ = sim_lib.scene(key, sim_lib.SimParams.from_config(cfg), 2)
+  b, tb, _ = sim_lib.scene(key, sim_lib.SimParams.from_config({**cfg, field: 1.0}), 2)
+  np.testing.assert_array_equal(np.asarray(ta["label"]), np.asarray(tb["label"]))
+  assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 1.0
+
+
+def test_branches_start_on_the_previous_tubule():
+  import jax
   from smlm_jax.events import simulate as sim_lib
   curve = jax.random.uniform(jax.random.key(0), (4, 20, 2), maxval=60.0)
   out = np.asarray(sim_lib._attach_branches(jax.random.key(1), curve, 1.0))
@@ -313,21 +326,11 @@ def test_branches_start_on_the_previous_tubule():
     np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-4)
   same = np.asarray(sim_lib._attach_branches(jax.random.key(1), curve, 0.0))
   np.testing.assert_array_equal(same, np.asarray(curve))
-  # In the simulator: the same truth (the division site), another picture.
-  cfg = events.get_config("tiny").sim.to_dict()
-  off = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "num_tubules": (3, 3)})
-  on = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "num_tubules": (3, 3),
-                                      "branch_prob": 1.0})
-  key = jax.random.key(4)
-  a, ta, _ = sim_lib.scene(key, off, 2)
-  b, tb, _ = sim_lib.scene(key, on, 2)
-  np.testing.assert_array_equal(np.asarray(ta["label"]), np.asarray(tb["label"]))
-  assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 1.0
+  _same_truth_other_picture("branch_prob")
 
 
 def test_rings_are_arcs_of_their_own_length_and_leave_tubule_0():
   import jax
-  from configs import events
   from smlm_jax.events import simulate as sim_lib
   k = 64
   curve = jax.random.uniform(jax.random.key(0), (3, k, 2), maxval=60.0)
@@ -342,15 +345,7 @@ def test_rings_are_arcs_of_their_own_length_and_leave_tubule_0():
     assert 1.2 * np.pi * r[0] <= arc_len <= 2.0 * np.pi * r[0] + 1e-3
   same = np.asarray(sim_lib._ring_curves(jax.random.key(1), length, k, 0.0, curve))
   np.testing.assert_array_equal(same, np.asarray(curve))
-  cfg = events.get_config("tiny").sim.to_dict()
-  off = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "num_tubules": (3, 3)})
-  on = sim_lib.SimParams.from_config({**cfg, "size_px": 32, "num_tubules": (3, 3),
-                                      "ring_prob": 1.0})
-  key = jax.random.key(4)
-  a, ta, _ = sim_lib.scene(key, off, 2)
-  b, tb, _ = sim_lib.scene(key, on, 2)
-  np.testing.assert_array_equal(np.asarray(ta["label"]), np.asarray(tb["label"]))
-  assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 1.0
+  _same_truth_other_picture("ring_prob")
 
 
 def test_dihedral_tta_map_turns_with_the_movie():
