@@ -5,7 +5,7 @@
       [--finetune_steps=200 (0: zero-shot only)] [--num_test=512] [--real=DIR] \
       [--include_unusable] [--threshold_rule=frame_max|threshold] \
       [--finetune_threshold_on=inner_crop|train_crops] [--tta=choose|on|off]
-      [--temporal=choose|on|off] [--finetune_seeds=1]
+      [--temporal=choose|on|off] [--finetune_seeds=1] [--edge_px=-1]
       [--variant=tiny (a quick check)]
 
 1. Trains the default config (configs/events.py; with ``--calibration`` the simulator
@@ -47,6 +47,9 @@
    not), chosen the same way (ties: not averaged).
    ``--finetune_seeds=K`` trains K fine-tunes per fold (seeds config.seed + k) and
    averages their probability maps (an ensemble; K = 1: one fine-tune, as before).
+   ``--edge_px`` (default -1: ``sim.margin_px``, 6 px; 0: off): every map is 0 within
+   that distance of the frame border before any rule (the simulator never places a
+   division there; metrics.clear_edge), as ``predict --edge_px`` does.
    Every rule and threshold source is also scored on the same predictions and
    printed as diagnostics (study.json ``all_rules``); the reported one is fixed by
    the flags before scoring.

@@ -161,19 +161,11 @@ def column_gain(key, p: SimParams):
   return jnp.maximum(1.0 + p.column_gain_rel_std * z, 0.05)
 
 
-def _has_stripes(p: SimParams) -> bool:
-  v = p.column_gain_rel_std
-  return not (isinstance(v, (int, float)) and v == 0)
-
-
-def _has_branches(p: SimParams) -> bool:
-  v = p.branch_prob
-  return not (isinstance(v, (int, float)) and v == 0)
-
-
-def _has_rings(p: SimParams) -> bool:
-  v = p.ring_prob
-  return not (isinstance(v, (int, float)) and v == 0)
+def _enabled(value) -> bool:
+  """An optional scene feature (stripes, branches, rings) is drawn unless its value is
+  a Python 0 (then ``simulate`` is bit for bit as without it; a traced value, as in
+  calibration, always draws)."""
+  return not (isinstance(value, (int, float)) and value == 0)
 
 
 def _ring_curves(key, length, k_pts, ring_prob, curve):
@@ -243,7 +235,7 @@ def scene(key, p: SimParams, num_frames: int, has_event=None):
   p2 = 0.5 * length[:, None] * u
   p1 = bend[:, None] * normal
   curve = jax.vmap(_bezier, (0, 0, 0, None))(p0, p1, p2, t)          # [m, K, 2]
-  if _has_rings(p):
+  if _enabled(p.ring_prob):
     curve = _ring_curves(jax.random.fold_in(key, 26), length, k_pts, p.ring_prob, curve)
   seg = jnp.linalg.norm(jnp.diff(curve, axis=1), axis=-1)
   arc = jnp.concatenate([jnp.zeros((m, 1)), jnp.cumsum(seg, axis=1)], axis=1)
@@ -256,7 +248,7 @@ def scene(key, p: SimParams, num_frames: int, has_event=None):
   centres = jax.random.uniform(next(keys), (m, 2), minval=-0.15 * s, maxval=1.15 * s)
   centres = centres.at[0].set(site - curve[0, site_k])
   curve = curve + centres[:, None, :]
-  if _has_branches(p):
+  if _enabled(p.branch_prob):
     curve = _attach_branches(jax.random.fold_in(key, 25), curve, p.branch_prob)
   site_arc = arc[0, site_k]
 
@@ -307,7 +299,7 @@ def scene(key, p: SimParams, num_frames: int, has_event=None):
     return _render(yx, sigma.reshape(-1), mass.reshape(-1), s) * flicker[j]
 
   photons = jax.vmap(frame)(jnp.arange(n)) + background
-  if _has_stripes(p):
+  if _enabled(p.column_gain_rel_std):
     photons = photons * column_gain(key, p)[None, None, :]
   noise_key = next(keys)
   on = has_event & (q_now >= p.q_range[0]) & (q_now <= p.q_range[1])

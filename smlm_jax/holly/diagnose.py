@@ -67,16 +67,20 @@ AXIAL_ORDER = 5
 ONE_VIEW = 0.95     # view_eig_max above this: (nearly) every image seen along one axis
 
 
-def undetermined_depth_axis(rep: dict):
-  """The object-frame viewing axis [3] of a converged run's report whose images were
-  all explained from one viewing direction (``view_eig_max`` > ONE_VIEW): the images
-  do not determine the cloud's depth along it. None otherwise (a run that did not
-  converge keeps its cloud as trained: its poses, not its depth, are in doubt)."""
-  if (rep.get("converged", False) and rep.get("view_eig_max", 0.0) > ONE_VIEW
-      and "view_axis" in rep):
+def one_view_axis(rep: dict):
+  """The object-frame viewing axis [3] (unit) of a report whose images were all
+  explained from one viewing direction (``view_eig_max`` > ONE_VIEW): the images do
+  not determine the cloud's depth along it. None otherwise."""
+  if rep.get("view_eig_max", 0.0) > ONE_VIEW and "view_axis" in rep:
     a = np.asarray(rep["view_axis"], np.float64)
     return a / np.linalg.norm(a)
   return None
+
+
+def undetermined_depth_axis(rep: dict):
+  """:func:`one_view_axis` of a converged run's report, else None (a run that did not
+  converge keeps its cloud as trained: its poses, not its depth, are in doubt)."""
+  return one_view_axis(rep) if rep.get("converged", False) else None
 
 
 def flatten_along(points, axis):

@@ -97,9 +97,7 @@ def one_view_axis(workdir: str):
     rep = json.load(open(os.path.join(workdir, "convergence.json")))
   except (OSError, ValueError):
     return None
-  if rep.get("view_eig_max", 0.0) > diagnose.ONE_VIEW and "view_axis" in rep:
-    return np.asarray(rep["view_axis"], np.float64)
-  return None
+  return diagnose.one_view_axis(rep)
 
 
 def picture(points, result: dict, path: str, title: str = ""):
