@@ -536,6 +536,11 @@ class HollyTask(Task):
     comment = (f"learned point cloud, step {step}: renderer units (1 unit = {px:.4g} px of "
                f"the {self.size}x{self.size} training images; the image spans "
                f"[-{self.fov:g}, {self.fov:g}])")
+
+    def write(stem, x, text):                     # STEM.ply and STEM.obj
+      shapes.write_ply(stem + ".ply", x, comment=text)
+      shapes.write_obj(stem + ".obj", x, comment=text)
+
     final = self._convergence is not None and self._convergence[0] == int(step)
     axis = (diagnose.undetermined_depth_axis(self._convergence[1])
             if final and self.config.convergence.get("one_view_depth", "flatten") == "flatten"
@@ -544,21 +549,15 @@ class HollyTask(Task):
       # Every image was explained from one viewing direction: the images do not
       # determine the depth along it, so the cloud written is flat along it (what the
       # images determine); the cloud as trained, with its arbitrary depth, beside it.
-      shapes.write_ply(os.path.join(workdir, "shape_with_depth.ply"), pts, comment=comment)
-      shapes.write_obj(os.path.join(workdir, "shape_with_depth.obj"), pts, comment=comment)
-      flat = diagnose.flatten_along(pts, axis)
-      note = comment + "; flattened along the one viewing axis (depth not determined)"
-      shapes.write_ply(os.path.join(workdir, "shape.ply"), flat, comment=note)
-      shapes.write_obj(os.path.join(workdir, "shape.obj"), flat, comment=note)
+      write(os.path.join(workdir, "shape_with_depth"), pts, comment)
+      write(os.path.join(workdir, "shape"), diagnose.flatten_along(pts, axis),
+            comment + "; flattened along the one viewing axis (depth not determined)")
     else:
-      shapes.write_ply(os.path.join(workdir, "shape.ply"), pts, comment=comment)
-      shapes.write_obj(os.path.join(workdir, "shape.obj"), pts, comment=comment)
+      write(os.path.join(workdir, "shape"), pts, comment)
       for stale in ("shape_with_depth.ply", "shape_with_depth.obj"):
         if os.path.exists(os.path.join(workdir, stale)):
           os.remove(os.path.join(workdir, stale))
-    d = os.path.join(workdir, "shapes")
-    shapes.write_ply(os.path.join(d, f"shape_{step:06d}.ply"), pts, comment=comment)
-    shapes.write_obj(os.path.join(d, f"shape_{step:06d}.obj"), pts, comment=comment)
+    write(os.path.join(workdir, "shapes", f"shape_{step:06d}"), pts, comment)
     path = os.path.join(workdir, "train_seconds.json")
     log = {}
     if os.path.exists(path):
