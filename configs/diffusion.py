@@ -106,6 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.warmup_steps = 100
   config.weight_decay = 1e-4
   config.grad_clip_norm = 1.0
+  config.ema_decay = 0.0        # > 0: evaluate / export / predict with a moving average of the weights
   # Mean-squared error of log D is mixed into the NLL during warm-up so the mean
   # learns before the variance can explain errors away.
   config.mse_weight = 1.0

@@ -426,6 +426,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.warmup_steps = 30
   config.weight_decay = 1e-4
   config.grad_clip_norm = 1.0
+  config.ema_decay = 0.0        # > 0: evaluate / export / predict with a moving average of the weights
   config.schedule = "cosine"
 
   config.log_every_steps = 10

@@ -244,3 +244,35 @@ def test_nan_loss_stops_with_message(tmp_path):
   cfg.log_every_steps = 1
   with pytest.raises(trainer.TrainingError, match="loss became"):
     trainer.train_and_evaluate(cfg, str(tmp_path / "nan"))
+
+
+def test_ema_is_a_moving_average_of_the_weights_that_inference_uses(tmp_path):
+  cfg = _tiny()
+  cfg.ema_decay = 0.5
+  task = task_lib.build_task(cfg)
+  tx, sched = task.make_optimizer()
+  mesh = trainer.make_mesh(jax.devices()[:1])
+  state = jax.device_put(trainer.init_state(task, tx, cfg.seed), NamedSharding(mesh, P()))
+  step = trainer.make_train_step(task, tx, sched, mesh, cfg.seed)
+  expect = jax.device_get(state["params"])
+  for _ in range(3):
+    state, _ = step(state, None)
+    expect = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, expect, jax.device_get(state["params"]))
+  dist = lambda a, b: float(optax.tree.norm(jax.tree.map(lambda x, y: x - y, a, b)))
+  ema, params = jax.device_get(state["ema"]), jax.device_get(state["params"])
+  assert dist(ema, params) > 0          # the average lags the weights ...
+  assert dist(ema, expect) < 0.01 * dist(ema, params)   # ... by the recurrence
+  assert trainer.inference_state(state)["params"] is state["ema"]
+  # off (the default): no average kept, inference uses the weights themselves
+  plain = trainer.init_state(task_lib.build_task(_tiny()), tx, cfg.seed)
+  assert "ema" not in plain and trainer.inference_state(plain) is plain
+  # a run: checkpoints keep both; load_run / load_variables hand out the average
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(cfg, workdir)
+  _, _, loaded = trainer.load_run(workdir)
+  _, params, _ = trainer.load_variables(workdir)
+  assert _tree_rel(jax.device_get(loaded["params"]), jax.device_get(loaded["ema"])) == 0
+  assert _tree_rel(params, jax.device_get(loaded["ema"])) == 0
+  cfg.ema_decay = 1.0
+  with pytest.raises(ValueError, match="ema_decay"):
+    trainer.validate(cfg)

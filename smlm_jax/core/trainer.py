@@ -3,7 +3,9 @@
 Sections of :func:`train_and_evaluate` (big_vision style):
   mesh        1D data-parallel mesh over every device of every host, Auto axes
   task        built from the config (``config.task``); it simulates or augments batches
-  state       a plain pytree {"step", "params", "batch_stats", "opt"}, replicated
+  state       a plain pytree {"step", "params", "batch_stats", "opt"}, replicated;
+              with ``config.ema_decay`` > 0 also "ema", a moving average of the
+              parameters that evaluation, export and inference use (load_run)
   update      one jitted function: batch (on device) -> loss -> grads -> optax;
               state donated, batch sharded on 'data', per-step key fold_in(seed, step)
   checkpoints orbax CheckpointManager (async; the config saved as JSON); re-running in
@@ -31,7 +33,7 @@ restore onto any other process or device count.
 
 Config fields read here (top level): seed, num_train_steps, batch_size, learning_rate,
 warmup_steps, weight_decay, grad_clip_norm, log_every_steps, eval_every_steps,
-checkpoint_every_steps, max_to_keep, eval_batch_size; optional accumulate_steps
+checkpoint_every_steps, max_to_keep, eval_batch_size; optional accumulate_steps, ema_decay
 (gradient accumulation with optax.MultiSteps), schedule ('cosine' | 'constant').
 Workdir: checkpoints/, metrics.jsonl, config.json, TensorBoard events.
 """
@@ -125,12 +127,31 @@ def default_optimizer(config):
 
 
 # ---------------------------------------------------------------------------- state
+def ema_decay(config) -> float:
+  """``config.ema_decay`` (0 = off, the default): the decay of an exponential moving
+  average of the parameters kept beside them (Polyak averaging)."""
+  return float(config.get("ema_decay", 0.0)) if config is not None else 0.0
+
+
 def init_state(task: Task, tx, seed: int) -> dict:
-  """{"step", "params", "batch_stats", "opt"} of a fresh model (key(seed) initializes)."""
+  """{"step", "params", "batch_stats", "opt"} of a fresh model (key(seed) initializes),
+  plus "ema" (a copy of the parameters) when ``config.ema_decay`` > 0."""
   variables = dict(task.init_variables(jax.random.key(seed)))
   params = variables.pop("params")
-  return {"step": jnp.zeros((), jnp.int32), "params": params,
-          "batch_stats": variables.get("batch_stats", {}), "opt": tx.init(params)}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "batch_stats": variables.get("batch_stats", {}), "opt": tx.init(params)}
+  if ema_decay(getattr(task, "config", None)) > 0:
+    state["ema"] = jax.tree.map(jnp.array, params)
+  return state
+
+
+def inference_state(state: dict) -> dict:
+  """The state that evaluation, export and inference use: the parameters' moving
+  average in place of the parameters when the run keeps one (``config.ema_decay``),
+  else the state itself. Training always continues from the raw parameters."""
+  if "ema" not in state:
+    return state
+  return {**state, "params": state["ema"]}
 
 
 def model_apply(model, params, batch_stats, *args, train: bool, rngs=None, **kwargs):
@@ -175,6 +196,10 @@ def make_update_fn(task: Task, tx, schedule):
     new_state = {"step": step + 1, "params": keep(params, state["params"]),
                  "batch_stats": keep(stats, state["batch_stats"]),
                  "opt": keep(opt, state["opt"])}
+    if "ema" in state:
+      d = ema_decay(task.config)
+      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
+      new_state["ema"] = keep(ema, state["ema"])
     measurements = {"loss": loss, **meas, "grad_norm": grad_norm,
                     "learning_rate": schedule(step),
                     "skipped": 1.0 - finite.astype(jnp.float32)}
@@ -285,7 +310,7 @@ def load_run(workdir: str, mesh=None, step: int | None = None):
   shapes = jax.eval_shape(lambda: init_state(task, tx, config.seed))
   state = restore_state(mngr, abstract_state(shapes, NamedSharding(mesh, P())), step)
   mngr.close()
-  return config, task, state
+  return config, task, inference_state(state)
 
 
 def load_variables(workdir: str, step: int | None = None):
@@ -309,7 +334,7 @@ def load_variables(workdir: str, step: int | None = None):
                         tree)
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   mngr.close()
-  state = jax.device_get(restored["state"])
+  state = inference_state(jax.device_get(restored["state"]))
   return config, state["params"], state.get("batch_stats") or {}
 
 
@@ -561,7 +586,7 @@ def _train(config, workdir, task, stop_step: int | None = None):
     final, state = _loop(config, task, state, start, train_step, evaluator, mngr, writer,
                          mesh, workdir, is_main, stop_step)
     if stop_step is not None:
-      final = dict(final, restart_score=task.restart_score(state, mesh))
+      final = dict(final, restart_score=task.restart_score(inference_state(state), mesh))
     mngr.wait_until_finished()
     distributed.finish()                 # before the last barrier (mngr.close)
   finally:
@@ -646,17 +671,17 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
           writer.write(row)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
       if evaluator is not None and (step % config.eval_every_steps == 0 or last):
-        final = evaluator(state)
+        final = evaluator(inference_state(state))
         if writer:
           writer.write({"step": step, **{f"eval/{k}": v for k, v in
                                          task.flat_metrics(final).items()}})
       if step % config.checkpoint_every_steps == 0 or last:
         save_checkpoint(mngr, state, config, step)
         if is_main:
-          task.export(state, workdir, step)
+          task.export(inference_state(state), workdir, step)
       bar.update(1)
   if not final and evaluator is not None:   # resumed a finished run: evaluate once
-    final = evaluator(state)
+    final = evaluator(inference_state(state))
   return final, state
 
 
@@ -687,6 +712,8 @@ def validate(config):
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
   if int(config.get("accumulate_steps", 1)) < 1:
     raise ValueError("config.accumulate_steps must be >= 1")
+  if not 0.0 <= ema_decay(config) < 1.0:
+    raise ValueError(f"config.ema_decay must be in [0, 1) (0 = off), got {config.ema_decay}")
 
 
 class MetricWriter:
