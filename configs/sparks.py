@@ -426,7 +426,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.warmup_steps = 30
   config.weight_decay = 1e-4
   config.grad_clip_norm = 1.0
-  config.ema_decay = 0.0        # > 0: evaluate / export / predict with a moving average of the weights
+  # Validation, export and inference use a moving average of the weights (decay 0.99,
+  # ~100 of the 700 steps; default since 2026-12-07, README 'Averaged weights'); 0 = off.
+  config.ema_decay = 0.99
   config.schedule = "cosine"
 
   config.log_every_steps = 10
@@ -479,6 +481,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.infer.chunk_frames = 16
     config.infer.stride_frames = 8
     config.num_train_steps = 2
+    config.ema_decay = 0.0            # two steps: an average would stay at the init
     config.batch_size = 4
     config.warmup_steps = 1
     config.log_every_steps = 1
