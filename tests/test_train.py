@@ -276,3 +276,17 @@ def test_ema_is_a_moving_average_of_the_weights_that_inference_uses(tmp_path):
   cfg.ema_decay = 1.0
   with pytest.raises(ValueError, match="ema_decay"):
     trainer.validate(cfg)
+
+
+def test_a_run_resumed_with_ema_switched_on_or_off_continues(tmp_path):
+  cfg = _tiny()
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(cfg, workdir)              # 2 steps, no average
+  cfg.num_train_steps, cfg.ema_decay = 4, 0.5
+  trainer.train_and_evaluate(cfg, workdir)              # the average starts at step 2
+  _, _, state = trainer.load_run(workdir)
+  assert int(state["step"]) == 4 and "ema" in state
+  cfg.num_train_steps, cfg.ema_decay = 6, 0.0
+  trainer.train_and_evaluate(cfg, workdir)              # and is dropped again
+  _, _, state = trainer.load_run(workdir)
+  assert int(state["step"]) == 6 and "ema" not in state

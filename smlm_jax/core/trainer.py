@@ -288,6 +288,47 @@ def restore_state(mngr, target, step=None):
   return restored["state"]
 
 
+def _state_metadata(workdir: str, step: int):
+  """The tree of array metadata (shape, dtype) of the state saved at ``step``."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)      # "metadata file does not exist" is harmless
+  try:
+    meta = ocp.StandardCheckpointer().metadata(
+        os.path.join(checkpoint_dir(workdir), str(step), "state"))
+  finally:
+    logging.set_verbosity(verbosity)
+  tree = getattr(meta, "item_metadata", meta)
+  return getattr(tree, "tree", tree)
+
+
+def _saved_state_keys(workdir: str, step: int) -> set:
+  """Top-level keys of the state saved at ``step``."""
+  return set(_state_metadata(workdir, step).keys())
+
+
+def _resume(mngr, state, sharding, step: int, workdir: str) -> dict:
+  """The state saved at ``step``, restored onto ``state``'s structure. A run resumed
+  with ``config.ema_decay`` switched on (or off) since its checkpoint starts (or drops)
+  the weights' average there instead of failing on the missing (or extra) entry."""
+  saved = _saved_state_keys(workdir, step)
+  target = dict(state)
+  if "ema" in target and "ema" not in saved:
+    del target["ema"]
+    restored = dict(restore_state(mngr, abstract_state(target, sharding), step))
+    restored["ema"] = jax.tree.map(jnp.array, restored["params"])
+    logging.warning("step %d was saved without an average of the weights: the average "
+                    "(config.ema_decay) starts from the weights there", step)
+    return restored
+  if "ema" in saved and "ema" not in target:
+    target["ema"] = target["params"]
+    restored = dict(restore_state(mngr, abstract_state(target, sharding), step))
+    del restored["ema"]
+    logging.warning("step %d holds an average of the weights, which config.ema_decay = 0 "
+                    "drops: training, validation and exports use the weights", step)
+    return restored
+  return restore_state(mngr, abstract_state(target, sharding), step)
+
+
 def _open_checkpoints(workdir: str, step: int | None):
   """(manager, step, config) of the latest (or given) complete checkpoint of a run."""
   ckpt_dir = checkpoint_dir(workdir)
@@ -320,15 +361,7 @@ def load_variables(workdir: str, step: int | None = None):
   metadata and are restored onto one local device, so a run saved on 4 devices loads
   on 1 (orbax refuses the saved sharding then)."""
   mngr, step, config = _open_checkpoints(workdir, step)
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)      # "metadata file does not exist" is harmless
-  try:
-    meta = ocp.StandardCheckpointer().metadata(
-        os.path.join(checkpoint_dir(workdir), str(step), "state"))
-  finally:
-    logging.set_verbosity(verbosity)
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
+  tree = _state_metadata(workdir, step)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                         tree)
@@ -568,7 +601,7 @@ def _train(config, workdir, task, stop_step: int | None = None):
   mngr = checkpoint_manager(workdir, config)
   start = mngr.latest_step()
   if start is not None:
-    state = restore_state(mngr, abstract_state(state, replicated), start)
+    state = _resume(mngr, state, replicated, start, workdir)
     logging.info("resumed from step %d", start)
   start = int(state["step"])
   is_main = jax.process_index() == 0
