@@ -36,14 +36,15 @@ def test_train_two_steps_then_resume(tmp_path):
   assert steps == [1, 2] and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "2"
-  # Resume: a longer schedule continues from step 2, not from scratch.
-  cfg.num_train_steps = 4
+  # Resume: a longer schedule continues from step 2, not from scratch, here with the
+  # weights' average switched on since the checkpoint (it starts from the weights there).
+  cfg.num_train_steps, cfg.ema_decay = 4, 0.5
   trainer.train_and_evaluate(cfg, workdir)
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   steps = [r["step"] for r in rows if "loss" in r]
   assert steps == [1, 2, 3, 4]
   _, _, state = trainer.load_run(workdir)
-  assert int(state["step"]) == 4
+  assert int(state["step"]) == 4 and "ema" in state
   from smlm_jax.diffusion import evaluate
   metrics = evaluate.evaluate_run(workdir, num_movies=16, seed=1)
   saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
@@ -273,20 +274,12 @@ def test_ema_is_a_moving_average_of_the_weights_that_inference_uses(tmp_path):
   _, params, _ = trainer.load_variables(workdir)
   assert _tree_rel(jax.device_get(loaded["params"]), jax.device_get(loaded["ema"])) == 0
   assert _tree_rel(params, jax.device_get(loaded["ema"])) == 0
+  # resumed with the average switched off: it is dropped, training goes on
+  cfg.num_train_steps, cfg.ema_decay = 4, 0.0
+  trainer.train_and_evaluate(cfg, workdir)
+  _, _, loaded = trainer.load_run(workdir)
+  assert int(loaded["step"]) == 4 and "ema" not in loaded
   cfg.ema_decay = 1.0
   with pytest.raises(ValueError, match="ema_decay"):
     trainer.validate(cfg)
 
-
-def test_a_run_resumed_with_ema_switched_on_or_off_continues(tmp_path):
-  cfg = _tiny()
-  workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(cfg, workdir)              # 2 steps, no average
-  cfg.num_train_steps, cfg.ema_decay = 4, 0.5
-  trainer.train_and_evaluate(cfg, workdir)              # the average starts at step 2
-  _, _, state = trainer.load_run(workdir)
-  assert int(state["step"]) == 4 and "ema" in state
-  cfg.num_train_steps, cfg.ema_decay = 6, 0.0
-  trainer.train_and_evaluate(cfg, workdir)              # and is dropped again
-  _, _, state = trainer.load_run(workdir)
-  assert int(state["step"]) == 6 and "ema" not in state
