@@ -2,11 +2,24 @@
 import contextlib
 import os
 import shutil
+import tempfile
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per test session, shared by the pytest-xdist workers
+# (they inherit the environment of the main process, which imports this file first) and
+# by every `python -m smlm_jax...` subprocess a test starts: they compile many of the
+# same programs (tiny configs' train steps, simulators, eager ops), each process anew.
+# Cached executables are the compiled programs themselves, so results do not change.
+# Removed at the end of the session; set JAX_COMPILATION_CACHE_DIR yourself to keep one
+# (or to "" to switch it off).
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="smlm_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
@@ -58,3 +71,9 @@ def tiny_run(tmp_path_factory):
       trainer.train_and_evaluate(cfg, str(workdir))
       done.write_text("")
   return str(workdir)
+
+
+def pytest_unconfigure(config):
+  """The session's compilation cache goes with the process that made it."""
+  if _XLA_CACHE is not None:
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
