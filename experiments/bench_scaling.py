@@ -49,8 +49,7 @@ def _worker(coordinator, n, i):
   config.batch_size = _PER_DEVICE.value * len(jax.devices())
   task = task_lib.build_task(config)
   tx, sched = task.make_optimizer()
-  state = jax.jit(lambda: trainer.init_state(task, tx, config.seed),
-                  out_shardings=NamedSharding(mesh, P()))()
+  state = trainer.fresh_state(task, tx, config.seed, NamedSharding(mesh, P()))
   step = trainer.make_train_step(task, tx, sched, mesh, config.seed)
   t0 = time.perf_counter()
   host = lambda i: trainer.put_host_batch(task.host_batch(i), mesh)  # noqa: E731

@@ -57,7 +57,7 @@ def main(argv):
     config.model = diffusion.get_model_config(name)
     task = task_lib.build_task(config)
     tx, sched = task.make_optimizer()
-    state = jax.device_put(trainer.init_state(task, tx, config.seed), rep)
+    state = trainer.fresh_state(task, tx, config.seed, rep)
     n_params = sum(p.size for p in jax.tree.leaves(state["params"]))
 
     sim_only = jax.jit(trainer.make_batch_fn(task, mesh, config.seed))

@@ -59,7 +59,7 @@ def _one_step(cfg, devices, steps=1):
   task = task_lib.build_task(cfg)
   tx, sched = task.make_optimizer()
   mesh = trainer.make_mesh(devices)
-  state = jax.device_put(trainer.init_state(task, tx, cfg.seed), NamedSharding(mesh, P()))
+  state = trainer.fresh_state(task, tx, cfg.seed, NamedSharding(mesh, P()))
   step = trainer.make_train_step(task, tx, sched, mesh, cfg.seed)
   losses, grad_norms = [], []
   for _ in range(steps):
@@ -108,7 +108,7 @@ def test_one_step_same_on_1_and_4_devices(model):
   assert len(jax.devices()) >= 4
   task = task_lib.build_task(cfg)
   tx, _ = task.make_optimizer()
-  state = trainer.init_state(task, tx, cfg.seed)
+  state = trainer.fresh_state(task, tx, cfg.seed)
   mesh1, mesh4 = (trainer.make_mesh(jax.devices()[:n]) for n in (1, 4))
   # The simulated batch: per-movie keys, so the same movies whatever the device count
   # (a rare Poisson count may flip with a last-bit change of its mean: allow 0.1%).
@@ -217,7 +217,7 @@ def test_overfits_a_fixed_batch():
   tx, _ = task.make_optimizer()
   mesh = trainer.make_mesh(jax.devices()[:1])
   batch = trainer.make_batch_fn(task, mesh, cfg.seed)(0)
-  state = trainer.init_state(task, tx, 0)
+  state = trainer.fresh_state(task, tx, 0)
 
   @jax.jit
   def step(state):
@@ -253,7 +253,7 @@ def test_ema_is_a_moving_average_of_the_weights_that_inference_uses(tmp_path):
   task = task_lib.build_task(cfg)
   tx, sched = task.make_optimizer()
   mesh = trainer.make_mesh(jax.devices()[:1])
-  state = jax.device_put(trainer.init_state(task, tx, cfg.seed), NamedSharding(mesh, P()))
+  state = trainer.fresh_state(task, tx, cfg.seed, NamedSharding(mesh, P()))
   step = trainer.make_train_step(task, tx, sched, mesh, cfg.seed)
   expect = jax.device_get(state["params"])
   for _ in range(3):
@@ -265,7 +265,7 @@ def test_ema_is_a_moving_average_of_the_weights_that_inference_uses(tmp_path):
   assert dist(ema, expect) < 0.01 * dist(ema, params)   # ... by the recurrence
   assert trainer.inference_state(state)["params"] is state["ema"]
   # off (the default): no average kept, inference uses the weights themselves
-  plain = trainer.init_state(task_lib.build_task(_tiny()), tx, cfg.seed)
+  plain = trainer.fresh_state(task_lib.build_task(_tiny()), tx, cfg.seed)
   assert "ema" not in plain and trainer.inference_state(plain) is plain
   # a run: checkpoints keep both; load_run / load_variables hand out the average
   workdir = str(tmp_path / "run")

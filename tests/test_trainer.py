@@ -57,7 +57,7 @@ def _run_steps(task, devices, steps):
   cfg = task.config
   tx, sched = task.make_optimizer()
   mesh = trainer.make_mesh(devices)
-  state = jax.device_put(trainer.init_state(task, tx, cfg.seed), NamedSharding(mesh, P()))
+  state = trainer.fresh_state(task, tx, cfg.seed, NamedSharding(mesh, P()))
   step_fn = trainer.make_train_step(task, tx, sched, mesh, cfg.seed)
   losses = []
   for i in range(steps):
@@ -184,7 +184,7 @@ def test_gradient_accumulation_updates_every_k_steps():
   task = SimulatedLine(cfg)
   tx, sched = task.make_optimizer()
   mesh = trainer.make_mesh(jax.devices()[:1])
-  state = trainer.init_state(task, tx, cfg.seed)
+  state = trainer.fresh_state(task, tx, cfg.seed)
   step_fn = trainer.make_train_step(task, tx, sched, mesh, cfg.seed)
   seen = [0.0]
   for _ in range(8):
