@@ -129,7 +129,9 @@ def diffusion_runs(tmp_path_factory):
   """One process x 4 devices for 4 steps; 2 processes x 2 devices for 2 steps, then
   the same workdir resumed in one process to step 4."""
   root = tmp_path_factory.mktemp("multihost")
-  cache = str(root / "jax_cache")
+  # the session's cache (conftest) when there is one: other tests' subprocesses compile
+  # some of the same programs
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(root / "jax_cache")
   config, extra = DIFFUSION
   one, two = str(root / "one"), str(root / "two")
   _finish(_start(config, one, 4, cache, extra=extra))
