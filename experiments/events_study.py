@@ -342,6 +342,8 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
         cfg = finetune_config(variant, sim_dir, db_path, [e] + ([val] if inner else []),
                               f.finetune_steps, f.finetune_lr, f.calibration)
         cfg.seed = int(cfg.seed) + k
+        if f.finetune_ema_decay >= 0:
+          cfg.ema_decay = float(f.finetune_ema_decay)
         trainer.train_and_evaluate(cfg, fold)
         fold_config, state, fn = load_model(fold, mesh)
         member = predict_views(fold_config.model, state, fn, VIEWS, windows, mesh, edge)
@@ -386,6 +388,7 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
           f"{r['tp']:>4}{r['fp']:>4}{r['fn']:>4}{r['false_detections'] / r['frames']:>18.2f}"
           f"{r['median_distance_px']:>13.1f}")
   summary_ = {"rule": rule, "finetune_threshold_on": f.finetune_threshold_on,
+              "finetune_ema_decay": f.finetune_ema_decay,
               "zero_shot": pooled(zero_rows, beta), "zero_shot_folds": zero_rows,
               "all_rules": {f"zero_shot/{r}": pooled(v, beta) for r, v in zero_by.items()}}
   summary_["all_rules"].update({f"zero_shot/{k}": pooled(v, beta) for k, v in zero_views.items()})
@@ -423,6 +426,8 @@ def main(argv):
     cli.fail(f"--real={f.real} not found (the shared iSIM crops)")
   if f.finetune_seeds < 1:
     cli.fail(f"--finetune_seeds={f.finetune_seeds}: must be >= 1")
+  if f.finetune_ema_decay >= 1:
+    cli.fail(f"--finetune_ema_decay={f.finetune_ema_decay}: must be < 1 (0: off)")
   if f.calibration and not os.path.isfile(f.calibration):
     cli.fail(f"--calibration={f.calibration}: no such file")
   os.makedirs(f.workdir, exist_ok=True)
@@ -467,6 +472,10 @@ if __name__ == "__main__":
   flags.DEFINE_integer("finetune_steps", 200, "Fine-tuning steps per real fold (0: "
                        "zero-shot only).")
   flags.DEFINE_float("finetune_lr", 5e-4, "Fine-tuning peak learning rate.")
+  flags.DEFINE_float("finetune_ema_decay", -1.0, "Averaged weights for the fine-tunes "
+                     "(config.ema_decay; negative, the default: configs/events.py's). The "
+                     "trajectory is the same whatever the value, so fine-tunes with and "
+                     "without differ only in the weights used.")
   flags.DEFINE_integer("finetune_seeds", 1, "Fine-tunes per fold (seeds config.seed + k, "
                        "WORKDIR/fold_<id>[_seed<k>]); their probability maps are averaged.")
   flags.DEFINE_enum("threshold_rule", "frame_max", list(RULES), "frame_max: one "
