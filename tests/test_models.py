@@ -194,20 +194,31 @@ def test_spot_fit_stays_finite_on_a_broken_frame_and_runs_in_full_precision():
       p is not None and all(q == jax.lax.Precision.HIGHEST for q in p) for p in precisions)
 
 
-def _tiny_model_and_fit(seed):
-  """The tiny config's locformer and its spot fits of two simulated movies."""
+@functools.lru_cache(maxsize=1)
+def _tiny_model_and_fit_fn():
+  """(the tiny config's locformer, jit(key -> its spot fits of two simulated movies));
+  compiled, as in training (eagerly, every operation compiles on its own: ~1 min)."""
   cfg = diffusion.get_config("tiny")
   sim = sim_lib.simulator_from_config(cfg.sim)
   model = models.build_model(cfg.model, **models.physics_context(sim))
-  frames, _ = sim.batch(jax.random.key(seed), 2)
-  x, _, _ = normalize.model_input(frames, sim.camera)
-  return model, model.spot_features(x)[0]
+
+  @jax.jit
+  def fit(key):
+    frames, _ = sim.batch(key, 2)
+    x, _, _ = normalize.model_input(frames, sim.camera)
+    return model.spot_features(x)[0]
+  return model, fit
+
+
+def _tiny_model_and_fit(seed):
+  model, fit = _tiny_model_and_fit_fn()
+  return model, fit(jax.random.key(seed))
 
 
 def test_locformer_gradient_is_finite_with_a_non_finite_fit_in_the_batch():
   model, fit = _tiny_model_and_fit(0)
   fit = dict(fit, se=fit["se"].at[0, 3].set(jnp.inf), valid=fit["valid"].at[0, 3].set(False))
-  g = jax.grad(lambda f: model.track_posterior(fit, f)[1].sum())(
+  g = jax.jit(jax.grad(lambda f: model.track_posterior(fit, f)[1].sum()))(
       jnp.zeros(fit["valid"].shape))
   assert np.isfinite(np.asarray(g)).all()
   assert np.abs(np.asarray(g)).sum() > 0      # the valid frames do carry a gradient
@@ -221,10 +232,11 @@ def test_track_posterior_stays_finite_when_a_frame_factor_runs_away():
   model, fit = _tiny_model_and_fit(1)
   fit = dict(fit, valid=jnp.ones_like(fit["valid"]))
   g = jnp.zeros(fit["valid"].shape).at[:, 5].set(20.0).at[:, 6].set(100.0)
-  ll, m0, v0 = model.track_posterior(fit, g)
+  posterior = jax.jit(model.track_posterior)       # as in training (and far faster)
+  ll, m0, v0 = posterior(fit, g)
   assert np.isfinite(np.asarray(ll)).all() and np.isfinite(np.asarray(m0)).all()
   lost = dict(fit, valid=fit["valid"].at[:, 5:7].set(False))
-  _, m_lost, _ = model.track_posterior(lost, jnp.zeros_like(g))
+  _, m_lost, _ = posterior(lost, jnp.zeros_like(g))
   np.testing.assert_allclose(np.asarray(m0), np.asarray(m_lost), atol=0.02)
-  grad = jax.grad(lambda f: model.track_posterior(fit, f)[1].sum())(g)
+  grad = jax.jit(jax.grad(lambda f: posterior(fit, f)[1].sum()))(g)
   assert np.isfinite(np.asarray(grad)).all()
