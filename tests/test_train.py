@@ -265,7 +265,7 @@ def test_ema_is_a_moving_average_of_the_weights_that_inference_uses(tmp_path):
   assert dist(ema, expect) < 0.01 * dist(ema, params)   # ... by the recurrence
   assert trainer.inference_state(state)["params"] is state["ema"]
   # off (the default): no average kept, inference uses the weights themselves
-  plain = trainer.fresh_state(task_lib.build_task(_tiny()), tx, cfg.seed)
+  plain = jax.eval_shape(lambda: trainer.init_state(task_lib.build_task(_tiny()), tx, cfg.seed))
   assert "ema" not in plain and trainer.inference_state(plain) is plain
   # a run: checkpoints keep both; load_run / load_variables hand out the average
   workdir = str(tmp_path / "run")
