@@ -181,6 +181,8 @@ def get_sim_config() -> ml_collections.ConfigDict:
   labels = ml_collections.ConfigDict()
   labels.event_fraction = 0.3
   labels.ring_fraction = 0.1
+  # Waves cover rel >= wave_fraction (their slow tail; = event_fraction: as other events).
+  labels.wave_fraction = 0.3
   labels.ignore_frames = 4
   sim.labels = labels
 

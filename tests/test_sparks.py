@@ -136,6 +136,37 @@ def test_labels_cover_events_and_the_spark_ignore_ring():
   assert np.abs(out2["dff"][:, 20:] * out2["f0"][None, 20:]).max() < 1e-3 * 20
 
 
+def test_wave_tail_fraction_relabels_only_background_behind_the_wave():
+  dt = GEOM.frame_interval_ms
+  wave = dict(kind=sim.WAVE, t0_ms=5 * dt, x_px=-5.0, rise_ms=10.0, tau_ms=60.0,
+              speed_um_per_s=300.0, amplitude=2.0)
+  spark = dict(kind=sim.SPARK, t0_ms=22 * dt, y_px=16.0, x_px=12.0, fwhm_um=2.0,
+               rise_ms=10.0, tau_ms=25.0, amplitude=0.5)
+  s = scene([wave, spark])
+  base = render(s)
+  tail_spec = dataclasses.replace(SPEC, wave_fraction=0.1)
+  out = render(s, spec=tail_spec)
+  rel = np.asarray(jax.jit(sim.event_rel, static_argnums=1)(s.events, GEOM))
+  changed = out["labels"] != base["labels"]
+  # Only background voxels change, all into the wave (instance 1), where the wave's rel is
+  # in [0.1, 0.3): its slow tail (after the peak) and the foot of its rise.
+  assert changed.sum() > 200
+  assert np.all(base["labels"][changed] == sim.BACKGROUND)
+  assert np.all(out["labels"][changed] == sim.WAVE) and np.all(out["instances"][changed] == 1)
+  assert np.all((rel[0][changed] >= 0.1) & (rel[0][changed] < 0.3))
+  # The spark on the tail, its ignore ring and the edge frames keep their labels.
+  for k in (sim.SPARK, sim.IGNORE):
+    assert np.array_equal(out["labels"] == k, base["labels"] == k)
+  assert (base["labels"] == sim.SPARK).sum() > 50
+  # A tail voxel later than the wave's 0.3 crossing at one column is wave now, not before.
+  col = out["labels"][:, 5, 40]
+  assert (col == sim.WAVE).sum() > (base["labels"][:, 5, 40] == sim.WAVE).sum()
+  # wave_fraction = event_fraction (the config default) is the old rule bit for bit.
+  same = render(s, spec=dataclasses.replace(SPEC, wave_fraction=0.3))
+  assert np.array_equal(same["labels"], base["labels"])
+  assert np.array_equal(same["instances"], base["instances"])
+
+
 def test_priors_and_activity_masks():
   cfg = sparks_config.get_config()
   simulator = sim.simulator_from_config(cfg.sim)

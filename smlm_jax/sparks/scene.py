@@ -135,6 +135,7 @@ class LabelSpec:
   event_fraction: float = 0.3
   ring_fraction: float = 0.1
   ignore_frames: int = 4
+  wave_fraction: float | None = None   # None: waves cover rel >= event_fraction too
 
 
 @flax.struct.dataclass

@@ -37,7 +37,9 @@ Labels (per voxel, int32): 0 background, 1 spark, 2 wave, 3 puff, 4 ignore. An e
 covers the voxels inside the cell (``cell >= 0.5``) where its own ``rel >=
 event_fraction`` (the same relative threshold for bright and dim events, so a
 footprint does not grow with amplitude). Where several events cover a voxel it
-belongs to the one with the largest ``A rel`` there. A spark's *ignore ring* is
+belongs to the one with the largest ``A rel`` there. With ``sim.labels.wave_fraction``
+below ``event_fraction``, a wave's slow tail (``wave_fraction <= rel``) also counts as
+the wave where the voxel would otherwise be background. A spark's *ignore ring* is
 where ``ring_fraction <= rel < event_fraction`` (its uncertain rim in space and
 time) and no event covers the voxel; the first and last ``ignore_frames`` frames are
 ignore too (events cut by the movie's ends). ``instances`` gives each covered voxel
@@ -178,6 +180,15 @@ def labels_from_rel(rel, ev: Events, cell, spec: LabelSpec):
   any_ring = jnp.any(ring, axis=0)
   labels = jnp.where(any_cov, ev.kind[best], jnp.where(any_ring, IGNORE, BACKGROUND))
   instances = jnp.where(any_cov, best + 1, 0)
+  if spec.wave_fraction is not None and spec.wave_fraction < spec.event_fraction:
+    # A wave's slow tail (wave_fraction <= rel < event_fraction) takes only voxels that
+    # would otherwise be background: every other label stays as it is.
+    tail = ((rel >= spec.wave_fraction) & inside & active
+            & (ev.kind == WAVE)[:, None, None, None])
+    tail_strength = jnp.where(tail, ev.amplitude[:, None, None, None] * rel, -1.0)
+    free = jnp.any(tail, axis=0) & (labels == BACKGROUND)
+    labels = jnp.where(free, WAVE, labels)
+    instances = jnp.where(free, jnp.argmax(tail_strength, axis=0) + 1, instances)
   T = rel.shape[1]
   k = spec.ignore_frames
   if k > 0:
@@ -342,8 +353,10 @@ def simulator_from_config(sim) -> Simulator:
       wave_speed_um_per_s=_pair(w.speed_um_per_s), wave_rise_ms=_pair(w.rise_ms),
       wave_tau_ms=_pair(w.tau_ms), wave_amplitude=_pair(w.amplitude_dff),
       **_randomization_from_config(sim))
+  wave_fraction = sim.labels.get("wave_fraction", None)
   spec = LabelSpec(float(sim.labels.event_fraction), float(sim.labels.ring_fraction),
-                   int(sim.labels.ignore_frames))
+                   int(sim.labels.ignore_frames),
+                   None if wave_fraction is None else float(wave_fraction))
   cam = sim.camera
   camera = Camera(qe=float(cam.qe), gain_adu_per_e=float(cam.gain_adu_per_e),
                   offset_adu=float(cam.offset_adu), read_noise_e=float(cam.read_noise_e),
