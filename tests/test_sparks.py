@@ -165,6 +165,11 @@ def test_wave_tail_fraction_relabels_only_background_behind_the_wave():
   same = render(s, spec=dataclasses.replace(SPEC, wave_fraction=0.3))
   assert np.array_equal(same["labels"], base["labels"])
   assert np.array_equal(same["instances"], base["instances"])
+  # A fraction above event_fraction (which would not narrow the waves) is refused.
+  cfg = sparks_config.get_config("tiny").sim
+  cfg.labels.wave_fraction = 0.5
+  with pytest.raises(ValueError, match="wave_fraction"):
+    sim.simulator_from_config(cfg)
 
 
 def test_priors_and_activity_masks():

@@ -361,6 +361,10 @@ def simulator_from_config(sim) -> Simulator:
   camera = Camera(qe=float(cam.qe), gain_adu_per_e=float(cam.gain_adu_per_e),
                   offset_adu=float(cam.offset_adu), read_noise_e=float(cam.read_noise_e),
                   em_gain=float(cam.get("em_gain", 1.0)), model=str(cam.model))
+  if spec.wave_fraction is not None and not 0.0 < spec.wave_fraction <= spec.event_fraction:
+    raise ValueError(f"sim.labels.wave_fraction={spec.wave_fraction} must be in (0, "
+                     f"event_fraction={spec.event_fraction}]: it only extends a wave's "
+                     "labels into its tail")
   if geom.num_frames <= 2 * spec.ignore_frames:
     raise ValueError(f"sim.num_frames={geom.num_frames} leaves no frame outside the "
                      f"{spec.ignore_frames} ignored frames at each end")
