@@ -171,6 +171,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.restarts.vary = "init_shape,search.sigma_coarse_px"
   config.restarts.values = ("ball,1.5", "ball,1.5", "ball,0.75", "sphere,1.5")
 
+  # after the last step, a converged run on simulated images fine-tunes its pose CNN
+  # on images simulated from its own learned cloud at known poses (polish.py; the
+  # cloud is frozen). 0 = off.
+  config.polish = ml_collections.ConfigDict()
+  config.polish.steps = 0
+  config.polish.learning_rate = 3e-4
+  config.polish.batch_size = 32
+
   config.convergence = ml_collections.ConfigDict()   # end-of-training report (diagnose.py)
   # 0.1 (was 0.2, set on suzanne): learned shapes <= 0.065 (teapot), failures 0.142
   # (elongated, roll averaged away) and 0.43 (shell): see README

@@ -547,7 +547,11 @@ def test_train_two_steps_writes_shapes_and_evaluate_scores(tmp_path):
   from smlm_jax.holly import evaluate
   cfg = _tiny(tmp_path)
   workdir = str(tmp_path / "run")
-  final = trainer.train_and_evaluate(cfg, workdir)
+  with mock.patch.object(task_lib.HollyTask, "finish_training", autospec=True,
+                         side_effect=lambda self, state, mesh: state) as finish:
+    final = trainer.train_and_evaluate(cfg, workdir)
+  # the post-training phase (the pose-CNN polish) runs once, after the last step
+  assert finish.call_count == 1 and int(finish.call_args[0][1]["step"]) == 2
   assert 0.0 < final["chamfer"] < 1.0 and np.isfinite(final["pose_error_deg"]["median"])
   for name in ("shape.ply", "shape.obj", "shapes/shape_000001.ply", "shapes/shape_000002.obj"):
     assert os.path.exists(os.path.join(workdir, name)), name

@@ -89,6 +89,12 @@ class Task:
     return "\n".join(f"{k:<32} {v:.6g}" for k, v in self.flat_metrics(metrics).items()
                      if isinstance(v, (int, float)))
 
+  def finish_training(self, state, mesh):
+    """Called once after the last training step (before its evaluation, checkpoint and
+    export); returns the state to keep (default: unchanged). E.g. a post-training
+    phase that fine-tunes part of the model."""
+    return state
+
   def export(self, state, workdir: str, step: int) -> None:
     """Called on the main process after each checkpoint (e.g. write a learned shape)."""
 

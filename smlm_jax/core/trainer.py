@@ -671,6 +671,8 @@ def _loop(config, task, state, start, train_step, evaluator, mngr, writer, mesh,
         jax.block_until_ready(state)
       steps_done += 1
       last = step == end
+      if last and step == int(config.num_train_steps):
+        state = task.finish_training(state, mesh)   # a task's post-training phase
       if step % config.log_every_steps == 0 or last:
         meas = jax.device_get(meas)
         loss, grad_norm = float(meas["loss"]), float(meas["grad_norm"])

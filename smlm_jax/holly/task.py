@@ -57,6 +57,7 @@ from smlm_jax.holly import diagnose
 from smlm_jax.holly import images as images_lib
 from smlm_jax.holly import models
 from smlm_jax.holly import moments as moments_lib
+from smlm_jax.holly import polish as polish_lib
 from smlm_jax.holly import pose_search
 from smlm_jax.holly.prng import fast_prng
 from smlm_jax.holly import render
@@ -495,6 +496,38 @@ class HollyTask(Task):
                                                  particles=particles))
 
   _convergence = None
+
+  def finish_training(self, state, mesh):
+    """The pose-CNN polish (polish.py, ``config.polish.steps`` > 0): only for runs on
+    simulated images whose poses converged (the report of diagnose.py on the
+    evaluation images, before the polish; a wrong cloud is not polished)."""
+    cfg = self.config
+    p = cfg.get("polish", None)
+    steps = int(p.get("steps", 0)) if p is not None else 0
+    if steps <= 0:
+      return state
+    if self.image_set is not None:
+      print("holly: pose-CNN polish skipped: folder images (the distribution of their "
+            "views is not known)", flush=True)
+      return state
+    params = jax.device_get(trainer.inference_state(state)["params"])
+    batch = self.eval_batch(self.sigma(int(state["step"])), int(cfg.eval_num_images),
+                            int(cfg.eval_seed))
+    rep = diagnose.report(self, params, batch["image"], batch["sigma"], int(cfg.eval_seed))
+    if not rep["converged"]:
+      print("holly: pose-CNN polish skipped: the poses did not converge (report below)",
+            flush=True)
+      return state
+    net, info = polish_lib.polish(self, params["net"], params["points"], mesh, steps,
+                                  float(p.learning_rate), int(p.batch_size), int(cfg.seed))
+    print(f"holly: pose CNN polished on its learned cloud: {steps} steps of "
+          f"{int(p.batch_size)} images, {info['seconds']:.0f} s (cloud unchanged)",
+          flush=True)
+    out = dict(state)
+    out["params"] = {**state["params"], "net": net}
+    if "ema" in state:
+      out["ema"] = {**state["ema"], "net": net}
+    return out
 
   def folder_images(self):
     """Every image of the folder data [B, N, N] and its native sigma [B] (px)."""
