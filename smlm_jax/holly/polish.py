@@ -15,6 +15,10 @@ The batch is split over the devices of the mesh (data parallel, as training). On
 runs on simulated images (``config.data.obj``): with folder images the distribution of
 views is not known (the CEP152 renders show one), so uniform random poses would train
 the CNN on views the data never shows.
+
+Off by default (``config.polish.steps`` = 0): tried on the panel's rod (README), it
+left the CNN's median error where it was (23.07 -> 23.12 deg; its best hypothesis
+improved, the pick among them did not) and sharpened the refined poses (6.46 -> 3.83).
 """
 from __future__ import annotations
 
