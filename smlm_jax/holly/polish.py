@@ -35,8 +35,9 @@ from smlm_jax.holly.prng import fast_prng
 
 
 def pose_loss(R_cnn, t_cnn, R, t, hypothesis_weight: float, max_shift: float):
-  """(loss, mean closest-hypothesis Frobenius distance): training's distillation loss
-  of CNN outputs (R_cnn [B, K, 3, 3], t_cnn [B, 2]) towards poses (R [B, 3, 3], t [B, 2])."""
+  """(loss, closest-hypothesis squared Frobenius distance per image [B]): the pose loss
+  of CNN outputs (R_cnn [B, K, 3, 3], t_cnn [B, 2]) towards poses (R [B, 3, 3], t [B, 2])
+  that training (towards the refined poses) and the polish (towards known ones) use."""
   frob = jnp.sum((R_cnn - R[:, None]) ** 2, axis=(-2, -1))           # [B, K]
   closest = jnp.min(frob, axis=1)
   loss = jnp.mean(closest)
@@ -44,7 +45,7 @@ def pose_loss(R_cnn, t_cnn, R, t, hypothesis_weight: float, max_shift: float):
     loss = loss + hypothesis_weight * jnp.mean(frob)
   shift = max(float(max_shift), 1e-3)
   trans = jnp.mean(jnp.sum((t_cnn - t) ** 2, axis=-1)) / shift ** 2
-  return loss + 0.1 * trans, jnp.mean(closest)
+  return loss + 0.1 * trans, closest
 
 
 def polish(task, net_params, points, mesh, steps: int, learning_rate: float,
@@ -84,7 +85,7 @@ def polish(task, net_params, points, mesh, steps: int, learning_rate: float,
         jax.random.split(jax.random.fold_in(base, i), bs), per_example)
     (loss, closest), grads = jax.value_and_grad(loss_fn, has_aux=True)(net, keys)
     updates, opt = tx.update(grads, opt, net)
-    return optax.apply_updates(net, updates), opt, loss, closest
+    return optax.apply_updates(net, updates), opt, loss, jnp.mean(closest)
 
   sync = trainer.cpu_step_sync(mesh)
   t0 = time.perf_counter()

@@ -366,15 +366,12 @@ class HollyTask(Task):
     shape_loss = jnp.mean(image_loss(img, batch["image"], batch["sigma"], lcfg.name,
                                      tuple(lcfg.scales)))
     # the CNN learns the refined poses: its closest hypothesis (squared Frobenius
-    # distance = 4 (1 - cos angle)) and the translation
-    frob = jnp.sum((R_cnn - R_ref[:, None]) ** 2, axis=(-2, -1))      # [B, K]
-    pose_loss = jnp.mean(jnp.min(frob, axis=1))
-    if k > 1:
-      pose_loss = pose_loss + float(lcfg.hypothesis_weight) * jnp.mean(frob)
-    shift = max(float(self.config.data.max_shift), 1e-3)
-    trans_loss = jnp.mean(jnp.sum((out["t"] - t_ref) ** 2, axis=-1)) / shift ** 2
-    loss = shape_loss + float(lcfg.distill_weight) * (pose_loss + 0.1 * trans_loss)
-    angle = 2 * jnp.degrees(jnp.arcsin(jnp.clip(0.5 * jnp.sqrt(jnp.min(frob, 1) / 2), 0, 1)))
+    # distance = 4 (1 - cos angle)) and the translation (polish.pose_loss)
+    pose_loss, closest = polish_lib.pose_loss(R_cnn, out["t"], R_ref, t_ref,
+                                              float(lcfg.hypothesis_weight),
+                                              float(self.config.data.max_shift))
+    loss = shape_loss + float(lcfg.distill_weight) * pose_loss
+    angle = 2 * jnp.degrees(jnp.arcsin(jnp.clip(0.5 * jnp.sqrt(closest / 2), 0, 1)))
     meas = {"image_loss": shape_loss, "sigma_px": jnp.mean(batch["sigma"]),
             "cnn_to_refined_deg": jnp.mean(angle), "search_wins": jnp.mean(i >= k)}
     loss, meas = self._with_moments(loss, meas, params["points"])
