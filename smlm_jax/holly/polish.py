@@ -16,9 +16,12 @@ runs on simulated images (``config.data.obj``): with folder images the distribut
 views is not known (the CEP152 renders show one), so uniform random poses would train
 the CNN on views the data never shows.
 
-Off by default (``config.polish.steps`` = 0): tried on the panel's rod (README), it
-left the CNN's median error where it was (23.07 -> 23.12 deg; its best hypothesis
-improved, the pick among them did not) and sharpened the refined poses (6.46 -> 3.83).
+Off by default (``config.polish.steps`` = 0), and harmful on dense shapes (README):
+on the panel's rod it left the CNN's median error where it was (23.07 -> 23.12 deg) and
+sharpened the refined poses (6.46 -> 3.83); on the bunny it made the CNN worse (6.19 ->
+15.66 deg): images of the 350 learned points at the final sigma are sparse dots where
+the bunny's thousands of sites make a dense surface, so the CNN learns on images unlike
+the data.
 """
 from __future__ import annotations
 
