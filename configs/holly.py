@@ -173,7 +173,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # after the last step, a converged run on simulated images fine-tunes its pose CNN
   # on images simulated from its own learned cloud at known poses (polish.py; the
-  # cloud is frozen). 0 = off.
+  # cloud is frozen). 0 = off: on the bunny it made the CNN worse (6.2 -> 15.7 deg;
+  # 350 learned points render as sparse dots where the data are dense; README).
   config.polish = ml_collections.ConfigDict()
   config.polish.steps = 0
   config.polish.learning_rate = 3e-4
