@@ -51,6 +51,12 @@ def pose_loss(R_cnn, t_cnn, R, t, hypothesis_weight: float, max_shift: float):
   return loss + 0.1 * trans, closest
 
 
+def frobenius_to_deg(frob):
+  """Rotation angle (deg) from the squared Frobenius distance between two rotations
+  (= 4 (1 - cos angle))."""
+  return 2 * jnp.degrees(jnp.arcsin(jnp.clip(0.5 * jnp.sqrt(frob / 2), 0, 1)))
+
+
 def polish(task, net_params, points, mesh, steps: int, learning_rate: float,
            batch_size: int, seed: int, progress: bool = True):
   """Fine-tuned CNN parameters (replicated over ``mesh``) after ``steps`` steps of Adam
@@ -102,6 +108,5 @@ def polish(task, net_params, points, mesh, steps: int, learning_rate: float,
       bar.update(1)
   if bar is not None:
     bar.close()
-  deg = 2 * jnp.degrees(jnp.arcsin(jnp.clip(0.5 * jnp.sqrt(closest / 2), 0, 1)))
   return net, {"steps": steps, "seconds": time.perf_counter() - t0,
-               "last_closest_deg": float(deg)}
+               "last_closest_deg": float(frobenius_to_deg(closest))}

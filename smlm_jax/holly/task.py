@@ -371,7 +371,7 @@ class HollyTask(Task):
                                               float(lcfg.hypothesis_weight),
                                               float(self.config.data.max_shift))
     loss = shape_loss + float(lcfg.distill_weight) * pose_loss
-    angle = 2 * jnp.degrees(jnp.arcsin(jnp.clip(0.5 * jnp.sqrt(closest / 2), 0, 1)))
+    angle = polish_lib.frobenius_to_deg(closest)
     meas = {"image_loss": shape_loss, "sigma_px": jnp.mean(batch["sigma"]),
             "cnn_to_refined_deg": jnp.mean(angle), "search_wins": jnp.mean(i >= k)}
     loss, meas = self._with_moments(loss, meas, params["points"])
