@@ -86,6 +86,7 @@ def get_sim_config() -> ml_collections.ConfigDict:
                                      # pixel column; the iSIM crops: fitted by calibrate)
   sim.branch_prob = 0.0              # tubules starting on the previous one (junctions)
   sim.ring_prob = 0.0                # tubules bent into C shapes / closed rings (donuts)
+  sim.tip_px = 0.0                   # tubule ends extending / retracting (rms px per frame)
   return sim
 
 

@@ -348,6 +348,20 @@ def test_rings_are_arcs_of_their_own_length_and_leave_tubule_0():
   _same_truth_other_picture("ring_prob")
 
 
+def test_tips_cut_only_the_ends_and_move_between_frames():
+  import jax
+  from smlm_jax.events import simulate as sim_lib
+  arc = np.tile(np.linspace(0.0, 40.0, 81, dtype=np.float32), (5, 1))     # [m, K] px
+  w = np.asarray(sim_lib._tip_windows(jax.random.key(2), arc, 3, 3.0))   # [n, m, K]
+  assert w.shape == (3, 5, 81) and w.min() >= 0.0 and w.max() <= 1.0
+  middle = (arc[0] > 10.0) & (arc[0] < 30.0)                            # beyond 1/4 of it
+  np.testing.assert_array_equal(w[..., middle], 1.0)                    # never cut there
+  kept = w.sum(-1) * 0.5                                                 # px of arc kept
+  assert (kept[-1] >= 40.0 - 4 * 3.0 - 2.0).all()                        # now: <= 2 tip_px a side
+  assert np.abs(np.diff(kept, axis=0)).max() > 1.0                       # ends move in time
+  _same_truth_other_picture("tip_px")
+
+
 def test_dihedral_tta_map_turns_with_the_movie():
   """make_predict_fn(tta=True) averages the 8 rotations / reflections: turning or
   mirroring the frames turns the map with them, which one pass of an untrained network

@@ -50,6 +50,11 @@ Scene (lengths in px of ``pixel_size_nm``; defaults in ``configs/events.py``):
   network, a hard negative for the detector (real crops show many; the detector's
   false detections sat on junctions and thick necks). Drawn from ``fold_in(key, 25)``
   and skipped at a Python 0, like the stripes.
+* Growing and shrinking tips (``tip_px``; default 0 = none): both ends of every
+  tubule move along its arc from frame to frame (U(0, 2 tip_px) cut back in the
+  current frame, N(0, tip_px) px per frame, at most a quarter of the tubule): the
+  tips of real mitochondria extend and retract between 5 s frames, so a moving end
+  alone is not a division. Drawn from ``fold_in(key, 27)``, skipped at a Python 0.
 * Rings (``ring_prob``; default 0 = none): each tubule after the first is, with this
   probability, a circular arc of its own length through 1.2-2 pi (C shapes to closed
   donuts, common in the shared crops); drawn from ``fold_in(key, 26)``, skipped at a
@@ -105,6 +110,7 @@ class SimParams:
   column_gain_rel_std: float = 0.0
   branch_prob: float = 0.0
   ring_prob: float = 0.0
+  tip_px: float = 0.0
 
   @classmethod
   def from_config(cls, sim) -> "SimParams":
@@ -202,6 +208,27 @@ def _attach_branches(key, curve, branch_prob):
   return jnp.stack(out)
 
 
+def _tip_windows(key, arc, num_frames, tip_px):
+  """[n, m, K] weights in [0, 1] of each tubule's samples in each frame: both ends of
+  every tubule extend and retract along its own arc (mitochondrial tips grow and
+  shrink between 5 s frames without dividing: a hard negative for the ends a division
+  leaves). Per end, the cut in the current frame (n - 1) is U(0, 2 tip_px) and moves
+  by v ~ N(0, tip_px) per frame (linear in time), floored at 0 (the nominal end) and
+  capped at a quarter of the tubule (a site lies at 30-70% of tubule 0's arc, so the
+  neck is never cut away); a 1 px linear ramp. ``arc`` [m, K] px."""
+  m = arc.shape[0]
+  k_now, k_v = jax.random.split(key)
+  length = arc[:, -1:]                                                  # [m, 1]
+  now = jax.random.uniform(k_now, (2, m, 1), maxval=2.0) * tip_px
+  v = jax.random.normal(k_v, (2, m, 1)) * tip_px
+  lag = jnp.arange(num_frames, dtype=jnp.float32) - (num_frames - 1)   # [n], <= 0
+  cut = jnp.clip(now[:, None] + v[:, None] * lag[None, :, None, None], 0.0,
+                 0.25 * length[None, None])                             # [2, n, m, 1]
+  start = jnp.clip(arc[None] - cut[0] + 1.0, 0.0, 1.0)
+  end = jnp.clip(length[None] - cut[1] - arc[None] + 1.0, 0.0, 1.0)
+  return start * end
+
+
 def simulate(key, p: SimParams, num_frames: int, has_event=None):
   """One crop: (frames [n, S, S] float32 ADU, truth dict: label [S, S], has_event,
   site_yx [2] px, q_now, expected_photons [n, S, S] (before QE and noise)).
@@ -285,6 +312,9 @@ def scene(key, p: SimParams, num_frames: int, has_event=None):
   drift = p.drift_px * jax.random.normal(next(keys), (m, 2))
   flicker = 1.0 + p.flicker * jax.random.normal(next(keys), (n,))
 
+  tips = (_tip_windows(jax.random.fold_in(key, 27), arc, n, p.tip_px)
+          if _enabled(p.tip_px) else None)                              # [n, m, K]
+
   def frame(j):
     factor = jnp.where(has_event, event_factor(q[j]), 1.0)              # [K]
     d = diameter[:, None] * dip
@@ -294,6 +324,8 @@ def scene(key, p: SimParams, num_frames: int, has_event=None):
     # Line density so that a straight tubule of nominal diameter peaks at `peak`.
     density = peak * math.sqrt(2 * math.pi) * sigma0[:, None] * (d / diameter[:, None]) ** 2
     mass = density * labelling * ds * present[:, None]
+    if tips is not None:
+      mass = mass * tips[j]
     shift = (j - (n - 1)) * drift
     yx = (curve + shift[:, None, :]).reshape(-1, 2)
     return _render(yx, sigma.reshape(-1), mass.reshape(-1), s) * flicker[j]
