@@ -359,6 +359,11 @@ def get_events_config() -> ml_collections.ConfigDict:
   # in Cheng et al. 1999): chosen 2026-12-06 on the independent simulator (validation:
   # spark F1 0.577 -> 0.743, 62 of 68 false sparks were faint) with our own
   # default-prior validation set unchanged (0.815 -> 0.810); README, sparks section.
+  # dF/F0 and its noise (the CSV's peak dF/F0 and peak_over_noise, the floors above):
+  # 'robust' = F0 the median of a pixel's background voxels, noise the MAD about a
+  # 31-frame running median; 'mean' = the earlier mean / SD, which waves' tails and
+  # bleaching inflate (events.spec.EventSpec.dff_estimator).
+  ev.dff_estimator = "robust"
   ev.min_snr_fixed = (5.0, 0.0, 0.0)
   # Let the filter's tuning (tune below) also try a floor on the peak over the noise
   # (SNR_FLOORS; per class an amplitude OR an SNR floor). Off: see the README's sparks

@@ -150,6 +150,7 @@ class SparksTask(Task):
     self.model = model_lib.build_model(config.model, sim_lib.NUM_CLASSES)
     if config.loss.name not in LOSSES:
       raise ValueError(f"config.loss.name must be one of {LOSSES}, got {config.loss.name!r}")
+    events_lib.spec_from_config(config)          # bad event settings fail here, not at the end
     self.init_from = trainer.load_init_from(config.get("init_from", ""))
 
   @property

@@ -12,6 +12,7 @@ chooses them per class on its validation movies (``tuning``).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy import ndimage
@@ -67,26 +68,42 @@ def event_amplitude(inst, cls_of, dff):
 NOISE_SMOOTH_PX = 4.0      # spatial smoothing of the per-pixel noise map (pixels)
 
 
-def noise_dff(dff, background, reach=(3, 6), min_frames: int = 8):
+DETREND_FRAMES = 31        # running median in time removed before the noise is measured
+
+
+def noise_dff(dff, background, reach=(3, 6), min_frames: int = 8, robust: bool = True):
   """Noise SD map [H, W] of a smoothed dF/F0 movie [T, H, W] (``extraction.estimate_dff``):
-  per pixel, the SD over time of dF/F0 over the voxels where ``background`` (bool
+  per pixel, the spread over time of dF/F0 over the voxels where ``background`` (bool
   [T, H, W]: no extracted event) holds and no event lies within ``reach`` (frames,
-  pixels: the smoothing spreads each event's dF/F0 that far; the SD, not the RMS, as
-  an event's tails shift the F0 of its pixels), averaged over a Gaussian of
-  NOISE_SMOOTH_PX pixels among the pixels with at least ``min_frames`` such frames
-  (elsewhere: the median of those). Photon noise makes it larger where the dye is dim
-  (low F0, a dimmer dye, fewer photons), so an event's peak over it (:func:`event_snr`)
-  is in units of the movie's own noise, as the classical detectors' thresholds are
-  (Cheng et al. 1999), not in those of one simulator's photon budget."""
+  pixels: the smoothing spreads each event's dF/F0 that far), averaged over a Gaussian
+  of NOISE_SMOOTH_PX pixels among the pixels with at least ``min_frames`` such frames
+  (elsewhere: the median of those). ``robust`` (the default): 1.4826 x the median
+  absolute deviation of dF/F0 about its running median over DETREND_FRAMES frames, so
+  slow changes (bleaching, a wave's decay below the segmentation) and the rare
+  unsegmented event do not count as noise; otherwise their SD over time (before
+  2026-12-07: 4-12x the noise in the independent simulator's movies with a wave).
+  Photon noise makes it larger where the dye is dim (low F0, a dimmer dye, fewer
+  photons), so an event's peak over it (:func:`event_snr`) is in units of the movie's
+  own noise, as the classical detectors' thresholds are (Cheng et al. 1999), not in
+  those of one simulator's photon budget."""
   dff = np.asarray(dff, np.float32)
   rt, rp = (int(r) for r in reach)
   near = ndimage.maximum_filter(~np.asarray(background, bool),
                                 size=(2 * rt + 1, 2 * rp + 1, 2 * rp + 1))
   bg = ~near
   count = bg.sum(0).astype(np.float32)
-  mean = np.where(bg, dff, 0.0).sum(0) / np.maximum(count, 1.0)
-  ms = np.maximum(np.where(bg, dff * dff, 0.0).sum(0) / np.maximum(count, 1.0) - mean ** 2,
-                  0.0)
+  if robust:
+    resid = dff - ndimage.median_filter(dff, size=(DETREND_FRAMES, 1, 1), mode="nearest")
+    a = np.where(bg, resid, np.nan)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)          # pixels with no such voxel
+      med = np.nanmedian(a, axis=0)
+      ms = (1.4826 * np.nanmedian(np.abs(a - med[None]), axis=0)) ** 2
+    ms = np.nan_to_num(ms, nan=0.0)
+  else:
+    mean = np.where(bg, dff, 0.0).sum(0) / np.maximum(count, 1.0)
+    ms = np.maximum(np.where(bg, dff * dff, 0.0).sum(0) / np.maximum(count, 1.0) - mean ** 2,
+                    0.0)
   ok = (count >= min_frames) & (ms > 0)
   if not ok.any():
     return np.full(dff.shape[1:], max(float(np.std(dff)), 1e-6), np.float32)
@@ -107,7 +124,7 @@ def event_snr(inst, cls_of, dff, spec: EventSpec | None = None):
   spec = spec or EventSpec()
   reach = (math.ceil(3 * spec.smooth_sigma_frames), math.ceil(3 * spec.smooth_sigma_px))
   inst = np.asarray(inst)
-  sd = noise_dff(dff, inst == 0, reach)
+  sd = noise_dff(dff, inst == 0, reach, robust=spec.dff_estimator != "mean")
   out = np.full(n, np.nan)
   out[1:] = ndimage.maximum(np.asarray(dff) / sd[None], labels=inst, index=np.arange(1, n))
   return out

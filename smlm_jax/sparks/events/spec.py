@@ -9,6 +9,7 @@ import math
 from smlm_jax.sparks.simulator import PUFF, SPARK, WAVE
 
 NAMES = {SPARK: "spark", WAVE: "wave", PUFF: "puff"}
+DFF_ESTIMATORS = ("robust", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,11 @@ class EventSpec:
   # untrained: a retrained default put 120 of its 132 false sparks on 8 movies of the
   # independent simulator (whose labels do not ignore the ends) in those frames.
   edge_frames: int = 0
+  # How dF/F0 and its noise are estimated (extraction.estimate_dff, confidence.noise_dff):
+  # 'robust' (F0 = median over time of the background voxels; noise = MAD of dF/F0 about
+  # its running median in time) or 'mean' (F0 = their mean; noise = their SD over time:
+  # the estimates before 2026-12-07, inflated by waves' unlabelled tails and bleaching).
+  dff_estimator: str = "robust"
 
   def min_frames(self, cls: int) -> int:
     return max(1, int(math.ceil(self.min_duration_ms[cls - 1] / self.frame_interval_ms - 1e-6)))
@@ -50,6 +56,10 @@ class EventSpec:
 def spec_from_config(config, pixel_size_um: float | None = None,
                      frame_interval_ms: float | None = None) -> EventSpec:
   e = config.events
+  estimator = str(e.get("dff_estimator", "robust"))
+  if estimator not in DFF_ESTIMATORS:
+    raise ValueError(f"config.events.dff_estimator must be one of {DFF_ESTIMATORS}, got "
+                     f"{estimator!r}")
   return EventSpec(
       pixel_size_um=float(pixel_size_um or config.sim.pixel_size_um),
       frame_interval_ms=float(frame_interval_ms or config.sim.frame_interval_ms),
@@ -66,7 +76,8 @@ def spec_from_config(config, pixel_size_um: float | None = None,
       min_snr=tuple(float(v) for v in e.get("min_snr", (0.0,) * 3)),
       absorb_into_waves=bool(e.get("absorb_into_waves", False)),
       wave_tail_fraction=float(e.get("wave_tail_fraction", 0.0)),
-      edge_frames=int(config.sim.labels.ignore_frames))
+      edge_frames=int(config.sim.labels.ignore_frames),
+      dff_estimator=estimator)
 
 
 @dataclasses.dataclass
