@@ -65,6 +65,14 @@ def event_amplitude(inst, cls_of, dff):
   return out
 
 
+def masked_median(x, mask):
+  """Per pixel median over time [H, W] of x [T, H, W] where mask [T, H, W] holds (nan
+  where it never does)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)        # all-nan pixels: nan
+    return np.nanmedian(np.where(mask, x, np.nan), axis=0)
+
+
 NOISE_SMOOTH_PX = 4.0      # spatial smoothing of the per-pixel noise map (pixels)
 
 
@@ -94,12 +102,8 @@ def noise_dff(dff, background, reach=(3, 6), min_frames: int = 8, robust: bool =
   count = bg.sum(0).astype(np.float32)
   if robust:
     resid = dff - ndimage.median_filter(dff, size=(DETREND_FRAMES, 1, 1), mode="nearest")
-    a = np.where(bg, resid, np.nan)
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", RuntimeWarning)          # pixels with no such voxel
-      med = np.nanmedian(a, axis=0)
-      ms = (1.4826 * np.nanmedian(np.abs(a - med[None]), axis=0)) ** 2
-    ms = np.nan_to_num(ms, nan=0.0)
+    med = masked_median(resid, bg)
+    ms = np.nan_to_num((1.4826 * masked_median(np.abs(resid - med[None]), bg)) ** 2, nan=0.0)
   else:
     mean = np.where(bg, dff, 0.0).sum(0) / np.maximum(count, 1.0)
     ms = np.maximum(np.where(bg, dff * dff, 0.0).sum(0) / np.maximum(count, 1.0) - mean ** 2,

@@ -36,13 +36,12 @@ minimum sizes of step 4 after removing ignored voxels) into ignore for scoring.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 from scipy import ndimage
 
 from smlm_jax.sparks.events.confidence import (apply_confidence_filter, confidence_keep,
-                                               event_snr, renumber)
+                                               event_snr, masked_median, renumber)
 from smlm_jax.sparks.events.spec import Event, EventSpec
 from smlm_jax.sparks.simulator import BACKGROUND, EVENT_CLASSES, IGNORE, PUFF, SPARK, WAVE
 
@@ -65,19 +64,11 @@ def estimate_dff(movie, classes, spec: EventSpec):
   if spec.dff_estimator == "mean":
     f0 = np.where(count > 0, (s * bg).sum(0) / np.maximum(count, 1), np.median(s, axis=0))
   elif spec.dff_estimator == "robust":
-    f0 = np.where(count > 0, _masked_median(s, bg), np.median(s, axis=0))
+    f0 = np.where(count > 0, masked_median(s, bg), np.median(s, axis=0))
   else:
     raise ValueError(f"dff_estimator must be 'robust' or 'mean', got {spec.dff_estimator!r}")
   floor = 0.05 * max(float(np.mean(np.abs(s))), 1e-6)   # out-of-cell pixels: no dF/F0
   return np.where(f0 > floor, s / np.maximum(f0, floor) - 1.0, 0.0).astype(np.float32)
-
-
-def _masked_median(x, mask):
-  """Per pixel median over time [H, W] of x [T, H, W] where mask [T, H, W] holds (nan
-  where it never does)."""
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)        # all-nan pixels: nan
-    return np.nanmedian(np.where(mask, x, np.nan), axis=0)
 
 
 # --------------------------------------------------------------------------- peaks
