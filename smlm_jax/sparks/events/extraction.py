@@ -63,10 +63,8 @@ def estimate_dff(movie, classes, spec: EventSpec):
   count = bg.sum(0)
   if spec.dff_estimator == "mean":
     f0 = np.where(count > 0, (s * bg).sum(0) / np.maximum(count, 1), np.median(s, axis=0))
-  elif spec.dff_estimator == "robust":
+  else:                                  # 'robust' (EventSpec checks the value)
     f0 = np.where(count > 0, masked_median(s, bg), np.median(s, axis=0))
-  else:
-    raise ValueError(f"dff_estimator must be 'robust' or 'mean', got {spec.dff_estimator!r}")
   floor = 0.05 * max(float(np.mean(np.abs(s))), 1e-6)   # out-of-cell pixels: no dF/F0
   return np.where(f0 > floor, s / np.maximum(f0, floor) - 1.0, 0.0).astype(np.float32)
 

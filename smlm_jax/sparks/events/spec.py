@@ -46,6 +46,11 @@ class EventSpec:
   # the estimates before 2026-12-07, inflated by waves' unlabelled tails and bleaching).
   dff_estimator: str = "robust"
 
+  def __post_init__(self):
+    if self.dff_estimator not in DFF_ESTIMATORS:
+      raise ValueError(f"config.events.dff_estimator must be one of {DFF_ESTIMATORS}, got "
+                       f"{self.dff_estimator!r}")
+
   def min_frames(self, cls: int) -> int:
     return max(1, int(math.ceil(self.min_duration_ms[cls - 1] / self.frame_interval_ms - 1e-6)))
 
@@ -56,10 +61,6 @@ class EventSpec:
 def spec_from_config(config, pixel_size_um: float | None = None,
                      frame_interval_ms: float | None = None) -> EventSpec:
   e = config.events
-  estimator = str(e.get("dff_estimator", "robust"))
-  if estimator not in DFF_ESTIMATORS:
-    raise ValueError(f"config.events.dff_estimator must be one of {DFF_ESTIMATORS}, got "
-                     f"{estimator!r}")
   return EventSpec(
       pixel_size_um=float(pixel_size_um or config.sim.pixel_size_um),
       frame_interval_ms=float(frame_interval_ms or config.sim.frame_interval_ms),
@@ -77,7 +78,7 @@ def spec_from_config(config, pixel_size_um: float | None = None,
       absorb_into_waves=bool(e.get("absorb_into_waves", False)),
       wave_tail_fraction=float(e.get("wave_tail_fraction", 0.0)),
       edge_frames=int(config.sim.labels.ignore_frames),
-      dff_estimator=estimator)
+      dff_estimator=str(e.get("dff_estimator", "robust")))
 
 
 @dataclasses.dataclass
