@@ -564,6 +564,54 @@ def test_snr_floor_is_chosen_when_false_events_sit_in_noisy_regions():
   assert fixed["unfiltered_f1"]["puff"] == pytest.approx(2 / 3)
 
 
+def test_puff_volume_ceiling_drops_only_regions_larger_than_any_puff():
+  """config.events.max_volume_um2_ms: two sure true puffs (4 x 4 px x 14 frames) and
+  one sure false 'puff' 16x their volume (a region no puff makes): no probability or
+  volume floor removes it, the ceiling does; the fast counts, the scorer, the filter's
+  choice and a fresh extraction agree, and a ceiling of 0 is off."""
+  T, H, W = 40, 16, 64
+  probs = np.zeros((T, H, W, 4), np.float32)
+  probs[..., 0] = 1.0
+  labels = np.zeros((T, H, W), np.uint8)
+  for sl, true in (((slice(2, 16), slice(2, 6), slice(2, 6)), True),
+                   ((slice(2, 16), slice(2, 6), slice(10, 14)), True),
+                   ((slice(4, 32), slice(2, 14), slice(24, 56)), False)):
+    probs[sl] = (0.1, 0.0, 0.0, 0.9)
+    if true:
+      labels[sl] = sim.PUFF
+  true_inst, true_cls = ev_lib.instances_from_labels(labels)
+  movie = np.ones((T, H, W), np.float32)
+  spec = ev_lib.EventSpec()
+  voxel = spec.pixel_size_um ** 2 * spec.frame_interval_ms
+  small, big = 14 * 16 * voxel, 28 * 12 * 32 * voxel
+  ceiling = (0.0, 0.0, 2 * small)
+  scorer = ev_lib.Scorer(spec)
+  rec = scorer.add(probs, movie, labels, true_inst, true_cls)
+  assert sorted(rec.volume[1:]) == pytest.approx([small, small, big])
+  assert ev_lib.filter_counts(scorer.records, sim.PUFF, 0.0, 0.0) == (2, 1, 0)
+  assert ev_lib.filter_counts(scorer.records, sim.PUFF, 0.0, 0.0, max_volume=2 * small) == (2, 0, 0)
+  assert ev_lib.filter_counts(scorer.records, sim.PUFF, 0.0, 0.0, max_volume=small / 2) == (0, 0, 2)
+  assert ev_lib.choose_filter(scorer.records)["fp"]["puff"] == 1      # no ceiling: kept
+  chosen = ev_lib.choose_filter(scorer.records, max_volume_um2_ms=ceiling)
+  assert (chosen["tp"]["puff"], chosen["fp"]["puff"], chosen["fn"]["puff"]) == (2, 0, 0)
+  capped = dataclasses.replace(spec, max_volume_um2_ms=ceiling)
+  fresh = ev_lib.Scorer(capped)
+  fresh.add(probs, movie, labels, true_inst, true_cls)
+  assert fresh.metrics()["puff"]["fp"] == 0 and scorer.metrics()["puff"]["fp"] == 1
+  _, _, cls_of, events, _ = ev_lib.extract_events(probs, movie, capped)
+  assert len(events) == 2 and all(e.x_px < 16 for e in events)
+  _, _, cls_of, _, _ = ev_lib.extract_events(probs, movie, spec)
+  assert sum(c == sim.PUFF for c in cls_of) == 3
+  # From the config: the default caps puffs only; configs without the key are uncapped.
+  config = sparks_config.get_config("tiny")
+  assert ev_lib.spec_from_config(config).max_volume_um2_ms[:2] == (0.0, 0.0)
+  assert ev_lib.spec_from_config(config).max_volume_um2_ms[2] > 0
+  assert ev_lib.choice_options(config.events)["max_volume_um2_ms"][2] > 0
+  del config.events["max_volume_um2_ms"]
+  assert ev_lib.spec_from_config(config).max_volume_um2_ms == (0.0, 0.0, 0.0)
+  assert ev_lib.choice_options(config.events)["max_volume_um2_ms"] == (0.0, 0.0, 0.0)
+
+
 def test_spark_pieces_touching_a_wave_become_the_wave():
   """Step 1b (absorb_into_waves): a spark region touching a wave band joins it, a
   spark elsewhere stays a spark even with a stray wave voxel inside (too small to be a

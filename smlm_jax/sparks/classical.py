@@ -50,7 +50,8 @@ from smlm_jax.sparks.simulator import PUFF, SPARK, WAVE
 STRUCT26 = np.ones((3, 3, 3), bool)
 # Score with the events module's extraction but without the network's confidence
 # filter (it needs class probabilities; a one-hot map would pass any threshold anyway).
-NO_FILTER = {"min_probability": (0.0, 0.0, 0.0), "min_volume_um2_ms": (0.0, 0.0, 0.0)}
+NO_FILTER = {"min_probability": (0.0, 0.0, 0.0), "min_volume_um2_ms": (0.0, 0.0, 0.0),
+             "max_volume_um2_ms": (0.0, 0.0, 0.0)}
 Q_HI = 0.3
 # sqrt(E[(X - q)^2 | X <= q]) / SD for q the 30% quantile of 64 samples of the smoothed
 # noise (0.826 asymptotically; 0.79 measured on 64-frame Poisson movies smoothed as here).

@@ -4,7 +4,8 @@ Components whose mean probability of their own class is below ``min_probability`
 whose volume (voxels x pixel area x frame interval) is below ``min_volume_um2_ms``, or
 whose estimated peak dF/F0 (of the smoothed movie, ``extraction.estimate_dff``) is
 below ``min_amplitude_dff``, or whose peak in units of the movie's own noise
-(:func:`event_snr`) is below ``min_snr``, are dropped (per class). These apply to predictions only: unlike the minimum sizes
+(:func:`event_snr`) is below ``min_snr``, or whose volume is above the ceiling
+``max_volume_um2_ms`` (0 = none), are dropped (per class). These apply to predictions only: unlike the minimum sizes
 they say how sure the network is, not whether an event could be found at all, so true
 events are never removed by them. They depend on the trained network, so training
 chooses them per class on its validation movies (``tuning``).
@@ -38,15 +39,17 @@ def event_confidence(inst, cls_of, probs, spec: EventSpec):
 
 def confident(cls_of, pmean, volume, min_probability, min_volume_um2_ms,
               amplitude=None, min_amplitude_dff=(0.0, 0.0, 0.0), snr=None,
-              min_snr=(0.0, 0.0, 0.0)):
+              min_snr=(0.0, 0.0, 0.0), max_volume_um2_ms=(0.0, 0.0, 0.0)):
   """Bool [N + 1]: ids that pass per-class thresholds (spark, wave, puff) of mean
-  probability, volume and (when ``amplitude`` / ``snr`` per id are given) estimated
-  peak dF/F0 and peak over the noise; entry 0 (no event) is True. A floor of 0 is off;
-  an unknown amplitude or SNR (nan) passes."""
+  probability, volume (floor and ceiling) and (when ``amplitude`` / ``snr`` per id are
+  given) estimated peak dF/F0 and peak over the noise; entry 0 (no event) is True. A
+  floor or ceiling of 0 is off; an unknown amplitude or SNR (nan) passes."""
   cls_of = np.asarray(cls_of)
   per_id = lambda v: np.concatenate([[0.0], np.asarray(v, np.float64)])[cls_of]
   keep = ((np.asarray(pmean) >= per_id(min_probability) - 1e-9)
           & (np.asarray(volume) >= per_id(min_volume_um2_ms) - 1e-9))
+  ceiling = per_id(max_volume_um2_ms)
+  keep &= ~((ceiling > 0) & (np.asarray(volume) > ceiling + 1e-9))
   for value, floors in ((amplitude, min_amplitude_dff), (snr, min_snr)):
     if value is not None:
       floor = per_id(floors)
@@ -152,7 +155,7 @@ def confidence_keep(inst, cls_of, probs, spec: EventSpec, dff=None, snr=None):
   return confident(cls_of, *event_confidence(inst, cls_of, probs, spec),
                    spec.min_probability, spec.min_volume_um2_ms,
                    event_amplitude(inst, cls_of, dff), spec.min_amplitude_dff,
-                   snr, spec.min_snr)
+                   snr, spec.min_snr, spec.max_volume_um2_ms)
 
 
 def apply_confidence_filter(inst, cls_of, probs, spec: EventSpec, dff=None):

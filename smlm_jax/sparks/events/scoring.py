@@ -92,7 +92,8 @@ class Scorer:
     """Per-class P / R / F1 / counts, voxel IoU, confusion and F1 vs amplitude under the
     confidence filter ``chosen`` ({'min_probability', 'min_volume_um2_ms',
     'min_amplitude_dff', 'min_snr'}, per class; a missing amplitude or SNR floor is off)
-    or, by default, the spec's."""
+    or, by default, the spec's; the volume ceiling (``max_volume_um2_ms``, fixed by the
+    config, not chosen) is the spec's unless ``chosen`` names one."""
     f = chosen or {"min_probability": self.spec.min_probability,
                    "min_volume_um2_ms": self.spec.min_volume_um2_ms,
                    "min_amplitude_dff": self.spec.min_amplitude_dff,
@@ -104,7 +105,8 @@ class Scorer:
       keep = confident(rec.cls, rec.pmean, rec.volume, f["min_probability"],
                        f["min_volume_um2_ms"], rec.amp,
                        f.get("min_amplitude_dff", (0.0,) * 3), rec.snr,
-                       f.get("min_snr", (0.0,) * 3))
+                       f.get("min_snr", (0.0,) * 3),
+                       f.get("max_volume_um2_ms", self.spec.max_volume_um2_ms))
       m = rec.match(keep, self.spec.iomin_threshold)
       for c in EVENT_CLASSES:
         counts[c] += np.asarray(m["counts"][c])

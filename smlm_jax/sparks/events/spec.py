@@ -28,6 +28,9 @@ class EventSpec:
   min_volume_um2_ms: tuple = (0.0, 0.0, 0.0)     # predictions only (step 5)
   min_amplitude_dff: tuple = (0.0, 0.0, 0.0)     # predictions only (step 5)
   min_snr: tuple = (0.0, 0.0, 0.0)               # predictions only (step 5)
+  # A ceiling on the volume (um^2 ms) per class: larger predictions are dropped (0 = off;
+  # predictions only, fixed by the config, not tuned: config.events.max_volume_um2_ms).
+  max_volume_um2_ms: tuple = (0.0, 0.0, 0.0)
   # Step 1b: spark / puff components that touch a wave become part of it (a wave's
   # front breaking into pieces the network calls sparks). Off for runs without it.
   absorb_into_waves: bool = False
@@ -75,6 +78,7 @@ def spec_from_config(config, pixel_size_um: float | None = None,
       min_volume_um2_ms=tuple(float(v) for v in e.get("min_volume_um2_ms", (0.0,) * 3)),
       min_amplitude_dff=tuple(float(v) for v in e.get("min_amplitude_dff", (0.0,) * 3)),
       min_snr=tuple(float(v) for v in e.get("min_snr", (0.0,) * 3)),
+      max_volume_um2_ms=tuple(float(v) for v in e.get("max_volume_um2_ms", (0.0,) * 3)),
       absorb_into_waves=bool(e.get("absorb_into_waves", False)),
       wave_tail_fraction=float(e.get("wave_tail_fraction", 0.0)),
       edge_frames=int(config.sim.labels.ignore_frames),

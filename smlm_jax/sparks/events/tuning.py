@@ -30,11 +30,12 @@ FILTER_FILE = "events_filter.json"
 
 
 def filter_counts(records, cls: int, min_probability: float, min_volume: float,
-                  min_amplitude: float = 0.0, min_snr: float = 0.0):
+                  min_amplitude: float = 0.0, min_snr: float = 0.0,
+                  max_volume: float = 0.0):
   """(TP, FP, FN) of class ``cls`` over :class:`MovieRecord` s when its predictions
-  need mean probability >= min_probability, volume >= min_volume, estimated peak
-  dF/F0 >= min_amplitude and peak over the noise >= min_snr (the class-``cls`` part of
-  :meth:`Scorer.metrics`, fast enough for a grid)."""
+  need mean probability >= min_probability, volume >= min_volume (and <= max_volume
+  unless it is 0), estimated peak dF/F0 >= min_amplitude and peak over the noise >=
+  min_snr (the class-``cls`` part of :meth:`Scorer.metrics`, fast enough for a grid)."""
   tp = fp = fn = 0
   for d in records:
     keep = ((d.cls == cls) & (d.pmean >= min_probability - 1e-9)
@@ -43,6 +44,8 @@ def filter_counts(records, cls: int, min_probability: float, min_volume: float,
       keep &= ~(d.amp < min_amplitude - 1e-9)
     if min_snr > 0:
       keep &= ~(d.snr < min_snr - 1e-9)
+    if max_volume > 0:
+      keep &= d.volume <= max_volume + 1e-9
     same = (d.true_cls[d.pairs[:, 0]] == cls) & keep[d.pairs[:, 1]]
     m = len(greedy(d.pairs[same], d.iomin[same], -1.0))
     n_p = int(np.sum(keep & d.scored))
@@ -51,12 +54,15 @@ def filter_counts(records, cls: int, min_probability: float, min_volume: float,
 
 
 def choose_filter(records, classes=EVENT_CLASSES, floors=FLOOR_GRID,
-                  min_snr_fixed=(0.0, 0.0, 0.0)) -> dict:
+                  min_snr_fixed=(0.0, 0.0, 0.0),
+                  max_volume_um2_ms=(0.0, 0.0, 0.0)) -> dict:
   """Per class, the (min_probability, min_volume_um2_ms, min_amplitude_dff, min_snr) of
   the grids with the highest event F1 over the movies' records (:attr:`Scorer.records`;
   ``floors``: the (amplitude, SNR) floor pairs to try, in order; ties: the weakest
   filter, the earlier floor; ``min_snr_fixed``: per class a floor on the peak over the
-  noise that every candidate keeps, ``config.events.min_snr_fixed``). Returns
+  noise that every candidate keeps, ``config.events.min_snr_fixed``;
+  ``max_volume_um2_ms``: per class the volume ceiling every candidate keeps, 0 = none,
+  ``config.events.max_volume_um2_ms``). Returns
   {'min_probability': (spark, wave, puff), 'min_volume_um2_ms': (...),
   'min_amplitude_dff': (...), 'min_snr': (...), 'f1' / 'precision' / 'recall' / 'tp' /
   'fp' / 'fn': {name: ...}, 'unfiltered_f1'}."""
@@ -70,7 +76,7 @@ def choose_filter(records, classes=EVENT_CLASSES, floors=FLOOR_GRID,
       s = max(float(s), float(min_snr_fixed[c - 1]))
       for v in VOLUME_GRID_UM2_MS:
         for p in PROBABILITY_GRID:
-          tp, fp, fn = filter_counts(records, c, p, v, a, s)
+          tp, fp, fn = filter_counts(records, c, p, v, a, s, float(max_volume_um2_ms[c - 1]))
           f1 = _f1((tp, fp, fn))
           if best is None or f1 > best[0] + 1e-12:
             best = (f1, (p, v, a, s), tp, fp, fn)
@@ -99,12 +105,14 @@ def filter_floors(snr_floor: bool = False) -> tuple:
 
 def choice_options(events_config, snr_floor: bool | None = None) -> dict:
   """The keyword arguments of :func:`choose_filter` that a run's ``config.events``
-  sets: the floors to try (``tune_snr_floor``, or ``snr_floor`` when given) and
-  ``min_snr_fixed`` (configs without the keys: the grid as before, no fixed floor)."""
+  sets: the floors to try (``tune_snr_floor``, or ``snr_floor`` when given),
+  ``min_snr_fixed`` and ``max_volume_um2_ms`` (configs without the keys: the grid as
+  before, no fixed floor, no ceiling)."""
   if snr_floor is None:
     snr_floor = bool(events_config.get("tune_snr_floor", False))
   return {"floors": filter_floors(snr_floor),
-          "min_snr_fixed": tuple(events_config.get("min_snr_fixed", (0.0, 0.0, 0.0)))}
+          "min_snr_fixed": tuple(events_config.get("min_snr_fixed", (0.0, 0.0, 0.0))),
+          "max_volume_um2_ms": tuple(events_config.get("max_volume_um2_ms", (0.0, 0.0, 0.0)))}
 
 
 def tune_simulated(probs, data, spec: EventSpec, **options) -> dict:
@@ -154,5 +162,9 @@ def use_run_filter(config, workdir: str) -> str:
   mv = tuple(ev.get("min_volume_um2_ms", (0.0,) * 3))
   ma = tuple(ev.get("min_amplitude_dff", (0.0,) * 3))
   ms = tuple(ev.get("min_snr", (0.0,) * 3))
+  cap = tuple(ev.get("max_volume_um2_ms", (0.0,) * 3))
+  capped = ("" if not any(v > 0 for v in cap) else
+            f", volume <= {tuple(v if v > 0 else float('inf') for v in cap)} um^2 ms")
   return (f"confidence filter (spark, wave, puff): mean probability >= {mp}, volume >= "
-          f"{mv} um^2 ms, estimated peak dF/F0 >= {ma}, peak / noise >= {ms}, {source}")
+          f"{mv} um^2 ms{capped}, estimated peak dF/F0 >= {ma}, peak / noise >= {ms}, "
+          f"{source}")
