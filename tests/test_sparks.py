@@ -774,6 +774,23 @@ def test_predict_round_trip_and_bad_input(tiny_run, tmp_path, capsys):
   assert summary.count(",ok") == 1
 
 
+def test_puff_ceiling_of_a_trained_run_can_be_changed_at_inference(tiny_run):
+  """predict / evaluate --max_puff_volume_um2_ms: the run's own ceiling by default
+  (10000 since the key exists), another (0 = none) when given; only puffs change."""
+  from smlm_jax.sparks import predict
+  workdir, _ = tiny_run
+  own = predict.Segmenter(workdir)
+  assert tuple(own.task.config.events.max_volume_um2_ms) == (0.0, 0.0, 10000.0)
+  assert "volume <= (inf, inf, 10000.0)" in own.filter_note
+  other = predict.Segmenter(workdir, max_puff_volume_um2_ms=0.0)
+  assert tuple(other.task.config.events.max_volume_um2_ms) == (0.0, 0.0, 0.0)
+  assert "volume <=" not in other.filter_note
+  spec = ev_lib.spec_from_config(predict.Segmenter(workdir, max_puff_volume_um2_ms=50.0).config)
+  assert spec.max_volume_um2_ms == (0.0, 0.0, 50.0)
+  with pytest.raises(ValueError, match=">= 0"):
+    ev_lib.set_puff_ceiling(sparks_config.get_config("tiny"), -1.0)
+
+
 def test_evaluate_scores_an_annotated_movie(tiny_run, tmp_path):
   from smlm_jax.sparks import evaluate
   workdir, _ = tiny_run

@@ -42,13 +42,15 @@ TEST_SEED = 777
 
 
 def evaluate_simulated(workdir: str, num_movies: int, seed: int, output: str | None = None,
-                       log=print, events_config=None, sim_config=None) -> dict:
+                       log=print, events_config=None, sim_config=None,
+                       max_puff_volume_um2_ms=None) -> dict:
   """Scores the run on ``num_movies`` movies simulated from ``seed`` with its own priors;
   ``events_config`` (a ``config.events`` ConfigDict) replaces the run's event-extraction
   settings (post-processing only: the network is unchanged); without it the run's own
   settings are used, with the confidence filter it chose on its validation movies.
   ``sim_config`` (a ``config.sim``) draws the movies from other priors than the run's
-  (e.g. a fine-tuned, domain-randomized run scored on the default priors' test set)."""
+  (e.g. a fine-tuned, domain-randomized run scored on the default priors' test set).
+  ``max_puff_volume_um2_ms``: the puff volume ceiling instead of the run's (0 = none)."""
   from smlm_jax.core import trainer
   from smlm_jax.sparks import events as events_lib
   mesh = trainer.make_mesh()
@@ -56,7 +58,8 @@ def evaluate_simulated(workdir: str, num_movies: int, seed: int, output: str | N
   if events_config is not None:
     config.events = events_config
     task.config.events = events_config
-  else:
+  events_lib.set_puff_ceiling(task.config, max_puff_volume_um2_ms)
+  if events_config is None:
     log(events_lib.use_run_filter(task.config, workdir))
   if seed in (int(config.eval_seed),):
     log(f"warning: --seed={seed} is the validation seed of this run", file=sys.stderr)
@@ -76,16 +79,19 @@ def evaluate_simulated(workdir: str, num_movies: int, seed: int, output: str | N
 
 
 def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print,
-             snr_floor: bool | None = None) -> dict:
+             snr_floor: bool | None = None, max_puff_volume_um2_ms=None) -> dict:
   """Chooses the run's confidence filter on ``num_movies`` simulated validation movies
   (``seed``, default the run's ``eval_seed``; never the test seed) and writes it to
   WORKDIR/events_filter.json (what training writes after its last validation).
   ``snr_floor``: also try floors on the peak over the noise (None: the run's
-  ``config.events.tune_snr_floor``)."""
+  ``config.events.tune_snr_floor``); ``max_puff_volume_um2_ms``: the puff volume ceiling
+  the filter is chosen under, instead of the run's (0 = none; evaluate and predict take
+  the ceiling from the run's config or their own flag, not from the filter file)."""
   from smlm_jax.core import trainer
   from smlm_jax.sparks import events as events_lib
   mesh = trainer.make_mesh()
   config, task, state = trainer.load_run(workdir, mesh)
+  events_lib.set_puff_ceiling(config, max_puff_volume_um2_ms)
   seed = int(config.eval_seed) if seed is None else int(seed)
   if seed == TEST_SEED:
     raise predict_lib.UsageError(
@@ -111,12 +117,13 @@ def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print,
 
 def evaluate_annotated(workdir, movies, labels, instances=(), pixel_size_nm=None,
                        frame_interval_s=None, camera_offset_adu=None, output=None,
-                       log=print, amplitudes=()) -> dict:
+                       log=print, amplitudes=(), max_puff_volume_um2_ms=None) -> dict:
   """Scores the run on annotated movies. ``amplitudes`` (optional, one per movie): {true
   instance id: its true peak dF/F0}, e.g. from a simulator's metadata; with them the
   F1-vs-amplitude table also bins the true events (recall by true amplitude)."""
   from smlm_jax.sparks import events as events_lib
-  seg = predict_lib.Segmenter(workdir, camera_offset_adu=camera_offset_adu)
+  seg = predict_lib.Segmenter(workdir, camera_offset_adu=camera_offset_adu,
+                              max_puff_volume_um2_ms=max_puff_volume_um2_ms)
   cfg = seg.config
   log(seg.filter_note)
   scorer = None
@@ -226,6 +233,10 @@ def _define_flags():
   flags.DEFINE_enum("snr_floor", "run", ["run", "on", "off"], "With --tune: also try "
                     "floors on the event's peak over the movie's noise (run: the run's "
                     "config.events.tune_snr_floor).")
+  flags.DEFINE_float("max_puff_volume_um2_ms", None, "Drop predicted puffs larger than this "
+                     "(um^2 x ms; 0 = no ceiling; default: the run's "
+                     "config.events.max_volume_um2_ms). With --tune: the ceiling the "
+                     "filter is chosen under; pass the same value to predict.")
 
 
 def main(argv):
@@ -241,6 +252,8 @@ def main(argv):
     cli.fail("give one --instances per --movie (or none)")
   if f.num_movies < 1:
     cli.fail("--num_movies must be >= 1")
+  if f.max_puff_volume_um2_ms is not None and not f.max_puff_volume_um2_ms >= 0:
+    cli.fail(f"--max_puff_volume_um2_ms={f.max_puff_volume_um2_ms}: must be >= 0 (0 = none)")
   if not os.path.isdir(f.workdir):
     cli.fail(f"--workdir={f.workdir}: no such folder (a trained run)")
   if f.tune:
@@ -251,12 +264,15 @@ def main(argv):
   try:
     if f.tune:
       tune_run(f.workdir, f.num_movies, None if f["seed"].using_default_value else f.seed,
-               snr_floor={"run": None, "on": True, "off": False}[f.snr_floor])
+               snr_floor={"run": None, "on": True, "off": False}[f.snr_floor],
+               max_puff_volume_um2_ms=f.max_puff_volume_um2_ms)
     elif f.movie:
       evaluate_annotated(f.workdir, f.movie, f.labels, f.instances, f.pixel_size_nm,
-                         f.frame_interval_s, f.camera_offset_adu, f.output)
+                         f.frame_interval_s, f.camera_offset_adu, f.output,
+                         max_puff_volume_um2_ms=f.max_puff_volume_um2_ms)
     else:
-      evaluate_simulated(f.workdir, f.num_movies, f.seed, f.output)
+      evaluate_simulated(f.workdir, f.num_movies, f.seed, f.output,
+                         max_puff_volume_um2_ms=f.max_puff_volume_um2_ms)
   except FileNotFoundError as e:
     cli.fail(str(e))
   except (tiff_io.MovieError, predict_lib.UsageError) as e:

@@ -107,12 +107,14 @@ class Segmenter:
   """A trained run ready to segment whole movies (chunked in time)."""
 
   def __init__(self, workdir, chunk_frames=None, stride_frames=None, batch_size=None,
-               camera_offset_adu=None, camera_gain_adu_per_e=None):
+               camera_offset_adu=None, camera_gain_adu_per_e=None,
+               max_puff_volume_um2_ms=None):
     from smlm_jax.core import trainer
     from smlm_jax.sparks import inference
     self.mesh = trainer.make_mesh()
     self.config, self.task, self.state = trainer.load_run(workdir, self.mesh)
     from smlm_jax.sparks import events as events_lib
+    events_lib.set_puff_ceiling(self.task.config, max_puff_volume_um2_ms)
     self.filter_note = events_lib.use_run_filter(self.task.config, workdir)
     infer = self.config.infer
     self.chunk = int(chunk_frames or infer.chunk_frames)
@@ -200,12 +202,13 @@ def _unique_stems(paths):
 
 def run(workdir, inputs, output, chunk_frames=None, stride_frames=None, batch_size=None,
         pixel_size_nm=None, frame_interval_s=None, camera_offset_adu=None,
-        camera_gain_adu_per_e=None, probabilities=True, plots=True, log=print) -> int:
+        camera_gain_adu_per_e=None, probabilities=True, plots=True, log=print,
+        max_puff_volume_um2_ms=None) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   from smlm_jax.sparks import events as events_lib
   t0 = time.time()
   seg = Segmenter(workdir, chunk_frames, stride_frames, batch_size, camera_offset_adu,
-                  camera_gain_adu_per_e)
+                  camera_gain_adu_per_e, max_puff_volume_um2_ms)
   cfg = seg.config
   train_px_nm = cfg.sim.pixel_size_um * 1000.0
   train_dt_s = cfg.sim.frame_interval_ms / 1000.0
@@ -289,6 +292,9 @@ def _define_flags():
   flags.DEFINE_float("camera_gain_adu_per_e", None, "ADU per detected photon.")
   flags.DEFINE_bool("probabilities", True, "Write STEM_probabilities.tif.")
   flags.DEFINE_bool("plots", True, "Write STEM_events.png.")
+  flags.DEFINE_float("max_puff_volume_um2_ms", None, "Drop predicted puffs larger than this "
+                     "(um^2 x ms; 0 = no ceiling; default: the run's "
+                     "config.events.max_volume_um2_ms, 10000 for runs since 2026-12-07).")
 
 
 def main(argv):
@@ -296,12 +302,15 @@ def main(argv):
   f = flags.FLAGS
   if not f.workdir:
     cli.fail("--workdir is required (a trained run; see --help)")
+  if f.max_puff_volume_um2_ms is not None and not f.max_puff_volume_um2_ms >= 0:
+    cli.fail(f"--max_puff_volume_um2_ms={f.max_puff_volume_um2_ms}: must be >= 0 (0 = none)")
   inputs = cli.inputs_and_output_folder(f, argv)
   cli.require_positive(f, ("chunk_frames", "stride_frames", "batch_size", "pixel_size_nm",
                            "frame_interval_s", "camera_gain_adu_per_e"))
   cli.run_or_fail(run, f.workdir, inputs, f.output, f.chunk_frames, f.stride_frames,
                   f.batch_size, f.pixel_size_nm, f.frame_interval_s, f.camera_offset_adu,
                   f.camera_gain_adu_per_e, f.probabilities, f.plots,
+                  max_puff_volume_um2_ms=f.max_puff_volume_um2_ms,
                   user_errors=(FileNotFoundError, UsageError))
 
 

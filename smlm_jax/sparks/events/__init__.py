@@ -39,4 +39,5 @@ from smlm_jax.sparks.events.tuning import (AMPLITUDE_GRID_DFF, FILTER_FILE, FLOO
                                            PROBABILITY_GRID, SNR_FLOORS, VOLUME_GRID_UM2_MS,
                                            choice_options, choose_filter, filter_counts,
                                            filter_floors, load_filter, save_filter,
-                                           tune_simulated, use_run_filter)
+                                           set_puff_ceiling, tune_simulated,
+                                           use_run_filter)

@@ -11,7 +11,7 @@ import numpy as np
 from smlm_jax.sparks.events.matching import greedy, prf
 from smlm_jax.sparks.events.scoring import simulated_scorer
 from smlm_jax.sparks.events.spec import NAMES, EventSpec
-from smlm_jax.sparks.simulator import EVENT_CLASSES
+from smlm_jax.sparks.simulator import EVENT_CLASSES, PUFF
 
 # The confidence filter (``confidence``) is chosen per class on simulated
 # validation movies (:func:`choose_filter`): every mean-probability threshold of
@@ -113,6 +113,18 @@ def choice_options(events_config, snr_floor: bool | None = None) -> dict:
   return {"floors": filter_floors(snr_floor),
           "min_snr_fixed": tuple(events_config.get("min_snr_fixed", (0.0, 0.0, 0.0))),
           "max_volume_um2_ms": tuple(events_config.get("max_volume_um2_ms", (0.0, 0.0, 0.0)))}
+
+
+def set_puff_ceiling(config, max_volume_um2_ms: float | None) -> None:
+  """Sets the puff part of ``config.events.max_volume_um2_ms`` (0 = no ceiling; None:
+  the run's own), e.g. for a trained run whose user's puffs are larger."""
+  if max_volume_um2_ms is None:
+    return
+  if max_volume_um2_ms < 0:
+    raise ValueError(f"a puff volume ceiling must be >= 0 (0 = none), got {max_volume_um2_ms}")
+  cap = [float(v) for v in config.events.get("max_volume_um2_ms", (0.0,) * 3)]
+  cap[PUFF - 1] = float(max_volume_um2_ms)
+  config.events.max_volume_um2_ms = tuple(cap)
 
 
 def tune_simulated(probs, data, spec: EventSpec, **options) -> dict:
