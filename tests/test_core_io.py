@@ -29,3 +29,35 @@ def test_atomic_outputs_get_normal_permissions_and_no_leftovers(tmp_path):
       open(tmp, "w").write("half")
       raise RuntimeError("writer failed")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "m.tif"]
+
+
+def test_take_channel_picks_one_channel_or_says_why_not(tmp_path):
+  """tiff_io.take_channel (sparks predict --channel, events' read_frames): the C axis
+  taken at the channel and removed; a missing channel, or several channels and no
+  choice, is a MovieError 'bad_channel' naming the choices."""
+  import numpy as np
+  import pytest
+  import tifffile
+  from smlm_jax.core import tiff_io
+  from smlm_jax.sparks import predict
+  rng = np.random.default_rng(0)
+  movie = (100 + rng.poisson(20, (12, 2, 16, 24)) * np.array([1, 3])[None, :, None, None])
+  path = str(tmp_path / "two.tif")
+  tifffile.imwrite(path, movie.astype(np.uint16), imagej=True, metadata={"axes": "TCYX"})
+  image = tiff_io.read_image(path)
+  assert image.axes == "TCYX"
+  for c in (0, 1):
+    data, axes = tiff_io.take_channel(image.data, image.axes, c, path)
+    assert axes == "TYX"
+    np.testing.assert_array_equal(data, movie[:, c])
+    np.testing.assert_array_equal(predict.read_movie(path, 0.0, c).data, movie[:, c])
+  for bad, match in ((None, r"2 channels.*--channel=0\.\.1"), (2, "has 2")):
+    with pytest.raises(tiff_io.MovieError, match=match) as e:
+      predict.read_movie(path, 0.0, bad)
+    assert e.value.code == "bad_channel"
+  one = str(tmp_path / "one.tif")
+  tifffile.imwrite(one, movie[:, 0].astype(np.uint16))
+  for c in (None, 0):
+    assert predict.read_movie(one, 0.0, c).data.shape == (12, 16, 24)
+  with pytest.raises(tiff_io.MovieError, match="has 1"):
+    predict.read_movie(one, 0.0, 1)

@@ -244,6 +244,27 @@ def read_image(path: str, allow_rgb: bool = False) -> Image:
                frame_interval_s=interval, channel_names=channels)
 
 
+def take_channel(data: np.ndarray, axes: str, channel: int | None, path: str):
+  """(data, axes) of one channel of a read image (``read_image``: length-1 axes already
+  squeezed): the C axis taken at ``channel`` and removed. MovieError ``bad_channel`` for
+  a channel the file does not have, or for ``channel`` None (no choice made) when it has
+  several: which channel holds the signal is the user's to say."""
+  if "C" not in axes:
+    if channel not in (None, 0):
+      raise MovieError(f"{path}: channel {channel} requested, the movie has 1",
+                       "bad_channel")
+    return data, axes
+  c = axes.index("C")
+  n = data.shape[c]
+  if channel is None:
+    raise MovieError(f"{path}: {n} channels (axes {axes}, shape {tuple(data.shape)}); "
+                     f"choose one with --channel=0..{n - 1}", "bad_channel")
+  if not 0 <= channel < n:
+    raise MovieError(f"{path}: channel {channel} requested, the movie has {n}",
+                     "bad_channel")
+  return np.take(data, channel, axis=c), axes.replace("C", "")
+
+
 def check_plausible(data: np.ndarray, path: str, camera_offset_adu: float | None = None):
   """MovieError for data that cannot be a recording of the sample: every value equal
   (code ``constant_input``: nothing to normalize) or, given the camera offset, a mean

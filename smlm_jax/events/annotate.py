@@ -208,15 +208,9 @@ def read_frames(path: str, channel: int = 0):
   image = tiff_io.read_image(path)
   data, axes = image.data, image.axes
   t_ax, c_ax = _movie_axes(axes, data.shape, path)
-  if c_ax is not None:
-    if not 0 <= channel < data.shape[c_ax]:
-      raise MovieError(f"{path}: channel {channel} requested, the movie has "
-                       f"{data.shape[c_ax]}", "bad_channel")
-    data = np.take(data, channel, axis=c_ax)
-    axes = axes.replace("C", "")
-    t_ax = None if t_ax is None else (t_ax if t_ax < c_ax else t_ax - 1)
-  elif channel != 0:
-    raise MovieError(f"{path}: channel {channel} requested, the movie has 1", "bad_channel")
+  data, axes = tiff_io.take_channel(data, axes, channel, path)
+  if c_ax is not None and t_ax is not None and t_ax > c_ax:
+    t_ax -= 1
   frames = np.asarray(data[None] if t_ax is None else data)
   info = MovieInfo(path=path, num_frames=frames.shape[0], height=frames.shape[1],
                    width=frames.shape[2],

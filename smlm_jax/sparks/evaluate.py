@@ -117,7 +117,8 @@ def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print,
 
 def evaluate_annotated(workdir, movies, labels, instances=(), pixel_size_nm=None,
                        frame_interval_s=None, camera_offset_adu=None, output=None,
-                       log=print, amplitudes=(), max_puff_volume_um2_ms=None) -> dict:
+                       log=print, amplitudes=(), max_puff_volume_um2_ms=None,
+                       channel=None) -> dict:
   """Scores the run on annotated movies. ``amplitudes`` (optional, one per movie): {true
   instance id: its true peak dF/F0}, e.g. from a simulator's metadata; with them the
   F1-vs-amplitude table also bins the true events (recall by true amplitude)."""
@@ -128,7 +129,7 @@ def evaluate_annotated(workdir, movies, labels, instances=(), pixel_size_nm=None
   log(seg.filter_note)
   scorer = None
   for i, (mpath, lpath) in enumerate(zip(movies, labels)):
-    image = predict_lib.read_movie(mpath, float(seg.camera.offset_adu))
+    image = predict_lib.read_movie(mpath, float(seg.camera.offset_adu), channel)
     lab, inst, cls_of, true_amp = annotated_truth(
         lpath, instances[i] if i < len(instances) else None, image.data.shape,
         amplitudes[i] if i < len(amplitudes) else None)
@@ -233,6 +234,7 @@ def _define_flags():
   flags.DEFINE_enum("snr_floor", "run", ["run", "on", "off"], "With --tune: also try "
                     "floors on the event's peak over the movie's noise (run: the run's "
                     "config.events.tune_snr_floor).")
+  flags.DEFINE_integer("channel", None, "Channel of multi-channel --movie files (0-based).")
   flags.DEFINE_float("max_puff_volume_um2_ms", None, "Drop predicted puffs larger than this "
                      "(um^2 x ms; 0 = no ceiling; default: the run's "
                      "config.events.max_volume_um2_ms). With --tune: the ceiling the "
@@ -252,6 +254,8 @@ def main(argv):
     cli.fail("give one --instances per --movie (or none)")
   if f.num_movies < 1:
     cli.fail("--num_movies must be >= 1")
+  if f.channel is not None and f.channel < 0:
+    cli.fail(f"--channel={f.channel}: must be >= 0")
   if f.max_puff_volume_um2_ms is not None and not f.max_puff_volume_um2_ms >= 0:
     cli.fail(f"--max_puff_volume_um2_ms={f.max_puff_volume_um2_ms}: must be >= 0 (0 = none)")
   if not os.path.isdir(f.workdir):
@@ -269,7 +273,7 @@ def main(argv):
     elif f.movie:
       evaluate_annotated(f.workdir, f.movie, f.labels, f.instances, f.pixel_size_nm,
                          f.frame_interval_s, f.camera_offset_adu, f.output,
-                         max_puff_volume_um2_ms=f.max_puff_volume_um2_ms)
+                         max_puff_volume_um2_ms=f.max_puff_volume_um2_ms, channel=f.channel)
     else:
       evaluate_simulated(f.workdir, f.num_movies, f.seed, f.output,
                          max_puff_volume_um2_ms=f.max_puff_volume_um2_ms)

@@ -2,11 +2,17 @@
 
   python -m smlm_jax.sparks.predict --workdir=runs/sparks --input=movies/ --output=out/ \
       [--chunk_frames=256 --stride_frames=128] [--pixel_size_nm=200 --frame_interval_s=0.0068] \
-      [--camera_offset_adu=100 --camera_gain_adu_per_e=1] [--noprobabilities] [--noplots]
+      [--camera_offset_adu=100 --camera_gain_adu_per_e=1] [--noprobabilities] [--noplots] \
+      [--channel=N] [--max_puff_volume_um2_ms=10000]
 
 Inputs: TIFF files or folders (searched recursively; shell globs work), each one
-movie [T, H, W] (one channel; any frame size and length, at least 8 frames), in
-camera units. Pixel size and frame interval come from the TIFF's OME/ImageJ metadata,
+movie [T, H, W] (any frame size and length, at least 8 frames), in camera units; a
+multi-channel movie [T, C, H, W] needs --channel (the channel with the Ca2+ dye; no
+default: a movie with several channels and no --channel is an error row, and so is a
+single-channel movie with --channel > 0).
+Predicted puffs larger than --max_puff_volume_um2_ms (default: the run's
+config.events.max_volume_um2_ms) are dropped: raise it (0 = none) if your puffs are
+larger than ~10 um^2 for ~1 s. Pixel size and frame interval come from the TIFF's OME/ImageJ metadata,
 else from --pixel_size_nm / --frame_interval_s (which also override the metadata),
 else the training values (0.2 um, 6.8 ms by default; reported as ASSUMED). A movie
 whose pixel size or frame interval differs by > 5% from the training values is
@@ -31,15 +37,18 @@ Outputs in --output (a folder), for each movie STEM.tif:
     event_id matches STEM_instances.tif; t_start/t_end first/last frame (0-based,
     inclusive); (y_px, x_px) the event's peak of smoothed dF/F0; duration_ms =
     (t_end - t_start + 1) x frame interval; area_um2 = area of the event's projection
-    on the frame; amplitude_dF_F0 = peak smoothed dF/F0 (F0: per-pixel mean over frames
-    classified background); peak_over_noise = the same peak in units of the movie's
-    own noise there (SD over time of the smoothed dF/F0 away from events; faint events
-    near 3-5 are hard to tell from noise).
+    on the frame; amplitude_dF_F0 = peak smoothed dF/F0 (F0: per-pixel median over
+    frames classified background; config.events.dff_estimator 'mean': their mean);
+    peak_over_noise = the same peak in units of the movie's own noise there (1.4826 x
+    the MAD over time of the smoothed dF/F0 away from events about its 31-frame
+    running median; 'mean': its SD; faint events near 3-5 are hard to tell from
+    noise).
   STEM_instances.tif      uint16/int32 [T, H, W] event ids (0 = none)
   STEM_events.png         max-over-time dF/F0 with the events, and a t-x kymograph
 and summary.csv: file, frames, height_px, width_px, pixel_size_nm, frame_interval_ms,
 sparks, waves, puffs, flag (ok; pixel_size_mismatch / frame_interval_mismatch;
 error:<reason> such as error:not_found, error:unreadable, error:rgb, error:bad_shape,
+error:bad_channel,
 error:single_frame, error:too_few_frames, error:nan_or_inf, error:empty_folder,
 error:truncated, error:constant_input, error:below_camera_offset - the movie's mean is
 not above the camera offset: negative photons, so no events are reported; set
@@ -75,12 +84,14 @@ SUMMARY_COLUMNS = ("file", "frames", "height_px", "width_px", "pixel_size_nm",
                    "frame_interval_ms", "sparks", "waves", "puffs", "flag")
 
 
-def read_movie(path: str, camera_offset_adu: float | None = None) -> tiff_io.Image:
+def read_movie(path: str, camera_offset_adu: float | None = None,
+               channel: int | None = None) -> tiff_io.Image:
   """A [T, H, W] movie (float32 data) with its metadata; MovieError otherwise, also
   for a constant movie and, given the camera offset, one whose mean is not above it
-  (:func:`smlm_jax.core.tiff_io.check_plausible`)."""
+  (:func:`smlm_jax.core.tiff_io.check_plausible`). A multi-channel movie needs
+  ``channel`` (:func:`smlm_jax.core.tiff_io.take_channel`)."""
   image = tiff_io.read_image(path)
-  data = image.data
+  data, image.axes = tiff_io.take_channel(image.data, image.axes, channel, path)
   if data.ndim == 2:
     raise tiff_io.MovieError(f"{path}: a single 2D frame {data.shape}; expected a movie "
                              "[T, H, W] (line-scan x-t images are not supported: the "
@@ -203,7 +214,7 @@ def _unique_stems(paths):
 def run(workdir, inputs, output, chunk_frames=None, stride_frames=None, batch_size=None,
         pixel_size_nm=None, frame_interval_s=None, camera_offset_adu=None,
         camera_gain_adu_per_e=None, probabilities=True, plots=True, log=print,
-        max_puff_volume_um2_ms=None) -> int:
+        max_puff_volume_um2_ms=None, channel=None) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   from smlm_jax.sparks import events as events_lib
   t0 = time.time()
@@ -220,7 +231,7 @@ def run(workdir, inputs, output, chunk_frames=None, stride_frames=None, batch_si
   stems = _unique_stems(files)
   summary, failed, assumed, notes = [], 0, set(), set()
   offset = float(seg.camera.offset_adu)
-  for path, image, error in tiff_io.scan_files(inputs, lambda p: read_movie(p, offset),
+  for path, image, error in tiff_io.scan_files(inputs, lambda p: read_movie(p, offset, channel),
                                                "predict", log):
     if error:
       failed += 1
@@ -295,6 +306,8 @@ def _define_flags():
   flags.DEFINE_float("max_puff_volume_um2_ms", None, "Drop predicted puffs larger than this "
                      "(um^2 x ms; 0 = no ceiling; default: the run's "
                      "config.events.max_volume_um2_ms, 10000 for runs since 2026-12-07).")
+  flags.DEFINE_integer("channel", None, "Channel of multi-channel movies (0-based; required "
+                       "for them; a single-channel movie accepts only 0).")
 
 
 def main(argv):
@@ -304,13 +317,15 @@ def main(argv):
     cli.fail("--workdir is required (a trained run; see --help)")
   if f.max_puff_volume_um2_ms is not None and not f.max_puff_volume_um2_ms >= 0:
     cli.fail(f"--max_puff_volume_um2_ms={f.max_puff_volume_um2_ms}: must be >= 0 (0 = none)")
+  if f.channel is not None and f.channel < 0:
+    cli.fail(f"--channel={f.channel}: must be >= 0")
   inputs = cli.inputs_and_output_folder(f, argv)
   cli.require_positive(f, ("chunk_frames", "stride_frames", "batch_size", "pixel_size_nm",
                            "frame_interval_s", "camera_gain_adu_per_e"))
   cli.run_or_fail(run, f.workdir, inputs, f.output, f.chunk_frames, f.stride_frames,
                   f.batch_size, f.pixel_size_nm, f.frame_interval_s, f.camera_offset_adu,
                   f.camera_gain_adu_per_e, f.probabilities, f.plots,
-                  max_puff_volume_um2_ms=f.max_puff_volume_um2_ms,
+                  max_puff_volume_um2_ms=f.max_puff_volume_um2_ms, channel=f.channel,
                   user_errors=(FileNotFoundError, UsageError))
 
 
