@@ -422,6 +422,27 @@ def test_predict_keeps_voxel_size_metadata_and_reports_bad_inputs(tiny_fusion_ru
   assert "voxel_size_mismatch" in (tmp_path / "plain" / "predict_summary.csv").read_text()
 
 
+def test_predict_takes_the_chosen_channel_of_a_multichannel_stack(tiny_fusion_run, tmp_path):
+  """--channel: a (Z, C, Y, X) stack is predicted as its channel alone; without a
+  choice it is an error row (bad_channel), not a silent pick."""
+  import tifffile
+  workdir, _ = tiny_fusion_run
+  rng = np.random.default_rng(5)
+  two = rng.integers(100, 400, (12, 2, 20, 18)).astype(np.uint16)
+  tifffile.imwrite(str(tmp_path / "two.tif"), two, imagej=True, metadata={"axes": "ZCYX"})
+  tifffile.imwrite(str(tmp_path / "one.tif"), two[:, 1], imagej=True, metadata={"axes": "ZYX"})
+  quiet = lambda *a, **k: None
+  assert predict.run(workdir, [str(tmp_path / "two.tif")], str(tmp_path / "none"), log=quiet) == 1
+  assert "error:bad_channel" in (tmp_path / "none" / "predict_summary.csv").read_text()
+  assert predict.run(workdir, [str(tmp_path / "two.tif")], str(tmp_path / "c1"), log=quiet,
+                     channel=1) == 0
+  assert predict.run(workdir, [str(tmp_path / "one.tif")], str(tmp_path / "ref"), log=quiet) == 0
+  got = tiff_io.read_image(str(tmp_path / "c1" / "two_fused.tif")).data
+  ref = tiff_io.read_image(str(tmp_path / "ref" / "one_fused.tif")).data
+  assert got.shape == (12, 20, 18)
+  np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
 def test_evaluate_scores_pairs_and_rejects_bad_inputs(tmp_path):
   rng = np.random.default_rng(5)
   fused = (100 + 400 * ndimage.gaussian_filter(rng.random((12, 16, 16)), 1.0)).astype(np.float32)

@@ -3,10 +3,12 @@
   python -m smlm_jax.fusion.predict --workdir=runs/fusion --input=VIEW.tif [--input=DIR]
       --output=OUT_DIR [--tile=24,96,96] [--overlap=12,16,16] [--halo=2,4,4]
       [--memory_gb=2] [--batch_size=2] [--depth_offset_um=0] [--surface=first] [--plot]
-      [--tta | --notta] [--noresample]
+      [--tta | --notta] [--noresample] [--channel=N]
 
 Inputs: single-channel 3D stacks (Z, Y, X; z = the detection axis) as TIFF / OME-TIFF /
-ImageJ files or folders of them. Each volume is percentile-normalized (2nd / 99.8th
+ImageJ files or folders of them; of multi-channel stacks (Z, C, Y, X) the channel
+``--channel`` (required for them: no default channel; a single-channel stack accepts
+only 0). Each volume is percentile-normalized (2nd / 99.8th
 percentile, as the training data and the challenge metric), predicted by overlapping
 tiles blended with a smooth window (:mod:`smlm_jax.fusion.tiling`; ``--tile`` defaults
 to the run's ``predict.tile``, shrunk to fit ``--memory_gb``), and written as
@@ -22,7 +24,7 @@ training voxel size: the network learned the PSF and the cells in voxels), ``res
 (then, by default, the volume was resampled linearly to the training voxels, predicted
 and the prediction resampled back onto the input grid; ``--noresample`` predicts it as
 it is), ``voxel_size_unknown`` (no metadata; training value assumed), or ``error:<code>`` (not_found, unreadable, truncated, not_3d, bad_shape,
-bad_dtype, rgb, nan_or_inf, constant_input - all voxels equal: nothing to normalize,
+bad_channel, bad_dtype, rgb, nan_or_inf, constant_input - all voxels equal: nothing to normalize,
 no volume is written -, empty_folder) for inputs that could not be used. --output is
 checked before anything is read (exit 2 when it cannot be written). Bad inputs never stop the
 run: one ``error:`` line each on stderr, exit code 1 if any failed.
@@ -157,7 +159,7 @@ def _mismatch(found, reference):
 
 def run(workdir, inputs, output_dir, tile=None, overlap=None, halo=None, memory_gb=None,
         batch_size=2, depth_offset_um=0.0, surface="first", plot=False, log=print,
-        tta=None, resample=True) -> int:
+        tta=None, resample=True, channel=None) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   t0 = time.time()
   predictor = Predictor(workdir, tta=tta)
@@ -167,7 +169,7 @@ def run(workdir, inputs, output_dir, tile=None, overlap=None, halo=None, memory_
       f"{ref[0]:g} x {ref[1]:g} x {ref[2]:g} um (z, y, x)", file=sys.stderr)
   os.makedirs(output_dir, exist_ok=True)
   rows, failed = [], 0
-  read = lambda p: volume_io.read_volume(p, reject_constant=True)
+  read = lambda p: volume_io.read_volume(p, reject_constant=True, channel=channel)
   for path, result, error in tiff_io.scan_files(inputs, read, "predict", log):
     if error:
       failed += 1
@@ -254,6 +256,8 @@ def _define_flags():
   flags.DEFINE_bool("resample", True, "A volume whose voxel size (metadata) is more than "
                     "10% from the training voxel size is resampled to it, predicted and "
                     "resampled back (--noresample: predicted as it is).")
+  flags.DEFINE_integer("channel", None, "Channel of multi-channel stacks (0-based; required "
+                       "for them; a single-channel stack accepts only 0).")
 
 
 def main(argv):
@@ -270,9 +274,11 @@ def main(argv):
   if f.batch_size < 1:
     cli.fail("--batch_size must be >= 1")
   cli.require_positive(f, ("memory_gb",))
+  if f.channel is not None and f.channel < 0:
+    cli.fail(f"--channel={f.channel}: must be >= 0")
   cli.run_or_fail(run, f.workdir, inputs, f.output, tile, overlap, halo, f.memory_gb,
                   f.batch_size, f.depth_offset_um, f.surface, f.plot, tta=f.tta,
-                  resample=f.resample,
+                  resample=f.resample, channel=f.channel,
                   user_errors=(FileNotFoundError, ValueError))   # ValueError: tile/overlap/halo
 
 

@@ -11,16 +11,19 @@ from smlm_jax.core.tiff_io import MovieError
 MIN_SIDE = 2
 
 
-def read_volume(path: str, reject_constant: bool = False):
-  """(float32 volume [Z, Y, X], tiff_io.Image) of a single-channel 3D TIFF stack.
+def read_volume(path: str, reject_constant: bool = False, channel: int | None = None):
+  """(float32 volume [Z, Y, X], tiff_io.Image) of a 3D TIFF stack; of a multi-channel
+  stack [Z, C, Y, X] the ``channel`` (:func:`smlm_jax.core.tiff_io.take_channel`: required
+  for it, ``bad_channel`` otherwise).
 
   Raises MovieError (one line, a short code) for missing/unreadable/truncated files,
   RGB, complex/bool/non-numeric pixels, NaN/inf, 2D images, data with more than three
-  axes (time series or several channels: split them first) and, with
+  axes once the channel is taken (time series: split them first) and, with
   ``reject_constant``, a volume whose 2nd and 99.8th percentiles are equal
   (``constant_input``: nothing to normalize by)."""
   image = tiff_io.read_image(path)
-  data = image.data
+  data, image.axes = tiff_io.take_channel(image.data, image.axes, channel, path)
+  image.data = data
   if data.dtype.kind not in "uif":
     raise MovieError(f"{path}: unsupported pixel type {data.dtype}; expected integer or "
                      "float intensities", "bad_dtype")
@@ -29,8 +32,8 @@ def read_volume(path: str, reject_constant: bool = False):
                      "(Z, Y, X)", "not_3d")
   if data.ndim != 3:
     raise MovieError(f"{path}: {data.ndim}D data of shape {data.shape} (axes "
-                     f"{image.axes}); expected one 3D stack (Z, Y, X) - split channels "
-                     "or time points first", "bad_shape")
+                     f"{image.axes}); expected one 3D stack (Z, Y, X) - split time "
+                     "points first (channels: --channel)", "bad_shape")
   if min(data.shape) < MIN_SIDE:
     raise MovieError(f"{path}: stack {data.shape} is too thin; expected a 3D volume",
                      "not_3d")
