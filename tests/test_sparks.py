@@ -5,6 +5,7 @@ import dataclasses
 import io
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -789,6 +790,16 @@ def test_puff_ceiling_of_a_trained_run_can_be_changed_at_inference(tiny_run):
   assert spec.max_volume_um2_ms == (0.0, 0.0, 50.0)
   with pytest.raises(ValueError, match=">= 0"):
     ev_lib.set_puff_ceiling(sparks_config.get_config("tiny"), -1.0)
+  # The filter file keeps the ceiling it was chosen under (training: the config's);
+  # evaluate --tune under another saves that one, which predict then uses unless told.
+  assert tuple(ev_lib.load_filter(workdir)["max_volume_um2_ms"]) == (0.0, 0.0, 10000.0)
+  from smlm_jax.sparks import evaluate
+  copy = os.path.join(os.path.dirname(workdir), "ceiling_copy")
+  shutil.copytree(workdir, copy)
+  evaluate.tune_run(copy, 2, 5, log=lambda *a, **k: None, max_puff_volume_um2_ms=0.0)
+  assert tuple(ev_lib.load_filter(copy)["max_volume_um2_ms"]) == (0.0, 0.0, 0.0)
+  assert tuple(predict.Segmenter(copy).config.events.max_volume_um2_ms) == (0.0, 0.0, 0.0)
+  assert predict.Segmenter(copy, max_puff_volume_um2_ms=7.0).config.events.max_volume_um2_ms[2] == 7.0
 
 
 def test_evaluate_scores_an_annotated_movie(tiny_run, tmp_path):

@@ -58,9 +58,10 @@ def evaluate_simulated(workdir: str, num_movies: int, seed: int, output: str | N
   if events_config is not None:
     config.events = events_config
     task.config.events = events_config
-  events_lib.set_puff_ceiling(task.config, max_puff_volume_um2_ms)
   if events_config is None:
-    log(events_lib.use_run_filter(task.config, workdir))
+    log(events_lib.use_run_filter(task.config, workdir, max_puff_volume_um2_ms))
+  else:
+    events_lib.set_puff_ceiling(task.config, max_puff_volume_um2_ms)
   if seed in (int(config.eval_seed),):
     log(f"warning: --seed={seed} is the validation seed of this run", file=sys.stderr)
   if sim_config is None:
@@ -86,7 +87,8 @@ def tune_run(workdir: str, num_movies: int, seed: int | None = None, log=print,
   ``snr_floor``: also try floors on the peak over the noise (None: the run's
   ``config.events.tune_snr_floor``); ``max_puff_volume_um2_ms``: the puff volume ceiling
   the filter is chosen under, instead of the run's (0 = none; evaluate and predict take
-  the ceiling from the run's config or their own flag, not from the filter file)."""
+  the ceiling it was chosen under from the filter file unless their own flag says
+  otherwise)."""
   from smlm_jax.core import trainer
   from smlm_jax.sparks import events as events_lib
   mesh = trainer.make_mesh()
@@ -237,8 +239,9 @@ def _define_flags():
   flags.DEFINE_integer("channel", None, "Channel of multi-channel --movie files (0-based).")
   flags.DEFINE_float("max_puff_volume_um2_ms", None, "Drop predicted puffs larger than this "
                      "(um^2 x ms; 0 = no ceiling; default: the run's "
-                     "config.events.max_volume_um2_ms). With --tune: the ceiling the "
-                     "filter is chosen under; pass the same value to predict.")
+                     "config.events.max_volume_um2_ms, or the one its filter was "
+                     "re-chosen under). With --tune: the ceiling to choose the filter "
+                     "under (saved with it; predict and evaluate then use it).")
 
 
 def main(argv):

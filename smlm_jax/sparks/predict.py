@@ -125,8 +125,8 @@ class Segmenter:
     self.mesh = trainer.make_mesh()
     self.config, self.task, self.state = trainer.load_run(workdir, self.mesh)
     from smlm_jax.sparks import events as events_lib
-    events_lib.set_puff_ceiling(self.task.config, max_puff_volume_um2_ms)
-    self.filter_note = events_lib.use_run_filter(self.task.config, workdir)
+    self.filter_note = events_lib.use_run_filter(self.task.config, workdir,
+                                                 max_puff_volume_um2_ms)
     infer = self.config.infer
     self.chunk = int(chunk_frames or infer.chunk_frames)
     self.stride = int(stride_frames or infer.stride_frames)

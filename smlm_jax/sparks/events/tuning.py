@@ -64,8 +64,9 @@ def choose_filter(records, classes=EVENT_CLASSES, floors=FLOOR_GRID,
   ``max_volume_um2_ms``: per class the volume ceiling every candidate keeps, 0 = none,
   ``config.events.max_volume_um2_ms``). Returns
   {'min_probability': (spark, wave, puff), 'min_volume_um2_ms': (...),
-  'min_amplitude_dff': (...), 'min_snr': (...), 'f1' / 'precision' / 'recall' / 'tp' /
-  'fp' / 'fn': {name: ...}, 'unfiltered_f1'}."""
+  'min_amplitude_dff': (...), 'min_snr': (...), 'max_volume_um2_ms': (...) (the ceiling
+  it was chosen under, kept with it), 'f1' / 'precision' / 'recall' / 'tp' / 'fp' /
+  'fn': {name: ...}, 'unfiltered_f1'}."""
   keys = ("min_probability", "min_volume_um2_ms", "min_amplitude_dff", "min_snr")
   out = {k: [0.0] * 3 for k in keys}
   stats = {k: {} for k in ("f1", "precision", "recall", "tp", "fp", "fn", "unfiltered_f1")}
@@ -88,6 +89,7 @@ def choose_filter(records, classes=EVENT_CLASSES, floors=FLOOR_GRID,
       stats[k][NAMES[c]] = val
   for k in keys:
     out[k] = tuple(out[k])
+  out["max_volume_um2_ms"] = tuple(float(v) for v in max_volume_um2_ms)
   out.update(stats)
   return out
 
@@ -153,13 +155,18 @@ def load_filter(workdir: str):
     return json.load(f)
 
 
-def use_run_filter(config, workdir: str) -> str:
+def use_run_filter(config, workdir: str, max_puff_volume_um2_ms: float | None = None) -> str:
   """Sets ``config.events.min_probability`` / ``min_volume_um2_ms`` /
   ``min_amplitude_dff`` / ``min_snr`` to the run's tuned filter when it has one (a
-  filter chosen before the amplitude or SNR floor existed: that floor off); returns a
-  line saying which filter is used."""
+  filter chosen before the amplitude or SNR floor existed: that floor off), and
+  ``max_volume_um2_ms`` to the ceiling it was chosen under (a filter file without one:
+  the config's); ``max_puff_volume_um2_ms`` (a user's flag) then replaces the puff
+  ceiling (:func:`set_puff_ceiling`). Returns a line saying which filter is used."""
   chosen = load_filter(workdir)
   ev = config.events
+  if chosen is not None and "max_volume_um2_ms" in chosen:
+    ev.max_volume_um2_ms = tuple(float(v) for v in chosen["max_volume_um2_ms"])
+  set_puff_ceiling(config, max_puff_volume_um2_ms)
   if chosen is not None:
     ev.min_probability = tuple(float(v) for v in chosen["min_probability"])
     ev.min_volume_um2_ms = tuple(float(v) for v in chosen["min_volume_um2_ms"])
