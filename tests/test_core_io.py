@@ -61,3 +61,34 @@ def test_take_channel_picks_one_channel_or_says_why_not(tmp_path):
     assert predict.read_movie(one, 0.0, c).data.shape == (12, 16, 24)
   with pytest.raises(tiff_io.MovieError, match="has 1"):
     predict.read_movie(one, 0.0, 1)
+
+
+def test_frame_stack_reads_one_channel_of_any_layout(tmp_path):
+  """tiff_stream.FrameStack(path, channel) (analyze's whole movies): T/C in either order,
+  memory-mapped or page by page (compressed), frame for frame what read_movie gives."""
+  import numpy as np
+  import pytest
+  import tifffile
+  from smlm_jax.core import tiff_io
+  from smlm_jax.core.tiff_stream import FrameStack
+  m = np.random.default_rng(0).integers(0, 1000, (7, 3, 10, 12)).astype(np.uint16)
+  ct = m.transpose(1, 0, 2, 3).copy()
+  cases = (("tc.tif", m, {"imagej": True, "metadata": {"axes": "TCYX"}}, True),
+           ("tc_zlib.tif", m, {"compression": "zlib", "photometric": "minisblack",
+                               "metadata": {"axes": "TCYX"}}, False),
+           ("ct.tif", ct, {"photometric": "minisblack", "metadata": {"axes": "CTYX"}}, True),
+           ("ct_zlib.tif", ct, {"compression": "zlib", "photometric": "minisblack",
+                                "metadata": {"axes": "CTYX"}}, False))
+  for name, data, kw, mapped in cases:
+    path = str(tmp_path / name)
+    tifffile.imwrite(path, data, **kw)
+    for c in range(3):
+      with FrameStack(path, c) as stack:
+        assert stack.shape == (7, 10, 12) and (stack._data is not None) == mapped
+        got = np.stack([stack[i] for i in range(len(stack))])
+      np.testing.assert_array_equal(got, m[:, c])
+      np.testing.assert_array_equal(tiff_io.read_movie(path, c).frames, m[:, c])
+    for bad in (None, 3):
+      with pytest.raises(tiff_io.MovieError) as e:
+        FrameStack(path, bad)
+      assert e.value.code == "bad_channel"

@@ -185,3 +185,35 @@ def test_pure_noise_is_no_spot(tiny_run, tmp_path):
   predict.run(tiny_run, [str(d)], str(out))
   _, rows = _read(out)
   assert len(rows) == 2 and all("no_spot" in r["flag"] for r in rows)
+
+
+def test_channel_of_a_two_channel_movie_predicts_like_that_channel_alone(tiny_run, tmp_path):
+  """--channel (predict, baselines, calibrate, analyze): a [T, C, H, W] movie is read as
+  the chosen channel; without a choice it is an error row (bad_channel), not a guess."""
+  from smlm_jax.diffusion import simulator as sim_lib
+  from configs import diffusion
+  import jax
+  sim = sim_lib.simulator_from_config(diffusion.get_config("tiny").sim)
+  frames, _ = sim.batch(jax.random.key(5), 2)
+  frames = np.asarray(frames)
+  one, two = tmp_path / "one", tmp_path / "two"
+  one.mkdir(), two.mkdir()
+  for i, f in enumerate(frames):
+    meta = {"finterval": 0.01, "unit": "um"}
+    tifffile.imwrite(str(one / f"m{i}.tif"), f.astype(np.float32), imagej=True,
+                     metadata=dict(meta, axes="TYX"), resolution=(10.0, 10.0))
+    other = np.full_like(f, 100.0) + (np.arange(f.size).reshape(f.shape) % 7)
+    both = np.stack([other, f], axis=1).astype(np.float32)          # T, C, H, W
+    tifffile.imwrite(str(two / f"m{i}.tif"), both, imagej=True,
+                     metadata=dict(meta, axes="TCYX"), resolution=(10.0, 10.0))
+  from smlm_jax.diffusion import camera_setup
+  predictor = predict.Predictor(tiny_run)
+  predictor.camera, _ = camera_setup.data_camera(predictor.config.sim.camera)
+  quiet = lambda *a, **k: None
+  key = lambda r: tiff_io._natural_key(r.file)
+  ref = sorted(predict.predict_files(predictor, [str(one)], log=quiet)[0], key=key)
+  got = sorted(predict.predict_files(predictor, [str(two)], log=quiet, channel=1)[0], key=key)
+  assert not any(r.error for r in ref)
+  np.testing.assert_allclose([r.D for r in got], [r.D for r in ref], rtol=1e-5)
+  rows = predict.predict_files(predictor, [str(two)], log=quiet)[0]
+  assert [r.error for r in rows] == ["bad_channel"] * 2

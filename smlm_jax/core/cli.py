@@ -201,6 +201,22 @@ def require_positive(flag_values, names) -> None:
       fail(f"--{name} must be > 0")
 
 
+def define_channel_flag(what: str = "movies") -> None:
+  """--channel: which channel of multi-channel files to read (core.tiff_io.take_channel:
+  no default channel, so a multi-channel file without it is an error row)."""
+  from absl import flags
+  flags.DEFINE_integer("channel", None, f"Channel of multi-channel {what} (0-based; "
+                       "required for them; a single-channel file accepts only 0).")
+
+
+def channel_flag(flag_values) -> int | None:
+  """The --channel value (None: not given); a negative one ends the command."""
+  channel = flag_values.channel
+  if channel is not None and channel < 0:
+    fail(f"--channel={channel}: must be >= 0")
+  return channel
+
+
 def run_or_fail(fn, *args, user_errors=(FileNotFoundError,), **kwargs):
   """Runs a tool's ``run(*args, **kwargs) -> exit code`` and exits with it; the errors a user
   causes (``user_errors``: a missing run or file, a bad flag combination) and an

@@ -244,24 +244,33 @@ def read_image(path: str, allow_rgb: bool = False) -> Image:
                frame_interval_s=interval, channel_names=channels)
 
 
-def take_channel(data: np.ndarray, axes: str, channel: int | None, path: str):
-  """(data, axes) of one channel of a read image (``read_image``: length-1 axes already
-  squeezed): the C axis taken at ``channel`` and removed. MovieError ``bad_channel`` for
-  a channel the file does not have, or for ``channel`` None (no choice made) when it has
-  several: which channel holds the signal is the user's to say."""
+def check_channel(axes: str, shape, channel: int | None, path: str) -> int | None:
+  """The position of the C axis in ``axes`` (None: no C axis, one channel) after
+  checking ``channel`` against it: MovieError ``bad_channel`` for a channel the file does
+  not have, or for ``channel`` None (no choice made) when it has several: which channel
+  holds the signal is the user's to say."""
   if "C" not in axes:
     if channel not in (None, 0):
       raise MovieError(f"{path}: channel {channel} requested, the movie has 1",
                        "bad_channel")
-    return data, axes
+    return None
   c = axes.index("C")
-  n = data.shape[c]
+  n = shape[c]
   if channel is None:
-    raise MovieError(f"{path}: {n} channels (axes {axes}, shape {tuple(data.shape)}); "
+    raise MovieError(f"{path}: {n} channels (axes {axes}, shape {tuple(shape)}); "
                      f"choose one with --channel=0..{n - 1}", "bad_channel")
   if not 0 <= channel < n:
     raise MovieError(f"{path}: channel {channel} requested, the movie has {n}",
                      "bad_channel")
+  return c
+
+
+def take_channel(data: np.ndarray, axes: str, channel: int | None, path: str):
+  """(data, axes) of one channel of a read image (``read_image``: length-1 axes already
+  squeezed): the C axis taken at ``channel`` and removed (:func:`check_channel`)."""
+  c = check_channel(axes, data.shape, channel, path)
+  if c is None:
+    return data, axes
   return np.take(data, channel, axis=c), axes.replace("C", "")
 
 
@@ -344,14 +353,16 @@ def write_frames(path: str, frames, shape, dtype, pixel_size_nm: float | None = 
                      metadata=md, **kwargs)
 
 
-def read_movie(path: str) -> Movie:
-  """Reads a TIFF movie as float32 [T, H, W] with its pixel size / frame interval.
+def read_movie(path: str, channel: int | None = None) -> Movie:
+  """Reads a TIFF movie as float32 [T, H, W] with its pixel size / frame interval; of a
+  multi-channel movie [T, C, H, W] the ``channel`` (:func:`take_channel`).
 
   Raises MovieError (one line) for: missing or unreadable files, RGB/RGBA images,
-  single 2D frames, other dimensionalities, and NaN/inf values.
+  single 2D frames, other dimensionalities, a channel not chosen or not there, and
+  NaN/inf values.
   """
   image = read_image(path)
-  data, axes = image.data, image.axes
+  data, axes = take_channel(image.data, image.axes, channel, path)
   if data.ndim == 2:
     raise MovieError(f"{path}: a single 2D frame {data.shape}; expected a movie [T, H, W]",
                      "single_frame")
@@ -373,17 +384,18 @@ def window_starts(num_frames_in_file: int, num_frames: int, stride: int) -> list
 
 
 def read_windows(path: str, num_frames: int, height_px: int | None, width_px: int | None,
-                 stride: int | None = None, camera_offset_adu: float | None = None
-                 ) -> tuple[Movie, list[int]]:
+                 stride: int | None = None, camera_offset_adu: float | None = None,
+                 channel: int | None = None) -> tuple[Movie, list[int]]:
   """Reads a movie and splits it into windows of ``num_frames`` frames.
 
   Returns (movie, first frames). A stack of exactly T frames is one window; longer
   stacks give one window per ``stride`` frames (default T). Raises MovieError for
   unreadable files, fewer than T frames, frames of another size than the model's
   (no size check when height_px is None), a constant movie and, given the camera
-  offset, a mean not above it (:func:`check_plausible`).
+  offset, a mean not above it (:func:`check_plausible`); ``channel``: as
+  :func:`read_movie`.
   """
-  movie = read_movie(path)
+  movie = read_movie(path, channel)
   t, h, w = movie.frames.shape
   if height_px is not None and (h, w) != (height_px, width_px):
     raise MovieError(
@@ -455,11 +467,11 @@ def scan_files(inputs, read_fn, desc: str = "reading", log=print,
 
 def scan_inputs(inputs, num_frames: int, height_px: int | None, width_px: int | None,
                 stride: int | None = None, desc: str = "reading", log=print,
-                camera_offset_adu: float | None = None):
+                camera_offset_adu: float | None = None, channel: int | None = None):
   """Every input movie as (path, movie, first frames, None) or (path, None, [], error):
   :func:`scan_files` with :func:`read_windows` (predict, baselines, calibrate)."""
   read = lambda p: read_windows(p, num_frames, height_px, width_px, stride,
-                                camera_offset_adu)
+                                camera_offset_adu, channel)
   for path, result, error in scan_files(inputs, read, desc, log):
     if error:
       yield path, None, [], error

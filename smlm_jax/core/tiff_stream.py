@@ -1,6 +1,7 @@
 """Whole movies of any length read one frame at a time (bounded memory).
 
-``FrameStack(path)`` opens a single-channel TIFF / OME-TIFF / ImageJ stack [T, H, W]
+``FrameStack(path[, channel])`` opens a TIFF / OME-TIFF / ImageJ stack [T, H, W] (or
+one channel of a [T, C, H, W] stack, :func:`smlm_jax.core.tiff_io.check_channel`)
 without reading its pixels: ``stack[i]`` is frame i as float32, ``len(stack)`` the
 frame count, plus the pixel size and frame interval from the metadata (as
 :func:`smlm_jax.core.tiff_io.read_movie` reads them). Uncompressed contiguous data is
@@ -20,10 +21,10 @@ from smlm_jax.core.tiff_io import MovieError
 
 
 class FrameStack:
-  """A [T, H, W] movie on disk; index it for float32 frames. Use as a context manager
-  (or call close()) to release the file."""
+  """A [T, H, W] movie on disk (one ``channel`` of a multi-channel one); index it for
+  float32 frames. Use as a context manager (or call close()) to release the file."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, channel: int | None = None):
     self.path = path
     if not os.path.exists(path):
       raise MovieError(f"{path}: no such file", "not_found")
@@ -47,7 +48,21 @@ class FrameStack:
     if np.dtype(dtype).kind not in "uif":
       self.close()
       raise MovieError(f"{path}: unsupported pixel type {dtype}", "bad_dtype")
-    keep = [n for i, n in enumerate(shape) if n > 1 or axes[i] in "YX"]
+    kept = [i for i, n in enumerate(shape) if n > 1 or axes[i] in "YX"]
+    keep = [shape[i] for i in kept]
+    names = "".join(axes[i] for i in kept)
+    try:
+      c_pos = tiff_io.check_channel(names[:-2], keep, channel, path)
+    except MovieError:
+      self.close()
+      raise
+    lead = keep[:-2]
+    if c_pos is not None:
+      if len(keep) != 4:
+        self.close()
+        raise MovieError(f"{path}: {len(keep)}D data of shape {shape} (axes {axes}); "
+                         "expected frames x channels x height x width", "bad_shape")
+      keep = [lead[1 - c_pos]] + keep[-2:]
     if len(keep) == 2:
       self.close()
       raise MovieError(f"{path}: a single 2D frame {tuple(keep)}; expected a movie "
@@ -60,13 +75,18 @@ class FrameStack:
     self.pixel_size_nm, self.frame_interval_s = px_nm, interval
     self._pages = None
     self._data = None
+    self._lead, self._c_pos, self._channel = tuple(int(n) for n in lead), c_pos, channel
+    # The frames of the chosen channel: index along C (a view of the memory map).
+    pick = (lambda a: a) if c_pos is None else (
+        lambda a: a[(slice(None),) * c_pos + (channel,)])
     if series.dataoffset is not None:       # uncompressed, contiguous: memory-map it
-      self._data = np.memmap(path, dtype=series.dtype.newbyteorder(self._tif.byteorder),
-                             mode="r", offset=series.dataoffset, shape=self.shape)
-    elif len(series.pages) == self.shape[0]:
+      self._data = pick(np.memmap(path, dtype=series.dtype.newbyteorder(self._tif.byteorder),
+                                  mode="r", offset=series.dataoffset,
+                                  shape=self._lead + self.shape[1:]))
+    elif len(series.pages) == int(np.prod(self._lead)):
       self._pages = series.pages
     else:                                   # unusual layout: read it whole, once
-      self._data = series.asarray().reshape(self.shape)
+      self._data = pick(series.asarray().reshape(self._lead + self.shape[1:]))
 
   def __len__(self) -> int:
     return self.shape[0]
@@ -75,7 +95,12 @@ class FrameStack:
     if self._data is not None:
       frame = np.asarray(self._data[i], np.float32)
     else:
-      frame = self._pages[i].asarray().reshape(self.shape[1:]).astype(np.float32)
+      page = i
+      if self._c_pos is not None:           # pages in (T, C) or (C, T) order
+        idx = [i, i]
+        idx[self._c_pos] = self._channel
+        page = int(np.ravel_multi_index(idx, self._lead))
+      frame = self._pages[page].asarray().reshape(self.shape[1:]).astype(np.float32)
     if not np.all(np.isfinite(frame)):
       raise MovieError(f"{self.path}: frame {i} contains NaN or infinite pixel values",
                        "nan_or_inf")

@@ -72,6 +72,7 @@ class Options:
   min_track_frames: int = 5
   pixel_size_nm: float | None = None
   frame_interval_s: float | None = None
+  channel: int | None = None                # of multi-channel movies (required for them)
 
 
 @dataclasses.dataclass
@@ -260,7 +261,7 @@ def analyze_movie(path, predictor, options: Options, warnings: dict, assumed: di
   sim = cfg.sim
   t, h, w = predictor.window_shape
   camera = predictor.camera
-  with FrameStack(path) as stack:
+  with FrameStack(path, options.channel) as stack:
     n, H, W = stack.shape
     if n < t:
       raise MovieError(f"{path}: only {n} frames; the model needs windows of {t}",
@@ -403,6 +404,7 @@ def _define_flags():
   flags.DEFINE_integer("min_track_frames", 5, "Shorter tracks are dropped.")
   predict.define_camera_and_geometry_flags()
   flags.DEFINE_bool("plots", True, "Write the D map and histogram PNGs.")
+  cli.define_channel_flag("movies")
 
 
 def main(argv):
@@ -423,7 +425,7 @@ def main(argv):
   options = Options(stride=f.stride, false_positives_per_frame=f.false_positives_per_frame,
                     max_D_um2_per_s=f.max_D_um2_per_s, memory=f.memory,
                     min_track_frames=f.min_track_frames, pixel_size_nm=f.pixel_size_nm,
-                    frame_interval_s=f.frame_interval_s)
+                    frame_interval_s=f.frame_interval_s, channel=cli.channel_flag(f))
   cli.run_or_fail(run, f.workdir, inputs, f.output, options, f.camera_offset_adu,
                   f.camera_gain_adu_per_e, f.camera_qe, f.calibration, f.batch_size,
                   f.plots, user_errors=(FileNotFoundError, camera_setup.CalibrationError))

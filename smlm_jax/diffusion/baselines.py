@@ -333,7 +333,7 @@ COLUMNS = ("file", "first_frame", "D_um2_per_s", "D_msd_um2_per_s", "crlb_se_um2
 
 def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
         camera_gain_adu_per_e=None, camera_qe=None, calibration=None, pixel_size_nm=None,
-        frame_interval_s=None, exposure_s=None, log=print) -> int:
+        frame_interval_s=None, exposure_s=None, log=print, channel=None) -> int:
   """Localization + CVE for every window of every input; returns the exit code."""
   import sys
   from smlm_jax.diffusion import camera_setup
@@ -349,7 +349,7 @@ def run(inputs, output, sim_cfg, stride=None, camera_offset_adu=None,
   assumed = set()
   for path, movie, starts, error in tiff_io.scan_inputs(inputs, t, None, None, stride,
                                                        "baselines", log,
-                                                       float(camera.offset_adu)):
+                                                       float(camera.offset_adu), channel):
     if error:
       rows.append([path, ""] + [""] * 7 + [f"error:{error[1]}"])
       errors += 1
@@ -409,6 +409,7 @@ def _define_flags():
   flags.DEFINE_float("frame_interval_s", None, "Frame interval (s); overrides metadata.")
   flags.DEFINE_float("exposure_s", None, "Exposure per frame (s); default: the frame "
                      "interval times the config's exposure/interval ratio.")
+  cli.define_channel_flag("movies")
 
 
 def main(argv):
@@ -427,7 +428,7 @@ def main(argv):
   try:
     code = run(inputs, f.output, f.config.sim, f.stride, f.camera_offset_adu,
                f.camera_gain_adu_per_e, f.camera_qe, f.calibration, f.pixel_size_nm,
-               f.frame_interval_s, f.exposure_s)
+               f.frame_interval_s, f.exposure_s, channel=cli.channel_flag(f))
   except camera_setup.CalibrationError as e:
     cli.fail(str(e))
   sys.exit(code)

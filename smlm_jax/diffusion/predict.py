@@ -34,6 +34,7 @@ photons per pixel per frame (both before QE). flag is ``ok`` or ';'-joined reaso
                            error:unreadable, error:rgb, error:single_frame,
                            error:too_few_frames, error:nan_or_inf, error:wrong_size,
                            error:not_found, error:empty_folder, error:truncated,
+                           error:bad_channel (several channels and no --channel),
                            error:constant_input (every value equal),
                            error:below_camera_offset (the movie's mean is not above
                            the camera offset: negative photons - set the camera)
@@ -249,7 +250,7 @@ def setup_predictor(workdir, camera_offset_adu=None, camera_gain_adu_per_e=None,
 
 
 def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
-                  frame_interval_s=None, log=print):
+                  frame_interval_s=None, log=print, channel=None):
   """Rows (one per window or failed path) and warnings for the header and console."""
   sim = predictor.config.sim
   t, h, w = predictor.window_shape
@@ -266,7 +267,7 @@ def predict_files(predictor: Predictor, inputs, stride=None, pixel_size_nm=None,
 
   offset = float(predictor.camera.offset_adu) if predictor.camera is not None else None
   for path, movie, starts, error in tiff_io.scan_inputs(inputs, t, h, w, stride, "predict",
-                                                       log, offset):
+                                                       log, offset, channel):
     if error:
       rows.append(Row(file=path, error=error[1]))
       continue
@@ -313,14 +314,14 @@ def plot_histogram(rows, path, D_range, title="", ylabel="windows"):
 
 def run(workdir, inputs, output, stride=None, camera_offset_adu=None,
         camera_gain_adu_per_e=None, camera_qe=None, calibration=None, pixel_size_nm=None,
-        frame_interval_s=None, batch_size=None, plot=None) -> int:
+        frame_interval_s=None, batch_size=None, plot=None, channel=None) -> int:
   """The whole command; returns the exit code (1 when any input failed)."""
   t0 = time.time()
   predictor, camera_notes = setup_predictor(workdir, camera_offset_adu, camera_gain_adu_per_e,
                                             camera_qe, calibration, batch_size)
   cfg = predictor.config
   rows, warnings, notes = predict_files(predictor, inputs, stride, pixel_size_nm,
-                                        frame_interval_s)
+                                        frame_interval_s, channel=channel)
   for n in notes:
     print(f"note: {n}", file=sys.stderr)
   for wmsg in warnings:
@@ -355,6 +356,7 @@ def _define_flags():
                        "(default: the model's window length T).")
   define_camera_and_geometry_flags()
   flags.DEFINE_string("plot", None, "Optional PNG: histogram of predicted D.")
+  cli.define_channel_flag("movies")
 
 
 def define_camera_and_geometry_flags():
@@ -385,7 +387,7 @@ def main(argv):
                            "batch_size", "camera_qe"))
   cli.run_or_fail(run, f.workdir, inputs, f.output, f.stride, f.camera_offset_adu,
                   f.camera_gain_adu_per_e, f.camera_qe, f.calibration, f.pixel_size_nm,
-                  f.frame_interval_s, f.batch_size, f.plot,
+                  f.frame_interval_s, f.batch_size, f.plot, channel=cli.channel_flag(f),
                   user_errors=(FileNotFoundError, camera_setup.CalibrationError))
 
 

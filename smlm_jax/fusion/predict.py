@@ -256,8 +256,7 @@ def _define_flags():
   flags.DEFINE_bool("resample", True, "A volume whose voxel size (metadata) is more than "
                     "10% from the training voxel size is resampled to it, predicted and "
                     "resampled back (--noresample: predicted as it is).")
-  flags.DEFINE_integer("channel", None, "Channel of multi-channel stacks (0-based; required "
-                       "for them; a single-channel stack accepts only 0).")
+  cli.define_channel_flag("stacks")
 
 
 def main(argv):
@@ -274,11 +273,9 @@ def main(argv):
   if f.batch_size < 1:
     cli.fail("--batch_size must be >= 1")
   cli.require_positive(f, ("memory_gb",))
-  if f.channel is not None and f.channel < 0:
-    cli.fail(f"--channel={f.channel}: must be >= 0")
   cli.run_or_fail(run, f.workdir, inputs, f.output, tile, overlap, halo, f.memory_gb,
                   f.batch_size, f.depth_offset_um, f.surface, f.plot, tta=f.tta,
-                  resample=f.resample, channel=f.channel,
+                  resample=f.resample, channel=cli.channel_flag(f),
                   user_errors=(FileNotFoundError, ValueError))   # ValueError: tile/overlap/halo
 
 

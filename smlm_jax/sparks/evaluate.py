@@ -236,7 +236,7 @@ def _define_flags():
   flags.DEFINE_enum("snr_floor", "run", ["run", "on", "off"], "With --tune: also try "
                     "floors on the event's peak over the movie's noise (run: the run's "
                     "config.events.tune_snr_floor).")
-  flags.DEFINE_integer("channel", None, "Channel of multi-channel --movie files (0-based).")
+  cli.define_channel_flag("--movie files")
   flags.DEFINE_float("max_puff_volume_um2_ms", None, "Drop predicted puffs larger than this "
                      "(um^2 x ms; 0 = no ceiling; default: the run's "
                      "config.events.max_volume_um2_ms, or the one its filter was "
@@ -257,8 +257,6 @@ def main(argv):
     cli.fail("give one --instances per --movie (or none)")
   if f.num_movies < 1:
     cli.fail("--num_movies must be >= 1")
-  if f.channel is not None and f.channel < 0:
-    cli.fail(f"--channel={f.channel}: must be >= 0")
   if f.max_puff_volume_um2_ms is not None and not f.max_puff_volume_um2_ms >= 0:
     cli.fail(f"--max_puff_volume_um2_ms={f.max_puff_volume_um2_ms}: must be >= 0 (0 = none)")
   if not os.path.isdir(f.workdir):
@@ -276,7 +274,8 @@ def main(argv):
     elif f.movie:
       evaluate_annotated(f.workdir, f.movie, f.labels, f.instances, f.pixel_size_nm,
                          f.frame_interval_s, f.camera_offset_adu, f.output,
-                         max_puff_volume_um2_ms=f.max_puff_volume_um2_ms, channel=f.channel)
+                         max_puff_volume_um2_ms=f.max_puff_volume_um2_ms,
+                         channel=cli.channel_flag(f))
     else:
       evaluate_simulated(f.workdir, f.num_movies, f.seed, f.output,
                          max_puff_volume_um2_ms=f.max_puff_volume_um2_ms)

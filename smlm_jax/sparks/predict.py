@@ -306,8 +306,7 @@ def _define_flags():
   flags.DEFINE_float("max_puff_volume_um2_ms", None, "Drop predicted puffs larger than this "
                      "(um^2 x ms; 0 = no ceiling; default: the run's "
                      "config.events.max_volume_um2_ms, 10000 for runs since 2026-12-07).")
-  flags.DEFINE_integer("channel", None, "Channel of multi-channel movies (0-based; required "
-                       "for them; a single-channel movie accepts only 0).")
+  cli.define_channel_flag("movies")
 
 
 def main(argv):
@@ -317,15 +316,14 @@ def main(argv):
     cli.fail("--workdir is required (a trained run; see --help)")
   if f.max_puff_volume_um2_ms is not None and not f.max_puff_volume_um2_ms >= 0:
     cli.fail(f"--max_puff_volume_um2_ms={f.max_puff_volume_um2_ms}: must be >= 0 (0 = none)")
-  if f.channel is not None and f.channel < 0:
-    cli.fail(f"--channel={f.channel}: must be >= 0")
   inputs = cli.inputs_and_output_folder(f, argv)
   cli.require_positive(f, ("chunk_frames", "stride_frames", "batch_size", "pixel_size_nm",
                            "frame_interval_s", "camera_gain_adu_per_e"))
   cli.run_or_fail(run, f.workdir, inputs, f.output, f.chunk_frames, f.stride_frames,
                   f.batch_size, f.pixel_size_nm, f.frame_interval_s, f.camera_offset_adu,
                   f.camera_gain_adu_per_e, f.probabilities, f.plots,
-                  max_puff_volume_um2_ms=f.max_puff_volume_um2_ms, channel=f.channel,
+                  max_puff_volume_um2_ms=f.max_puff_volume_um2_ms,
+                  channel=cli.channel_flag(f),
                   user_errors=(FileNotFoundError, UsageError))
 
 

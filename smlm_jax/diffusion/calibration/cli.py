@@ -35,13 +35,14 @@ from smlm_jax.diffusion.calibration.pipeline import calibrate
 from smlm_jax.diffusion.calibration.plots import plot_calibration
 
 
-def load_movies(paths, sim_cfg, log=print):
-  """[M, T, H, W] ADU windows of the config's shape, and a list of skipped inputs."""
+def load_movies(paths, sim_cfg, log=print, channel=None):
+  """[M, T, H, W] ADU windows of the config's shape (of ``channel`` of multi-channel
+  movies), and a list of skipped inputs."""
   skipped, windows = [], []
   t, h, w = int(sim_cfg.num_frames), int(sim_cfg.height_px), int(sim_cfg.width_px)
   skip_log = lambda msg, **kw: log(msg.replace("error: ", "skipped: ", 1), **kw)  # noqa: E731
   for path, movie, starts, error in tiff_io.scan_inputs(paths, t, h, w, None, "reading",
-                                                       skip_log):
+                                                       skip_log, channel=channel):
     if error:
       skipped.append((path, error[0]))
       continue
@@ -145,6 +146,7 @@ def _define_flags():
   flags.DEFINE_integer("bootstrap", 200, "Bootstrap resamples over movies for standard "
                        "errors (0: none).")
   flags.DEFINE_integer("seed", 0, "Seed of the simulated set and the bootstrap.")
+  cli.define_channel_flag("movies")
 
 
 def camera_model_flag(f) -> str:
@@ -176,7 +178,7 @@ def main(argv):
     cli.fail("--camera_gain_adu_per_e must be > 0")
   model = camera_model_flag(f)
   sim_cfg = f.config.sim
-  frames, skipped = load_movies(inputs, sim_cfg)
+  frames, skipped = load_movies(inputs, sim_cfg, channel=cli.channel_flag(f))
   if frames.shape[0] < 8:
     cli.fail(f"only {frames.shape[0]} usable movie window(s); calibration needs >= 8")
   print(f"calibrating on {frames.shape[0]} movie window(s) "
