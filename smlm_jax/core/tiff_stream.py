@@ -52,7 +52,7 @@ class FrameStack:
     keep = [shape[i] for i in kept]
     names = "".join(axes[i] for i in kept)
     try:
-      c_pos = tiff_io.check_channel(names[:-2], keep, channel, path)
+      c_pos = tiff_io.check_channel(names, keep, channel, path)
     except MovieError:
       self.close()
       raise

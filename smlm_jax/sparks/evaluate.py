@@ -58,10 +58,9 @@ def evaluate_simulated(workdir: str, num_movies: int, seed: int, output: str | N
   if events_config is not None:
     config.events = events_config
     task.config.events = events_config
-  if events_config is None:
-    log(events_lib.use_run_filter(task.config, workdir, max_puff_volume_um2_ms))
-  else:
     events_lib.set_puff_ceiling(task.config, max_puff_volume_um2_ms)
+  else:
+    log(events_lib.use_run_filter(task.config, workdir, max_puff_volume_um2_ms))
   if seed in (int(config.eval_seed),):
     log(f"warning: --seed={seed} is the validation seed of this run", file=sys.stderr)
   if sim_config is None:
