@@ -201,6 +201,15 @@ def require_positive(flag_values, names) -> None:
       fail(f"--{name} must be > 0")
 
 
+def require_nonnegative(flag_values, names) -> None:
+  """Ends the command with '--NAME must be >= 0' for the first given flag that is < 0
+  or NaN (flags left unset, None, are not checked)."""
+  for name in names:
+    value = flag_values[name].value
+    if value is not None and not value >= 0:
+      fail(f"--{name} must be >= 0")
+
+
 def define_channel_flag(what: str = "movies") -> None:
   """--channel: which channel of multi-channel files to read (core.tiff_io.take_channel:
   no default channel, so a multi-channel file without it is an error row)."""
@@ -211,10 +220,8 @@ def define_channel_flag(what: str = "movies") -> None:
 
 def channel_flag(flag_values) -> int | None:
   """The --channel value (None: not given); a negative one ends the command."""
-  channel = flag_values.channel
-  if channel is not None and channel < 0:
-    fail(f"--channel={channel}: must be >= 0")
-  return channel
+  require_nonnegative(flag_values, ("channel",))
+  return flag_values.channel
 
 
 def run_or_fail(fn, *args, user_errors=(FileNotFoundError,), **kwargs):

@@ -316,11 +316,8 @@ def main(argv):
   for name in ("crop_px", "negative_frames"):
     if f[name].value < 1:
       cli.fail(f"--{name} must be >= 1")
-  for name in ("pre_frames", "post_frames", "max_gap_frames", "channel"):
-    if f[name].value < 0:
-      cli.fail(f"--{name} must be >= 0")
-  if f.negatives is not None and f.negatives < 0:
-    cli.fail("--negatives must be >= 0")
+  cli.require_nonnegative(f, ("pre_frames", "post_frames", "max_gap_frames", "channel",
+                              "negatives"))
   cli.check_writable(f.output_dir, "output_dir", folder=True)
   if f.plot and f.plot.lower() != "none":
     cli.check_writable(f.plot, "plot")

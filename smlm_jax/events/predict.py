@@ -242,8 +242,7 @@ def main(argv):
   if f.threshold is not None and not 0.0 < f.threshold < 1.0:
     cli.fail("--threshold must be in (0, 1)")
   cli.require_positive(f, ("radius_px", "batch_size"))
-  if f.channel < 0:
-    cli.fail("--channel must be >= 0")
+  cli.require_nonnegative(f, ("channel",))
   if f.max_per_frame < 0:
     cli.fail("--max_per_frame must be >= 0 (0: no limit)")
   if f.temporal < 0:

@@ -256,8 +256,7 @@ def main(argv):
     cli.fail("give one --instances per --movie (or none)")
   if f.num_movies < 1:
     cli.fail("--num_movies must be >= 1")
-  if f.max_puff_volume_um2_ms is not None and not f.max_puff_volume_um2_ms >= 0:
-    cli.fail(f"--max_puff_volume_um2_ms={f.max_puff_volume_um2_ms}: must be >= 0 (0 = none)")
+  cli.require_nonnegative(f, ("max_puff_volume_um2_ms",))
   if not os.path.isdir(f.workdir):
     cli.fail(f"--workdir={f.workdir}: no such folder (a trained run)")
   if f.tune:

@@ -314,8 +314,7 @@ def main(argv):
   f = flags.FLAGS
   if not f.workdir:
     cli.fail("--workdir is required (a trained run; see --help)")
-  if f.max_puff_volume_um2_ms is not None and not f.max_puff_volume_um2_ms >= 0:
-    cli.fail(f"--max_puff_volume_um2_ms={f.max_puff_volume_um2_ms}: must be >= 0 (0 = none)")
+  cli.require_nonnegative(f, ("max_puff_volume_um2_ms",))
   inputs = cli.inputs_and_output_folder(f, argv)
   cli.require_positive(f, ("chunk_frames", "stride_frames", "batch_size", "pixel_size_nm",
                            "frame_interval_s", "camera_gain_adu_per_e"))
