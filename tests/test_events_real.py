@@ -154,6 +154,30 @@ def test_calibration_recovers_known_parameters():
       os.unlink(bad)
 
 
+def test_calibration_reads_the_chosen_channel_of_a_two_channel_movie(tmp_path):
+  import tifffile
+  from smlm_jax.events import calibrate
+  rng = np.random.default_rng(1)
+  tubes, noise = _tubule_crop(rng, t=5, size=64)
+  two = str(tmp_path / "two.tif")                 # [T, C, H, W]: noise, then tubules
+  tifffile.imwrite(two, np.stack([noise, tubes], 1), imagej=True,
+                   metadata={"axes": "TCYX"})
+  one = str(tmp_path / "one.tif")
+  tifffile.imwrite(one, tubes, imagej=True, metadata={"axes": "TYX"})
+  got, used, skipped = calibrate.load_windows([two], 3, 32, log=lambda *a: None, channel=1)
+  want, _, _ = calibrate.load_windows([one], 3, 32, log=lambda *a: None)
+  np.testing.assert_array_equal(got, want)
+  assert used == [two] and not skipped
+  # Channel 0 holds camera noise only: left out as unusable, so nothing is left.
+  with pytest.raises(ValueError, match="no usable input"):
+    calibrate.load_windows([two], 3, 32, log=lambda *a: None, channel=0)
+  # A channel the file lacks: skipped with the reason (a note), nothing silently read.
+  notes = []
+  with pytest.raises(ValueError, match="no usable input"):
+    calibrate.load_windows([two], 3, 32, log=notes.append, channel=2)
+  assert len(notes) == 1 and two in notes[0] and "channel" in notes[0]
+
+
 def test_column_stripes_are_a_fixed_column_gain():
   import jax
   import jax.numpy as jnp

@@ -2,11 +2,12 @@
 
   python -m smlm_jax.events.calibrate --input=CROPS_OR_MOVIES [--input=...] \
       --output=events_calibration.json [--plot=calibration.png] [--steps=150] \
-      [--num_tubules="1,4;2,6"] [--config=configs/events.py]
+      [--num_tubules="1,4;2,6"] [--config=configs/events.py] [--channel=0]
   python -m smlm_jax.train --config=configs/events.py \
       --config.data.calibration=events_calibration.json ...
 
-Inputs: TIFF movies [T, H, W], crop folders (their images.tif), or folders holding
+Inputs: TIFF movies [T, H, W] (or [T, C, H, W]: --channel, default 0, as events
+predict), crop folders (their images.tif), or folders holding
 either (ground_truth.tif and *_prob.tif are skipped). An input without structure
 (:mod:`.quality`) is left out with a ``note:``. Each input is cut into ``crop_px``
 tiles of ``data.num_frames``-frame windows (the model's input); their
@@ -229,14 +230,16 @@ def input_files(paths) -> list[str]:
   return out
 
 
-def load_windows(paths, num_frames: int, crop_px: int, log=print):
-  """(windows [N, n, c, c] of every usable input, used paths, skipped [(path, why)])."""
+def load_windows(paths, num_frames: int, crop_px: int, log=print, channel: int = 0):
+  """(windows [N, n, c, c] of every usable input, used paths, skipped [(path, why)]);
+  ``channel``: the channel read from multi-channel [T, C, H, W] movies (a file without
+  it is skipped with the reason)."""
   from smlm_jax.core.tiff_io import MovieError
   from smlm_jax.events import annotate
   windows, used, skipped = [], [], []
   for path in input_files(paths):
     try:
-      frames, _ = annotate.read_frames(path)
+      frames, _ = annotate.read_frames(path, channel)
     except MovieError as e:
       skipped.append((path, str(e)))
       continue
@@ -269,6 +272,8 @@ def _define_flags():
   flags.DEFINE_integer("num_sim", 96, "Simulated windows (random numbers fixed).")
   flags.DEFINE_float("learning_rate", 0.05, "Adam learning rate.")
   flags.DEFINE_integer("seed", 0, "Seed of the simulated set.")
+  flags.DEFINE_integer("channel", 0, "Channel of multi-channel [T, C, H, W] movies "
+                       "(0-based; as events predict).")
   flags.DEFINE_string("num_tubules", None, "Grid of num_tubules ranges, e.g. "
                       "'0,3;1,4;2,6' (default: the config's).")
 
@@ -296,6 +301,7 @@ def main(argv):
   if not f.input:
     cli.fail("give --input=MOVIE_OR_CROPS (one or more)")
   cli.require_positive(f, ["steps", "num_sim"])
+  cli.require_nonnegative(f, ("channel",))
   cli.check_writable(f.output)
   if f.plot:
     cli.check_writable(f.plot, "plot")
@@ -310,7 +316,7 @@ def main(argv):
     spec.loader.exec_module(module)
     config = module.get_config()
     n, c = int(config.data.num_frames), int(config.crop_px)
-    windows, used, skipped = load_windows(f.input, n, c)
+    windows, used, skipped = load_windows(f.input, n, c, channel=f.channel)
   except (ValueError, FileNotFoundError) as e:
     cli.fail(str(e))
   record = calibrate(windows, config.sim, c, n, grid, f.steps, f.num_sim,
