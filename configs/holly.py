@@ -53,6 +53,7 @@ Field choices:
   ball of radius 0.5; Adam with its own learning rate (points move ~lr per step).
 """
 import ml_collections
+from ml_collections import config_dict
 
 SHARED = "../shared/real-data/holly"
 HOLLY_BUNNY_SIGMAS = (10.0, 9.0, 8.1, 7.29, 6.56, 5.9, 5.31, 4.78, 4.3, 3.87, 3.65, 3.28,
@@ -75,6 +76,8 @@ def get_data_config() -> ml_collections.ConfigDict:
   data.max_sites = 4096
   data.images = ""             # or a folder of FITS/TIFF images (then obj is unused)
   data.image_sigma = 0.0       # sigma (px) of a plain folder's images
+  # channel of multi-channel TIFF images ([C, H, W], [T, C, H, W]); required for them
+  data.channel = config_dict.placeholder(int)
   data.augment_rotation = True  # folder images: random in-plane rotation
   data.size = 64               # CPU default; 128 (HOLLy's) in the gpu variant
   data.fov = 1.1

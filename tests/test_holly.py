@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from smlm_jax.core import tiff_io
 from configs import holly as holly_config
 from smlm_jax.holly import align as align_lib
 from smlm_jax.holly import images as images_lib
@@ -580,6 +581,29 @@ def test_train_two_steps_writes_shapes_and_evaluate_scores(tmp_path):
                          output=str(tmp_path / "ev"), starts=2, gif_frames=2)
   assert m2["chamfer"] == pytest.approx(align_lib.align(
       learned, shapes.read_shape(cfg.data.obj).vertices, 2).chamfer_rel, rel=1e-6)
+
+
+def test_folder_images_with_channels_need_a_channel(tmp_path):
+  import tifffile
+  rng = np.random.default_rng(6)
+  two = rng.random((3, 2, 32, 32)).astype(np.float32)     # [T, C, H, W]
+  (tmp_path / "imgs").mkdir()
+  tifffile.imwrite(tmp_path / "imgs" / "tc.tif", two, imagej=True,
+                   metadata={"axes": "TCYX"})
+  msgs = []
+  with pytest.raises(ValueError, match="no usable"):       # no silent pick
+    images_lib.load_folder(str(tmp_path / "imgs"), default_sigma=1.0,
+                           log=lambda *a, **k: msgs.append(a[0]))
+  assert len(msgs) == 1 and "--config.data.channel=0..1" in msgs[0]
+  s = images_lib.load_folder(str(tmp_path / "imgs"), default_sigma=1.0, channel=1)
+  want = two[:, 1] / two[:, 1].sum(axis=(1, 2), keepdims=True)
+  assert s.count == 3
+  np.testing.assert_allclose(s.images[0], want, rtol=1e-5)
+  # FITS and single-channel TIFFs take only channel 0
+  tifffile.imwrite(tmp_path / "one.tif", two[0, 0])
+  assert images_lib.read_images(str(tmp_path / "one.tif"), 0).shape == (1, 32, 32)
+  with pytest.raises(tiff_io.MovieError, match="channel 1 requested"):
+    images_lib.read_images(str(tmp_path / "one.tif"), 1)
 
 
 def test_folder_images_holly_layout_and_plain(tmp_path):

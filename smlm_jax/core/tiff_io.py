@@ -244,11 +244,12 @@ def read_image(path: str, allow_rgb: bool = False) -> Image:
                frame_interval_s=interval, channel_names=channels)
 
 
-def check_channel(axes: str, shape, channel: int | None, path: str) -> int | None:
+def check_channel(axes: str, shape, channel: int | None, path: str,
+                  flag: str = "--channel") -> int | None:
   """The position of the C axis in ``axes`` (None: no C axis, one channel) after
   checking ``channel`` against it: MovieError ``bad_channel`` for a channel the file does
   not have, or for ``channel`` None (no choice made) when it has several: which channel
-  holds the signal is the user's to say."""
+  holds the signal is the user's to say (with ``flag``, named in the message)."""
   if "C" not in axes:
     if channel not in (None, 0):
       raise MovieError(f"{path}: channel {channel} requested, the movie has 1",
@@ -258,17 +259,18 @@ def check_channel(axes: str, shape, channel: int | None, path: str) -> int | Non
   n = shape[c]
   if channel is None:
     raise MovieError(f"{path}: {n} channels (axes {axes}, shape {tuple(shape)}); "
-                     f"choose one with --channel=0..{n - 1}", "bad_channel")
+                     f"choose one with {flag}=0..{n - 1}", "bad_channel")
   if not 0 <= channel < n:
     raise MovieError(f"{path}: channel {channel} requested, the movie has {n}",
                      "bad_channel")
   return c
 
 
-def take_channel(data: np.ndarray, axes: str, channel: int | None, path: str):
+def take_channel(data: np.ndarray, axes: str, channel: int | None, path: str,
+                 flag: str = "--channel"):
   """(data, axes) of one channel of a read image (``read_image``: length-1 axes already
   squeezed): the C axis taken at ``channel`` and removed (:func:`check_channel`)."""
-  c = check_channel(axes, data.shape, channel, path)
+  c = check_channel(axes, data.shape, channel, path, flag)
   if c is None:
     return data, axes
   return np.take(data, channel, axis=c), axes.replace("C", "")

@@ -8,7 +8,9 @@ Layouts (``--config.data.images=DIR``):
   * plain: image files directly in ``DIR`` (searched recursively when it has no sigma
     sub-folders); their sigma is ``config.data.image_sigma`` (px).
 Files: ``.fits``/``.fit``/``.fts`` (astropy; the primary HDU, or the first image HDU)
-and ``.tif``/``.tiff`` (a 2D image, or a stack [T, H, W] giving T images). Every image
+and ``.tif``/``.tiff`` (a 2D image, or a stack [T, H, W] giving T images; a file with
+channels, e.g. [C, H, W] or [T, C, H, W], needs ``config.data.channel``: its channels
+are not several images of the structure). Every image
 must be square; all must have the same size (sum-binned by an integer factor to
 ``config.data.size`` when it divides theirs; the sigmas scale with it). Each image is made unit-mass (divided by
 its sum) after negative values are clipped to 0 (render backgrounds are 0; subtract a
@@ -21,6 +23,7 @@ Unusable files (unreadable, not 2D/3D, not square, NaN, zero sum) give one
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 
@@ -85,12 +88,20 @@ def _read_fits(path):
   return data
 
 
-def read_images(path: str) -> np.ndarray:
-  """[n, H, W] float32 unit-mass images of one file; MovieError when unusable."""
+CHANNEL_FLAG = "--config.data.channel"
+
+
+def read_images(path: str, channel: int | None = None) -> np.ndarray:
+  """[n, H, W] float32 unit-mass images of one file (``channel``: of a TIFF with a C
+  axis; FITS files and TIFFs without one accept only None / 0); MovieError when
+  unusable."""
   if path.lower().endswith(FITS_SUFFIXES):
+    tiff_io.check_channel("", (), channel, path, CHANNEL_FLAG)
     data = _read_fits(path)
   else:
-    data = np.asarray(tiff_io.read_image(path).data, np.float32)
+    image = tiff_io.read_image(path)
+    data, _ = tiff_io.take_channel(image.data, image.axes, channel, path, CHANNEL_FLAG)
+    data = np.asarray(data, np.float32)
   data = np.squeeze(data)
   if data.ndim == 2:
     data = data[None]
@@ -118,8 +129,10 @@ def _sigma_of(name: str):
   return s if s > 0 else None
 
 
-def load_folder(folder: str, default_sigma: float | None = None, log=print) -> ImageSet:
-  """Images of a folder (HOLLy's sigma sub-folders, or plain); see the module doc."""
+def load_folder(folder: str, default_sigma: float | None = None, log=print,
+                channel: int | None = None) -> ImageSet:
+  """Images of a folder (HOLLy's sigma sub-folders, or plain); see the module doc
+  (``channel``: of multi-channel TIFFs, :func:`read_images`)."""
   if not os.path.exists(folder):
     raise ValueError(f"{folder}: no such folder")
   if not os.path.isdir(folder):
@@ -135,7 +148,8 @@ def load_folder(folder: str, default_sigma: float | None = None, log=print) -> I
     groups = [(float(default_sigma), folder)]
   read = []                                   # (sigma, file, images [n, N, N])
   for sigma, path in groups:
-    for f, result, err in tiff_io.scan_files([path], read_images, desc=f"sigma {sigma:g}",
+    read_one = functools.partial(read_images, channel=channel)
+    for f, result, err in tiff_io.scan_files([path], read_one, desc=f"sigma {sigma:g}",
                                              log=log, suffixes=IMAGE_SUFFIXES):
       if err is None:
         read.append((sigma, f, result))

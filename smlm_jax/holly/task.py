@@ -133,7 +133,11 @@ class HollyTask(Task):
       if data.get(name, ""):
         data[name] = os.path.abspath(data[name])
     if data.get("images", ""):
-      self.image_set = images_lib.load_folder(data.images, float(data.get("image_sigma", 0)))
+      channel = data.get("channel", None)
+      if channel is not None and int(channel) < 0:
+        raise ValueError(f"--config.data.channel must be >= 0, got {channel}")
+      self.image_set = images_lib.load_folder(data.images, float(data.get("image_sigma", 0)),
+                                              channel=channel)
       self.image_set = images_lib.bin_to(self.image_set, int(data.size))
       if int(data.size) != self.image_set.size:
         print(f"holly: using the folder's image size {self.image_set.size} px "
