@@ -5,7 +5,7 @@
       [--finetune_steps=200 (0: zero-shot only)] [--num_test=512] [--real=DIR] \
       [--include_unusable] [--threshold_rule=frame_max|threshold] \
       [--finetune_threshold_on=inner_crop|train_crops] [--tta=choose|on|off]
-      [--temporal=choose|on|off] [--finetune_seeds=1] [--edge_px=-1]
+      [--temporal=choose|on|off] [--finetune_seeds=1] [--edge_px=-1] [--sim_steps=0]
       [--variant=tiny (a quick check)]
 
 1. Trains the default config (configs/events.py; with ``--calibration`` the simulator
@@ -137,9 +137,11 @@ def crop_frames(crop, n):
   return data_lib.windows(crop.frames, n), crop.truth, sites
 
 
-def sim_part(workdir, variant, num_test, test_seed, mesh, log, calibration=""):
+def sim_part(workdir, variant, num_test, test_seed, mesh, log, calibration="", steps=0):
   config = events.get_config(variant)
   config.data.calibration = calibration
+  if steps > 0:                          # --sim_steps: another training length
+    config.num_train_steps = steps
   t0 = time.time()
   trainer.train_and_evaluate(config, workdir)
   seconds = time.time() - t0
@@ -424,6 +426,8 @@ def main(argv):
   cli.quiet_logs()
   if not os.path.isdir(f.real):
     cli.fail(f"--real={f.real} not found (the shared iSIM crops)")
+  if f.sim_steps < 0:
+    cli.fail(f"--sim_steps={f.sim_steps}: must be >= 0 (0: the config's)")
   if f.finetune_seeds < 1:
     cli.fail(f"--finetune_seeds={f.finetune_seeds}: must be >= 1")
   if f.finetune_ema_decay >= 1:
@@ -438,7 +442,7 @@ def main(argv):
   sim_dir = os.path.join(f.workdir, "sim")
   calibration = os.path.abspath(f.calibration) if f.calibration else ""
   sim, sim_state, sim_fn = sim_part(sim_dir, f.variant, f.num_test, f.test_seed, mesh, print,
-                                    calibration)
+                                    calibration, f.sim_steps)
   real = real_part(f.workdir, f.variant, sim_dir, sim_state, sim_fn, f, mesh, print)
   result = {"sim": sim, "real": real, "calibration": calibration,
             "total_seconds": time.time() - t0}
@@ -469,6 +473,8 @@ if __name__ == "__main__":
   flags.DEFINE_bool("include_unusable", False, "Keep crops flagged without structure.")
   flags.DEFINE_integer("num_test", 512, "Simulated test crops.")
   flags.DEFINE_integer("test_seed", 777, "Seed of the simulated test crops.")
+  flags.DEFINE_integer("sim_steps", 0, "Training steps of the simulation model (0: the "
+                       "config's num_train_steps, 800).")
   flags.DEFINE_integer("finetune_steps", 200, "Fine-tuning steps per real fold (0: "
                        "zero-shot only).")
   flags.DEFINE_float("finetune_lr", 5e-4, "Fine-tuning peak learning rate.")
