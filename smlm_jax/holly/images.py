@@ -147,8 +147,8 @@ def load_folder(folder: str, default_sigma: float | None = None, log=print,
                        "the images' render sigma with --config.data.image_sigma=PX")
     groups = [(float(default_sigma), folder)]
   read = []                                   # (sigma, file, images [n, N, N])
+  read_one = functools.partial(read_images, channel=channel)
   for sigma, path in groups:
-    read_one = functools.partial(read_images, channel=channel)
     for f, result, err in tiff_io.scan_files([path], read_one, desc=f"sigma {sigma:g}",
                                              log=log, suffixes=IMAGE_SUFFIXES):
       if err is None:
