@@ -39,6 +39,7 @@ from __future__ import annotations
 import smlm_jax.core.host_devices  # noqa: F401  (before jax: one CPU device per core)
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -109,10 +110,13 @@ def make_config(obj: str, tiny: bool, steps: int | None, seed: int | None = None
     c.seed = int(seed)
   for item in overrides:
     key, sep, text = item.partition("=")
-    try:
+    try:                                  # JSON, else a Python literal, else the text
       value = json.loads(text)
     except ValueError:
-      value = text
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        value = text
     *parents, leaf = key.split(".")
     node = c
     for part in parents:
@@ -127,7 +131,15 @@ def make_config(obj: str, tiny: bool, steps: int | None, seed: int | None = None
         raise ValueError(f"--set {item!r}: {key} takes "
                          f"{'an integer' if isinstance(old, int) else 'a number'}")
       value = type(old)(value)
-    node[leaf] = value
+    if isinstance(old, str):              # text fields take the text as written
+      value = text
+    if isinstance(old, tuple) and isinstance(value, list):
+      value = tuple(value)
+    try:
+      node[leaf] = value
+    except TypeError as e:                # a value of another type than the field's
+      raise ValueError(f"--set {item!r}: {key} takes a {type(old).__name__} "
+                       f"(e.g. {old!r}); {e}") from None
   return c
 
 

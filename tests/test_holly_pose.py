@@ -147,6 +147,14 @@ def test_panel_runs_tiny_with_two_shapes(tmp_path, capsys):
                                                     "convergence.max_view_eig=1"])
   assert c.search.top == 2 and c.search.grid == "random"
   assert c.convergence.max_view_eig == 1.0 and isinstance(c.convergence.max_view_eig, float)
+  # tuple fields take a Python or JSON sequence; a wrong type is one error line, exit 2
+  c = panel.make_config("x.ply", True, None, None,
+                        ['restarts.values=("ball,0.75", "sphere,0.75")'])
+  assert c.restarts["values"] == ("ball,0.75", "sphere,0.75")   # .values: the method
+  c = panel.make_config("x.ply", True, None, None, ['restarts.values=["ball,1.5"]'])
+  assert c.restarts["values"] == ("ball,1.5",)
+  assert panel.main(["--shapes=asymmetric", "--set", "restarts.values=7", f"--out={out}"]) == 2
+  assert "restarts.values takes a tuple" in capsys.readouterr().err
 
 
 def test_ring_analysis_finds_diameter_and_ninefold_order(tmp_path):
