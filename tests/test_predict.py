@@ -19,6 +19,15 @@ def _cli(module, *args):
                         capture_output=True, text=True, timeout=600)
 
 
+def _tiny_movies(seed: int, n: int) -> np.ndarray:
+  """[n, T, H, W] ADU movies from the tiny config's simulator (key ``seed``)."""
+  import jax
+  from configs import diffusion
+  from smlm_jax.diffusion import simulator as sim_lib
+  sim = sim_lib.simulator_from_config(diffusion.get_config("tiny").sim)
+  return np.asarray(sim.batch(jax.random.key(seed), n)[0])
+
+
 def _read(path):
   with open(path) as f:
     header = [l for l in f if l.startswith("#")]
@@ -64,12 +73,7 @@ def test_predict_simulated_movies_cli(tiny_run, tmp_path):
 def test_camera_offset_and_gain_are_undone(tiny_run, tmp_path):
   """The same movies recorded with offset 400 ADU and gain 3 ADU/e- (instead of 100 and
   2) give the same predictions once the camera is given by flags or calibration file."""
-  from smlm_jax.diffusion import simulator as sim_lib
-  from configs import diffusion
-  import jax
-  sim = sim_lib.simulator_from_config(diffusion.get_config("tiny").sim)
-  frames, _ = sim.batch(jax.random.key(4), 24)
-  frames = np.asarray(frames)
+  frames = _tiny_movies(4, 24)
   a, b = tmp_path / "a", tmp_path / "b"
   a.mkdir(), b.mkdir()
   for i, f in enumerate(frames):
@@ -112,11 +116,7 @@ def test_camera_offset_and_gain_are_undone(tiny_run, tmp_path):
 
 
 def test_bad_inputs_are_flagged_not_fatal(tiny_run, tmp_path):
-  from smlm_jax.diffusion import simulator as sim_lib
-  from configs import diffusion
-  import jax
-  sim = sim_lib.simulator_from_config(diffusion.get_config("tiny").sim)
-  frames = np.asarray(sim.batch(jax.random.key(5), 3)[0])    # [3, 8, 32, 32]
+  frames = _tiny_movies(5, 3)    # [3, 8, 32, 32]
   d = tmp_path / "data"
   d.mkdir()
   tiff_io.write_movie(str(d / "good1.tif"), frames[0], 100.0, 0.01)
@@ -190,12 +190,7 @@ def test_pure_noise_is_no_spot(tiny_run, tmp_path):
 def test_channel_of_a_two_channel_movie_predicts_like_that_channel_alone(tiny_run, tmp_path):
   """--channel (predict, baselines, calibrate, analyze): a [T, C, H, W] movie is read as
   the chosen channel; without a choice it is an error row (bad_channel), not a guess."""
-  from smlm_jax.diffusion import simulator as sim_lib
-  from configs import diffusion
-  import jax
-  sim = sim_lib.simulator_from_config(diffusion.get_config("tiny").sim)
-  frames, _ = sim.batch(jax.random.key(5), 2)
-  frames = np.asarray(frames)
+  frames = _tiny_movies(5, 2)
   one, two = tmp_path / "one", tmp_path / "two"
   one.mkdir(), two.mkdir()
   for i, f in enumerate(frames):
