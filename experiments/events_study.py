@@ -298,6 +298,13 @@ def choose_and_score(probs, sites, held_out, validation, radius, beta, rule):
           **score_crop(probs[view][held_out], sites[held_out], thr, radius, rule)}
 
 
+def inner_or_train(inner_row, train_row):
+  """The fold's row under ``--finetune_threshold_on=inner_or_train``: the inner crop's
+  where its validation F-beta is > 0, else (its site never on top at any floor) the
+  training crops'."""
+  return inner_row if inner_row["validation_fbeta"] > 0 else train_row
+
+
 def edge_px(f, config) -> float:
   """--edge_px, or (negative) the simulator's sim.margin_px."""
   return float(config.sim.margin_px) if f.edge_px < 0 else float(f.edge_px)
@@ -372,8 +379,7 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
           # floor, so inner_crop falls back to the lowest floor: every frame's maximum
           # a detection), the floor chosen on the fold's training crops instead.
           ft_by[f"{r}/inner_or_train"].append(
-              ft_by[f"{r}/inner_crop"][-1] if ft_by[f"{r}/inner_crop"][-1]["validation_fbeta"] > 0
-              else ft_by[f"{r}/train_crops"][-1])
+              inner_or_train(ft_by[f"{r}/inner_crop"][-1], ft_by[f"{r}/train_crops"][-1]))
         for v in VIEWS:
           ft_views[f"{r}/train_crops/{v}"].append(
               choose_and_score({v: all_probs[v]}, sites, e, trained, radius, beta, r))

@@ -234,6 +234,16 @@ def test_study_frame_max_rule_counts_one_candidate_per_frame():
   assert 0.15 <= study.best_threshold([probs[:1] + probs[2:]], [sites[:1] + sites[2:]], 8,
                                       0.1, "frame_max") <= 0.3
   assert study.best_threshold([probs[1:2]], [sites[1:2]], 8, 0.1, "frame_max") == 0.01
+  # A validation crop whose site is never on top says nothing (F-beta 0): inner_crop
+  # keeps the lowest floor, inner_or_train takes the training crops' row instead.
+  views = {"raw": {"a": probs[:1], "b": probs[1:2]}}
+  site_of = {"a": sites[:1], "b": sites[1:2]}
+  silent = study.choose_and_score(views, site_of, "a", ["b"], 8, 0.1, "frame_max")
+  informed = study.choose_and_score(views, site_of, "b", ["a"], 8, 0.1, "frame_max")
+  assert silent["validation_fbeta"] == 0 and silent["threshold"] == 0.01
+  assert informed["validation_fbeta"] > 0 and informed["threshold"] >= 0.15
+  assert study.inner_or_train(silent, informed) is informed
+  assert study.inner_or_train(informed, silent) is informed
 
 
 def test_predict_max_per_frame_keeps_the_most_probable(tmp_path, monkeypatch):
