@@ -5,7 +5,8 @@
       [--finetune_steps=200 (0: zero-shot only)] [--num_test=512] [--real=DIR] \
       [--include_unusable] [--threshold_rule=frame_max|threshold] \
       [--finetune_threshold_on=inner_crop|train_crops|inner_or_train] [--tta=choose|on|off]
-      [--temporal=choose|on|off] [--finetune_seeds=1] [--edge_px=-1] [--sim_steps=0]
+      [--temporal=choose|on|off] [--finetune_seeds=1] [--edge_px=-1] [--pad_px=0]
+      [--sim_steps=0]
       [--variant=tiny (a quick check)]
 
 1. Trains the default config (configs/events.py; with ``--calibration`` the simulator
@@ -52,6 +53,9 @@
    ``--edge_px`` (default -1: ``sim.margin_px``, 6 px; 0: off): every map is 0 within
    that distance of the frame border before any rule (the simulator never places a
    division there; metrics.clear_edge), as ``predict --edge_px`` does.
+   ``--pad_px=P`` (default 0: off): every real window is mirror-padded by P px before
+   the network and its map cropped back (data.mirror_pad; the U-Net paper's border
+   extrapolation), for the zero-shot and fine-tuned maps alike.
    Every rule and threshold source is also scored on the same predictions and
    printed as diagnostics (study.json ``all_rules``); the reported one is fixed by
    the flags before scoring.
@@ -109,28 +113,33 @@ def views_for(tta: str, temporal: str):
                and (temporal == "choose" or (v.endswith("_t1") == (temporal == "on"))))
 
 
-def predict_views(model_config, state, fn, views, crops_windows, mesh, edge_px=0.0):
+def predict_views(model_config, state, fn, views, crops_windows, mesh, edge_px=0.0,
+                  pad_px=0):
   """{view: {event id: [probability maps]}}: 'raw' with ``fn``, 'tta' with the
   dihedral-averaged predictor of the same model (``model_config``) and parameters;
   'raw_t1' / 'tta_t1' those maps averaged over each frame and its neighbours in the
   crop (metrics.temporal_mean). ``edge_px`` > 0: the band that close to the frame's
-  border is cleared first (metrics.clear_edge)."""
+  border is cleared first (metrics.clear_edge); ``pad_px`` > 0: every window is
+  mirror-padded by that much before the network and its map cropped back
+  (data.mirror_pad)."""
   out = {}
   for v in ("raw", "tta"):
     if not any(x.split("_")[0] == v for x in views):
       continue
     f = fn if v == "raw" else task_lib.make_predict_fn(task_lib.build_model(model_config),
                                                       mesh, tta=True)
-    out[v] = {e: [metrics.clear_edge(m, edge_px) for m in predict_windows(f, state, w, mesh)]
+    out[v] = {e: [metrics.clear_edge(m, edge_px)
+                  for m in predict_windows(f, state, w, mesh, pad_px=pad_px)]
               for e, w in crops_windows.items()}
     out[v + "_t1"] = {e: list(metrics.temporal_mean(m, TEMPORAL_HALF_WIDTH))
                       for e, m in out[v].items()}
   return {v: out[v] for v in views}
 
 
-def predict_windows(fn, state, windows, mesh, batch_size=8):
-  return trainer.batched(lambda c: fn(state["params"], state["batch_stats"], c),
-                         np.asarray(windows, np.float32), batch_size, mesh, pad="edge")
+def predict_windows(fn, state, windows, mesh, batch_size=8, pad_px=0):
+  padded, p = data_lib.mirror_pad(np.asarray(windows, np.float32), pad_px)
+  return data_lib.unpad(trainer.batched(lambda c: fn(state["params"], state["batch_stats"], c),
+                                        padded, batch_size, mesh, pad="edge"), p)
 
 
 def crop_frames(crop, n):
@@ -327,7 +336,7 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
   views = views_for(f.tta, f.temporal)
   windows = {e: per_crop[e][0] for e in ids}
   edge = edge_px(f, base)
-  zero = predict_views(base.model, sim_state, sim_fn, VIEWS, windows, mesh, edge)
+  zero = predict_views(base.model, sim_state, sim_fn, VIEWS, windows, mesh, edge, f.pad_px)
   others = {e: [x for x in ids if x != e] for e in ids}
   zero_by = {r: [choose_and_score({v: zero[v] for v in views}, sites, e, others[e], radius,
                                   beta, r) for e in ids] for r in RULES}
@@ -358,7 +367,8 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
           cfg.ema_decay = float(f.finetune_ema_decay)
         trainer.train_and_evaluate(cfg, fold)
         fold_config, state, fn = load_model(fold, mesh)
-        member = predict_views(fold_config.model, state, fn, VIEWS, windows, mesh, edge)
+        member = predict_views(fold_config.model, state, fn, VIEWS, windows, mesh, edge,
+                               f.pad_px)
         all_probs = member if all_probs is None else {
             v: {x: [a + b for a, b in zip(all_probs[v][x], member[v][x])] for x in ids}
             for v in VIEWS}
@@ -515,6 +525,8 @@ if __name__ == "__main__":
                      "(px) of a frame's border (the maps are cleared there; negative, the "
                      "default: the simulator's sim.margin_px, where it never places a "
                      "site; 0: off).")
+  flags.DEFINE_integer("pad_px", 0, "Mirror-pad every real window by this many px "
+                       "before the network and crop its map back (0: off).")
   flags.DEFINE_enum("finetune_threshold_on", "inner_crop",
                     ["inner_crop", "train_crops", "inner_or_train"],
                     "Fine-tuned threshold: max F0.1 on one more crop held out of the "

@@ -415,6 +415,19 @@ def test_host_windows_hold_the_site_half_of_the_time():
   assert 0.4 < len(peaks) / 200 < 0.85 and central > 0.6
 
 
+def test_mirror_pad_reflects_the_border_and_unpad_inverts_it():
+  from smlm_jax.events import data
+  w = np.random.default_rng(0).normal(size=(2, 3, 9, 12)).astype(np.float32)
+  padded, p = data.mirror_pad(w, 4)
+  assert p == 4 and padded.shape == (2, 3, 17, 20)
+  np.testing.assert_array_equal(padded[..., 4:-4, 4:-4], w)
+  np.testing.assert_array_equal(padded[..., 4 - 1, 4:-4], w[..., 1, :])    # row -1 = row 1
+  np.testing.assert_array_equal(padded[..., 4:-4, -1], w[..., :, -5])      # col W+3 = W-5
+  np.testing.assert_array_equal(data.unpad(padded, p), w)
+  assert data.mirror_pad(w, 32)[1] == 8                   # capped at min(H, W) - 1
+  assert data.mirror_pad(w, 0)[0] is w
+
+
 # ----------------------------------------------------------------- end to end
 def test_train_two_steps_then_predict_cli(tmp_path):
   """Two steps on real crops from the database (host batches, on-device augmentation,

@@ -50,6 +50,23 @@ def windows(frames: np.ndarray, n: int, targets=None) -> np.ndarray:
   return np.stack([frames[window_indices(t, n)] for t in targets])
 
 
+def mirror_pad(windows: np.ndarray, pad_px: int):
+  """[..., H, W] -> ([..., H + 2p, W + 2p] reflect-padded, p): the missing context at
+  the border extrapolated by mirroring (Ronneberger et al. 2015, U-Net), p = pad_px
+  capped at min(H, W) - 1 (what a reflection can supply); crop maps back with
+  :func:`unpad`."""
+  p = int(max(0, min(pad_px, min(windows.shape[-2:]) - 1)))
+  if p == 0:
+    return windows, 0
+  width = [(0, 0)] * (windows.ndim - 2) + [(p, p), (p, p)]
+  return np.pad(windows, width, mode="reflect"), p
+
+
+def unpad(maps: np.ndarray, p: int) -> np.ndarray:
+  """[..., H + 2p, W + 2p] -> [..., H, W] (the inverse crop of :func:`mirror_pad`)."""
+  return maps if p == 0 else maps[..., p:-p, p:-p]
+
+
 @dataclasses.dataclass
 class Crop:
   """One database crop: frames [T, H, W] float32 (camera units), truth [T, H, W] in
