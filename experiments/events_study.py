@@ -329,7 +329,8 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
   sites = {e: per_crop[e][2] for e in ids}
   inner = f.finetune_threshold_on in ("inner_crop", "inner_or_train")
   if inner and len(ids) < 3:
-    raise SystemExit("error: --finetune_threshold_on=inner_crop needs >= 3 usable crops")
+    raise SystemExit(f"error: --finetune_threshold_on={f.finetune_threshold_on} needs >= 3 "
+                     "usable crops")
   # Zero-shot: the simulation model; per held-out crop the threshold of max F0.1 on
   # the OTHER crops (validation data for a model that never saw real crops). Every
   # rule is scored (the same predictions); --threshold_rule is the one reported.
