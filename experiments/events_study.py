@@ -6,7 +6,7 @@
       [--include_unusable] [--threshold_rule=frame_max|threshold] \
       [--finetune_threshold_on=inner_crop|train_crops|inner_or_train] [--tta=choose|on|off]
       [--temporal=choose|on|off] [--finetune_seeds=1] [--edge_px=-1] [--pad_px=0]
-      [--sim_steps=0]
+      [--sim_steps=0] [--seed=-1]
       [--variant=tiny (a quick check)]
 
 1. Trains the default config (configs/events.py; with ``--calibration`` the simulator
@@ -56,6 +56,8 @@
    ``--pad_px=P`` (default 0: off): every real window is mirror-padded by P px before
    the network and its map cropped back (data.mirror_pad; the U-Net paper's border
    extrapolation), for the zero-shot and fine-tuned maps alike.
+   ``--seed=S`` (default -1: the config's) trains the simulation model with seed S and
+   the fine-tunes with S + k: another draw of the whole study.
    Every rule and threshold source is also scored on the same predictions and
    printed as diagnostics (study.json ``all_rules``); the reported one is fixed by
    the flags before scoring.
@@ -148,9 +150,12 @@ def crop_frames(crop, n):
   return data_lib.windows(crop.frames, n), crop.truth, sites
 
 
-def sim_part(workdir, variant, num_test, test_seed, mesh, log, calibration="", steps=0):
+def sim_part(workdir, variant, num_test, test_seed, mesh, log, calibration="", steps=0,
+             seed=-1):
   config = events.get_config(variant)
   config.data.calibration = calibration
+  if seed >= 0:                          # --seed: another training seed
+    config.seed = seed
   if steps > 0:                          # --sim_steps: another training length
     config.num_train_steps = steps
   t0 = time.time()
@@ -363,7 +368,7 @@ def real_part(workdir, variant, sim_dir, sim_state, sim_fn, f, mesh, log):
         fold = os.path.join(workdir, f"fold_{e}" + (f"_seed{k}" if k else ""))
         cfg = finetune_config(variant, sim_dir, db_path, [e] + ([val] if inner else []),
                               f.finetune_steps, f.finetune_lr, f.calibration)
-        cfg.seed = int(cfg.seed) + k
+        cfg.seed = (int(cfg.seed) if f.seed < 0 else f.seed) + k
         if f.finetune_ema_decay >= 0:
           cfg.ema_decay = float(f.finetune_ema_decay)
         trainer.train_and_evaluate(cfg, fold)
@@ -469,7 +474,7 @@ def main(argv):
   sim_dir = os.path.join(f.workdir, "sim")
   calibration = os.path.abspath(f.calibration) if f.calibration else ""
   sim, sim_state, sim_fn = sim_part(sim_dir, f.variant, f.num_test, f.test_seed, mesh, print,
-                                    calibration, f.sim_steps)
+                                    calibration, f.sim_steps, f.seed)
   real = real_part(f.workdir, f.variant, sim_dir, sim_state, sim_fn, f, mesh, print)
   result = {"sim": sim, "real": real, "calibration": calibration,
             "total_seconds": time.time() - t0}
@@ -502,6 +507,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("test_seed", 777, "Seed of the simulated test crops.")
   flags.DEFINE_integer("sim_steps", 0, "Training steps of the simulation model (0: the "
                        "config's num_train_steps, 800).")
+  flags.DEFINE_integer("seed", -1, "Training seed of the simulation model and of the "
+                       "fine-tunes (negative, the default: the config's seed).")
   flags.DEFINE_integer("finetune_steps", 200, "Fine-tuning steps per real fold (0: "
                        "zero-shot only).")
   flags.DEFINE_float("finetune_lr", 5e-4, "Fine-tuning peak learning rate.")
