@@ -87,6 +87,11 @@ def get_sim_config() -> ml_collections.ConfigDict:
   sim.branch_prob = 0.0              # tubules starting on the previous one (junctions)
   sim.ring_prob = 0.0                # tubules bent into C shapes / closed rings (donuts)
   sim.tip_px = 0.0                   # tubule ends extending / retracting (rms px per frame)
+  sim.num_blobs = 0                  # slots for round fragments (hard negatives); 0 = none
+  sim.blob_prob = 0.5                # each slot filled with this probability
+  sim.blob_diameter_nm = (400.0, 1200.0)
+  sim.blob_elongation = (0.0, 1.5)   # segment length / diameter
+  sim.blob_brightness = (0.5, 2.0)   # peak / the crop's tubule peak
   return sim
 
 

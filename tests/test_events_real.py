@@ -396,6 +396,33 @@ def test_tips_cut_only_the_ends_and_move_between_frames():
   _same_truth_other_picture("tip_px")
 
 
+def test_blobs_are_round_fragments_of_the_set_peak_and_only_add_light():
+  import jax
+  from configs import events
+  from smlm_jax.events import simulate as sim_lib
+  cfg = {**events.get_config("tiny").sim.to_dict(), "size_px": 48, "num_blobs": 3,
+         "blob_prob": 1.0, "blob_elongation": (0.0, 0.0), "blob_brightness": (1.0, 1.0)}
+  p = sim_lib.SimParams.from_config(cfg)
+  yx, sigma, mass, drift = sim_lib._blobs(jax.random.key(5), p, 1.25, 50.0)
+  assert yx.shape == (3 * sim_lib.BLOB_POINTS, 2) and drift.shape == (3, 2)
+  one = slice(0, sim_lib.BLOB_POINTS)
+  np.testing.assert_allclose(np.asarray(yx[one]), np.asarray(yx[one][:1]).repeat(
+      sim_lib.BLOB_POINTS, 0), atol=1e-5)                        # round: one centre
+  img = np.asarray(sim_lib._render(yx[one] * 0 + 24.0, sigma[one], mass[one], 48))
+  assert 40.0 < img.max() <= 50.0 + 1e-3                          # peak = brightness x peak
+  # in a scene: the truth is the same, the picture only gains light where blobs are
+  key = jax.random.key(6)
+  base = {**cfg, "num_blobs": 0, "num_tubules": (2, 2)}
+  a, ta, _ = sim_lib.scene(key, sim_lib.SimParams.from_config(base), 2)
+  b, tb, _ = sim_lib.scene(key, sim_lib.SimParams.from_config({**base, "num_blobs": 3}), 2)
+  np.testing.assert_array_equal(np.asarray(ta["label"]), np.asarray(tb["label"]))
+  diff = np.asarray(b) - np.asarray(a)
+  assert diff.min() > -1e-3 and diff.max() > 1.0
+  none = {**base, "num_blobs": 3, "blob_prob": 0.0}                  # empty slots: nothing
+  c, _, _ = sim_lib.scene(key, sim_lib.SimParams.from_config(none), 2)
+  np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-4)
+
+
 def test_dihedral_tta_map_turns_with_the_movie():
   """make_predict_fn(tta=True) averages the 8 rotations / reflections: turning or
   mirroring the frames turns the map with them, which one pass of an untrained network

@@ -60,6 +60,15 @@ Scene (lengths in px of ``pixel_size_nm``; defaults in ``configs/events.py``):
   donuts, common in the shared crops); drawn from ``fold_in(key, 26)``, skipped at a
   Python 0.
 
+* Blobs (``num_blobs`` slots; default 0 = none): each slot holds, with probability
+  ``blob_prob``, a round mitochondrial fragment (or swollen mitochondrion) anywhere in
+  the crop: a segment of length ``blob_elongation`` x its diameter (``blob_diameter_nm``)
+  with the tubule cross-section model, peak ``blob_brightness`` x the crop's tubule
+  peak, drifting like a tubule, present in every frame. A hard negative: the shortest
+  tubule is 1.5 um long, while the shared crops show many short round pieces, on which
+  the zero-shot detector's frame maxima sat. Drawn from ``fold_in(key, 28)``, skipped
+  at 0 (``num_blobs`` is static).
+
 Defaults are set to match the shared iSIM crops (56 nm pixels, COS-7 mitochondria
 ~10-15 px wide, tubule peaks ~130 and background ~5 photo-electrons at ~2.5 ADU/e-,
 offset 100 ADU: measured from their frame-to-frame variance vs. mean).
@@ -111,6 +120,11 @@ class SimParams:
   branch_prob: float = 0.0
   ring_prob: float = 0.0
   tip_px: float = 0.0
+  num_blobs: int = 0
+  blob_prob: float = 0.5
+  blob_diameter_nm: tuple = (400.0, 1200.0)
+  blob_elongation: tuple = (0.0, 1.5)
+  blob_brightness: tuple = (0.5, 2.0)
 
   @classmethod
   def from_config(cls, sim) -> "SimParams":
@@ -229,6 +243,32 @@ def _tip_windows(key, arc, num_frames, tip_px):
   return start * end
 
 
+BLOB_POINTS = 8
+
+
+def _blobs(key, p: SimParams, psf_px, peak):
+  """Round fragments (see the module docstring): sample positions [b * 8, 2] px (before
+  drift), widths [b * 8], masses [b * 8] (0 for absent slots) and drift [b, 2] px/frame."""
+  b, k = p.num_blobs, BLOB_POINTS
+  keys = jax.random.split(key, 7)
+  on = jax.random.bernoulli(keys[0], p.blob_prob, (b,))
+  diameter = _uniform(keys[1], p.blob_diameter_nm, (b,)) / p.pixel_size_nm
+  length = _uniform(keys[2], p.blob_elongation, (b,)) * diameter
+  theta = jax.random.uniform(keys[3], (b,), maxval=2 * math.pi)
+  centre = jax.random.uniform(keys[4], (b, 2), minval=-0.05 * p.size_px,
+                              maxval=1.05 * p.size_px)
+  bright = _uniform(keys[5], p.blob_brightness, (b,)) * peak
+  drift = p.drift_px * jax.random.normal(keys[6], (b, 2))
+  u = jnp.stack([jnp.sin(theta), jnp.cos(theta)], -1)
+  t = jnp.linspace(-0.5, 0.5, k)
+  yx = centre[:, None, :] + length[:, None, None] * t[None, :, None] * u[:, None, :]
+  sigma = jnp.sqrt(psf_px ** 2 + diameter ** 2 / 16.0)                  # [b]
+  # The mass of one Gaussian of width sigma peaking at `bright`, spread over the k
+  # samples: exact for a round blob; an elongated one peaks a little lower.
+  mass = bright * 2.0 * math.pi * sigma ** 2 * on / k                  # [b]
+  return (yx.reshape(-1, 2), jnp.repeat(sigma, k), jnp.repeat(mass, k), drift)
+
+
 def simulate(key, p: SimParams, num_frames: int, has_event=None):
   """One crop: (frames [n, S, S] float32 ADU, truth dict: label [S, S], has_event,
   site_yx [2] px, q_now, expected_photons [n, S, S] (before QE and noise)).
@@ -314,6 +354,8 @@ def scene(key, p: SimParams, num_frames: int, has_event=None):
 
   tips = (_tip_windows(jax.random.fold_in(key, 27), arc, n, p.tip_px)
           if _enabled(p.tip_px) else None)                              # [n, m, K]
+  blobs = (_blobs(jax.random.fold_in(key, 28), p, psf, peak)
+           if p.num_blobs > 0 else None)
 
   def frame(j):
     factor = jnp.where(has_event, event_factor(q[j]), 1.0)              # [K]
@@ -328,7 +370,14 @@ def scene(key, p: SimParams, num_frames: int, has_event=None):
       mass = mass * tips[j]
     shift = (j - (n - 1)) * drift
     yx = (curve + shift[:, None, :]).reshape(-1, 2)
-    return _render(yx, sigma.reshape(-1), mass.reshape(-1), s) * flicker[j]
+    sigma, mass = sigma.reshape(-1), mass.reshape(-1)
+    if blobs is not None:
+      b_yx, b_sigma, b_mass, b_drift = blobs
+      b_shift = jnp.repeat((j - (n - 1)) * b_drift, BLOB_POINTS, axis=0)
+      yx = jnp.concatenate([yx, b_yx + b_shift])
+      sigma = jnp.concatenate([sigma, b_sigma])
+      mass = jnp.concatenate([mass, b_mass])
+    return _render(yx, sigma, mass, s) * flicker[j]
 
   photons = jax.vmap(frame)(jnp.arange(n)) + background
   if _enabled(p.column_gain_rel_std):
