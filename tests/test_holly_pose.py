@@ -207,3 +207,19 @@ def test_ring_analysis_finds_diameter_and_ninefold_order(tmp_path):
   assert two["seed_chamfer"] > 0.02 and two["seed_chamfer_projected"] < 1e-3, two
   assert np.isnan(out["seed_chamfer_projected"])       # cloud files: no view axis known
 
+
+
+def test_npc_shape_and_its_declared_d8h_symmetry():
+  """The panel's nuclear-pore shape: its declared symmetry file is a group of 32
+  elements, each maps a dense sample onto itself, and a C16 turn does not."""
+  path = os.path.join(ROOT, "experiments", "data", "holly_shapes", "npc.ply")
+  sym = symmetry.for_shape(path)
+  assert sym.order == 32 and int(np.sum(np.linalg.det(sym.elements) > 0)) == 16
+  for a in sym.elements:                       # closed under composition
+    for b in sym.elements[::5]:
+      assert min(np.abs(a @ b - e).max() for e in sym.elements) < 1e-5
+  x = procedural.npc(2000, seed=3)
+  x = x - x.mean(0)
+  assert max(symmetry.score(x, g) for g in sym.elements) < 0.02
+  c16 = align_lib.axis_angle_matrix([0, 0, 1], 2 * np.pi / 16)
+  assert symmetry.score(x, c16) > 0.3

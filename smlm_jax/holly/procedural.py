@@ -12,6 +12,8 @@ kinds of structure the HOLLy defaults were not tuned on (experiments/holly_panel
   helix           a chiral thin helix (2.5 turns, radius 0.45, tube radius 0.05)
   near_symmetric  a bilaterally symmetric body (ellipsoid + two fins + tail) with one
                   small asymmetric bump (3% of the sites)
+  npc             a nuclear-pore-like particle: two 8-fold rings of clustered sites
+                  (D8h; added 2026-12-08 as a held-out panel shape)
 
 ``sample_surface`` draws points uniformly by area on a triangle mesh (public meshes,
 experiments/data/holly_shapes/README.md).
@@ -125,8 +127,23 @@ def near_symmetric(num: int = 400, seed: int = 0):
   return np.concatenate([body, fins, tail, bump])
 
 
+def npc(num: int = 400, seed: int = 0):
+  """A nuclear-pore-like particle, the standard test structure of SMLM particle fusion
+  (Heydarian et al. 2018, 2021; Nup96 labelling): two parallel rings (radius 0.55, 0.5
+  apart, as ~107 nm and ~50 nm scaled to the bounding box), each of 8 corners, each
+  corner a cluster of sites (rms 0.05 per axis), the corners of both rings at the same
+  azimuths: D8h symmetry (32 elements) when sampled densely."""
+  rng = np.random.default_rng(seed)
+  corner = np.arange(num) % 16
+  phi = 2 * np.pi * (corner % 8) / 8
+  z = np.where(corner < 8, 0.25, -0.25)
+  centre = np.stack([0.55 * np.cos(phi), 0.55 * np.sin(phi), z], -1)
+  return centre + 0.05 * rng.normal(size=(num, 3))
+
+
 GENERATORS = {"asymmetric": asymmetric, "elongated": elongated, "tube": tube,
-              "shell": shell, "helix": helix, "near_symmetric": near_symmetric}
+              "shell": shell, "helix": helix, "near_symmetric": near_symmetric,
+              "npc": npc}
 
 
 def sample_surface(vertices, faces, num: int, seed: int = 0):
