@@ -299,8 +299,8 @@ def main(argv=None):
   print("\nChamfer: fraction of the bounding-box diagonal; floor: perfect cloud of the same "
         "point count; pose: median error (deg) after alignment modulo the shape's symmetry "
         "(raw: not modulo), '<10': fraction within 10 deg; conv: end-of-training verdict; "
-        f"met: excess <= {TARGET_EXCESS}, CNN pose <= {TARGET_POSE_DEG:.0f} deg and "
-        f"training <= {TARGET_SECONDS:.0f} s")
+        f"met: excess <= {TARGET_EXCESS}, pose (refined) <= {TARGET_POSE_DEG:.0f} deg and "
+        f"training <= {TARGET_SECONDS:.0f} s; met CNN: the same with the CNN's pose")
   for line in table(sel):
     print(line)
   for group in ("tuning", "held-out"):
