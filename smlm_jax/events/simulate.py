@@ -64,9 +64,10 @@ Scene (lengths in px of ``pixel_size_nm``; defaults in ``configs/events.py``):
   ``blob_prob``, a round mitochondrial fragment (or swollen mitochondrion) anywhere in
   the crop: a segment of length ``blob_elongation`` x its diameter (``blob_diameter_nm``)
   with the tubule cross-section model, peak ``blob_brightness`` x the crop's tubule
-  peak, drifting like a tubule, present in every frame. A hard negative: the shortest
-  tubule is 1.5 um long, while the shared crops show many short round pieces, on which
-  the zero-shot detector's frame maxima sat. Drawn from ``fold_in(key, 28)``, skipped
+  peak, drifting like a tubule, present in every frame. A hard negative: the default's
+  shortest tubule is 1.5 um long (the calibrated one 0.65 um), while the shared crops
+  show many short round pieces, on which the zero-shot detector's frame maxima sat
+  (tried as a default, not adopted: docs/events.md). Drawn from ``fold_in(key, 28)``, skipped
   at 0 (``num_blobs`` is static).
 
 Defaults are set to match the shared iSIM crops (56 nm pixels, COS-7 mitochondria
